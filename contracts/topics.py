@@ -1,0 +1,39 @@
+"""Topic names of the wire contract (WIRE-CONTRACT §1)."""
+
+from __future__ import annotations
+
+SERVICES: tuple[str, ...] = ("orgs", "quota", "roster", "notify")
+
+COMMAND_RESULTS = "bianzhi.command-results.v1"
+DLQ_SUFFIX = ".dlq"
+
+
+def commands(service: str) -> str:
+    """The command topic of ``service``."""
+    return f"bianzhi.{service}.commands.v1"
+
+
+def events(service: str) -> str:
+    """The change-event topic of ``service``."""
+    return f"bianzhi.{service}.events.v1"
+
+
+def dlq(topic: str) -> str:
+    """The dead-letter topic of ``topic``."""
+    return f"{topic}{DLQ_SUFFIX}"
+
+
+ORGS_COMMANDS = commands("orgs")
+QUOTA_COMMANDS = commands("quota")
+ROSTER_COMMANDS = commands("roster")
+NOTIFY_COMMANDS = commands("notify")
+ORGS_EVENTS = events("orgs")
+QUOTA_EVENTS = events("quota")
+ROSTER_EVENTS = events("roster")
+NOTIFY_EVENTS = events("notify")
+
+
+def all_topics() -> list[str]:
+    """Every topic of the contract, dead-letter topics included, in a stable order."""
+    base = [commands(s) for s in SERVICES] + [events(s) for s in SERVICES] + [COMMAND_RESULTS]
+    return base + [dlq(t) for t in base]

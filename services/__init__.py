@@ -1,0 +1,1 @@
+"""The bianzhi services: orgs, quota, roster, notify, and the runtime they share."""

@@ -1,0 +1,17 @@
+"""The orgs unit of work: the shared transaction plus the org repository."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from services.orgs.adapters.repository import OrgRepository
+from services.runtime.uow import UnitOfWork
+
+
+class OrgsUnitOfWork(UnitOfWork):
+    orgs: OrgRepository
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        self.orgs = OrgRepository(self.session)
+        return self

@@ -1,0 +1,1 @@
+"""What all services share: settings, logging, database, broker, outbox, inbox, health."""

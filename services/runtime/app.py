@@ -1,0 +1,219 @@
+"""Builds one service process: engine, broker, consumers, relay, HTTP routes and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from faststream.asgi import AsgiFastStream, AsyncAPIRoute
+from faststream.asgi.types import Receive, Scope, Send
+from faststream.kafka import KafkaBroker
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from contracts.topics import commands
+from services.runtime import metrics
+from services.runtime.broker import (
+    dead_letter_publisher,
+    make_broker,
+    outbox_publisher,
+    subscribe,
+)
+from services.runtime.db import create_engine, ping, session_factory
+from services.runtime.http import Router, json_bytes, send_response
+from services.runtime.logging import configure_logging
+from services.runtime.messaging import (
+    CommandConsumer,
+    CommandRoute,
+    EventConsumer,
+    EventRoute,
+    command_routes,
+    event_routes,
+)
+from services.runtime.migrate import upgrade
+from services.runtime.relay import OutboxRelay
+from services.runtime.settings import Settings
+from services.runtime.tables import MessagingTables
+from services.runtime.uow import UnitOfWork
+
+log = structlog.get_logger("bianzhi.app")
+
+
+@dataclass(frozen=True)
+class EventSubscription:
+    """A projection fed by another service's events topic."""
+
+    topic: str
+    routes: Sequence[EventRoute]
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What one service contributes; the runtime supplies everything else."""
+
+    name: str
+    metadata: MetaData
+    tables: MessagingTables
+    uow_class: type[UnitOfWork]
+    command_routes: Sequence[CommandRoute]
+    migrations_dir: Path
+    register_queries: Callable[[Router, async_sessionmaker[AsyncSession]], None]
+    event_subscriptions: Sequence[EventSubscription] = field(default_factory=tuple)
+
+
+class ServiceApp(AsgiFastStream):
+    """AsgiFastStream matches exact paths only; the query router takes everything else."""
+
+    def __init__(self, *args: Any, router: Router, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.router = router
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.router(scope, receive, send)
+            return
+        await super().not_found(scope, receive, send)
+
+
+class ServiceRuntime:
+    """One running service. ``app`` is what uvicorn serves."""
+
+    def __init__(self, definition: ServiceDefinition, settings: Settings) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.name = definition.name
+        self.database_url = settings.database_url(definition.name)
+        self.engine: AsyncEngine = create_engine(self.database_url)
+        self.sessions = session_factory(self.engine)
+        self.broker: KafkaBroker = make_broker(settings, client_id=f"bianzhi-{self.name}")
+        self.relay = OutboxRelay(
+            service=self.name,
+            engine=self.engine,
+            sessions=self.sessions,
+            tables=definition.tables,
+            publish=outbox_publisher(self.broker),
+            batch_size=settings.relay_batch_size,
+            poll_interval_s=settings.relay_poll_interval_s,
+            retention=timedelta(hours=settings.outbox_retention_hours),
+        )
+        source = f"{settings.source.rstrip('/')}/{self.name}"
+        common: dict[str, Any] = {
+            "service": self.name,
+            "uow_factory": self.uow,
+            "dead_letter": dead_letter_publisher(self.broker),
+            "retry_initial_s": settings.retry_initial_s,
+            "retry_max_s": settings.retry_max_s,
+        }
+        self.command_consumer = CommandConsumer(
+            routes=command_routes(definition.command_routes),
+            source=source,
+            consumer=f"{self.name}.commands",
+            **common,
+        )
+        self.subscribers: list[Any] = [
+            subscribe(
+                self.broker,
+                commands(self.name),
+                group_id=f"{settings.kafka_group_prefix}-{self.name}",
+                process=self.command_consumer.process,
+                settings=settings,
+                fetch_max_wait_ms=settings.kafka_command_fetch_max_wait_ms,
+                description=f"Commands of the {self.name} service",
+            )
+        ]
+        for sub in definition.event_subscriptions:
+            consumer = EventConsumer(
+                routes=event_routes(sub.routes), consumer=f"{self.name}<-{sub.topic}", **common
+            )
+            self.subscribers.append(
+                subscribe(
+                    self.broker,
+                    sub.topic,
+                    group_id=f"{settings.kafka_group_prefix}-{self.name}-projection",
+                    process=consumer.process,
+                    settings=settings,
+                    fetch_max_wait_ms=settings.kafka_event_fetch_max_wait_ms,
+                    description=f"Projection of {sub.topic} kept by {self.name}",
+                )
+            )
+        self.router = Router()
+        definition.register_queries(self.router, self.sessions)
+        self.app = ServiceApp(
+            self.broker,
+            router=self.router,
+            asgi_routes=[
+                ("/health/live", self._live),
+                ("/health/ready", self._ready),
+                ("/metrics", self._metrics),
+            ],
+            asyncapi_path=AsyncAPIRoute("/docs/asyncapi", try_it_out_path=None),
+            on_startup=[self._on_startup],
+            after_startup=[self._after_startup],
+            on_shutdown=[self._on_shutdown],
+            after_shutdown=[self._after_shutdown],
+            logger=None,
+        )
+
+    def uow(self) -> UnitOfWork:
+        return self.definition.uow_class(
+            self.sessions, self.definition.tables, on_commit=self.relay.wake
+        )
+
+    async def migrate(self) -> None:
+        await upgrade(self.name, self.definition.migrations_dir, self.database_url)
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    async def _on_startup(self) -> None:
+        if self.settings.migrate_on_start:
+            await self.migrate()
+
+    async def _after_startup(self) -> None:
+        self.relay.start()
+        log.info("service started", database=self.engine.url.render_as_string(hide_password=True))
+
+    async def _on_shutdown(self) -> None:
+        # Drain: stop taking messages and let in-flight handlers finish and commit, then
+        # publish what they wrote, then let FastStream close the producer.
+        await asyncio.gather(*(sub.stop() for sub in self.broker.subscribers))
+        await self.relay.stop(drain_timeout_s=self.settings.kafka_graceful_timeout_s)
+        log.info("service drained")
+
+    async def _after_shutdown(self) -> None:
+        await self.engine.dispose()
+
+    # probes --------------------------------------------------------------------------------
+
+    async def _live(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ok = bool(self.broker.running)
+        await send_response(send, 200 if ok else 503, json_bytes({"live": ok}))
+
+    async def _ready(self, scope: Scope, receive: Receive, send: Send) -> None:
+        broker_ok = bool(self.broker.running)
+        db_ok = await ping(self.engine)
+        relay_ok = self.relay.running
+        ok = broker_ok and db_ok and relay_ok
+        body = {"ready": ok, "broker": broker_ok, "database": db_ok, "relay": relay_ok}
+        await send_response(send, 200 if ok else 503, json_bytes(body))
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The backlog gauge is refreshed on scrape; a database that is down leaves it as it was.
+        with contextlib.suppress(Exception):
+            await self.relay.backlog()
+        body, content_type = metrics.render()
+        await send_response(send, 200, body, content_type)
+
+
+def build_runtime(
+    definition: ServiceDefinition, settings: Settings | None = None
+) -> ServiceRuntime:
+    """The composition root shared by every service; nothing connects until the app starts."""
+    settings = settings or Settings()
+    configure_logging(definition.name, settings.log_level, settings.log_format)
+    return ServiceRuntime(definition, settings)

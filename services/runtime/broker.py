@@ -1,0 +1,139 @@
+"""The Kafka broker factory, the subscriber defaults, and publishing for relays and dead letters.
+
+Every subscriber gets an explicit ``group_id`` and ``AckPolicy.ACK`` (set per subscriber: a
+broker-level policy does not reach router subscribers in FastStream 0.7). Processing never lets an
+exception escape but for cancellation, so an offset is committed only after its transaction
+committed; a cancelled handler is not acknowledged and its message is delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.message import StreamMessage
+from faststream.security import (
+    BaseSecurity,
+    SASLPlaintext,
+    SASLScram256,
+    SASLScram512,
+)
+
+from services.runtime.messaging import RawMessage
+from services.runtime.relay import OutboxRecord
+from services.runtime.settings import Settings
+
+
+def security_from(settings: Settings) -> BaseSecurity | None:
+    """The client security the settings ask for (SASL_SSL with SCRAM-SHA-512 in production)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    context: ssl.SSLContext | None = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=context, use_ssl=True)
+    username, password = settings.kafka_sasl_username, settings.sasl_password()
+    if not username or not password:
+        raise ValueError(
+            f"BIANZHI_KAFKA_SECURITY_PROTOCOL={protocol} needs BIANZHI_KAFKA_SASL_USERNAME and "
+            "BIANZHI_KAFKA_SASL_PASSWORD (or BIANZHI_KAFKA_SASL_PASSWORD_FILE)"
+        )
+    mechanism = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
+    cls: type[SASLPlaintext | SASLScram256 | SASLScram512] = {
+        "SCRAM-SHA-512": SASLScram512,
+        "SCRAM-SHA-256": SASLScram256,
+        "PLAIN": SASLPlaintext,
+    }[mechanism]
+    return cls(
+        username=username,
+        password=password,
+        ssl_context=context,
+        use_ssl=protocol == "SASL_SSL",
+    )
+
+
+def make_broker(settings: Settings, *, client_id: str) -> KafkaBroker:
+    """A broker configured from settings; nothing connects until it is started."""
+    return KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=settings.kafka_enable_idempotence,
+        linger_ms=settings.kafka_linger_ms,
+        max_batch_size=settings.kafka_max_batch_size,
+        allow_auto_create_topics=settings.kafka_allow_auto_create_topics,
+        graceful_timeout=settings.kafka_graceful_timeout_s,
+        security=security_from(settings),
+        logger=None,
+    )
+
+
+async def _raw_body(msg: StreamMessage[Any]) -> bytes:
+    # Envelopes are parsed by the consumer itself, so that garbage reaches the DLQ path
+    # instead of failing inside the framework.
+    return msg.body
+
+
+def subscribe(
+    broker: KafkaBroker,
+    topic: str,
+    *,
+    group_id: str,
+    process: Callable[[RawMessage], Awaitable[None]],
+    settings: Settings,
+    fetch_max_wait_ms: int,
+    description: str = "",
+) -> Any:
+    """Register a consumer of ``topic`` in ``group_id`` that hands each record to ``process``."""
+
+    async def on_message(body: bytes, message: KafkaMessage) -> None:
+        await process(RawMessage.from_record(message.raw_message))
+
+    on_message.__name__ = f"consume_{topic.replace('.', '_').replace('-', '_')}"
+    return broker.subscriber(
+        topic,
+        group_id=group_id,
+        ack_policy=AckPolicy.ACK,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+        decoder=_raw_body,
+        description=description,
+    )(on_message)
+
+
+def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], Awaitable[None]]:
+    """Publish outbox rows in order through ``broker``; returns once every row is acknowledged."""
+
+    async def publish(records: Sequence[OutboxRecord]) -> None:
+        futures = []
+        for rec in records:
+            fut = await broker.publish(
+                rec.value,
+                topic=rec.topic,
+                key=rec.key.encode() if rec.key is not None else None,
+                headers=rec.headers,
+                no_confirm=True,
+            )
+            futures.append(fut)
+        await asyncio.gather(*futures)
+
+    return publish
+
+
+def dead_letter_publisher(
+    broker: KafkaBroker,
+) -> Callable[[str, bytes, bytes | None, dict[str, str]], Awaitable[None]]:
+    async def publish(topic: str, value: bytes, key: bytes | None, headers: dict[str, str]) -> None:
+        await broker.publish(value, topic=topic, key=key, headers=headers)
+
+    return publish

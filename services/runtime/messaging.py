@@ -1,0 +1,470 @@
+"""How a service consumes: parse, authorize, handle once, answer once — or dead-letter.
+
+Commands: every command gets exactly one result on ``bianzhi.command-results.v1``. The handler's
+state changes, its events, the result and the inbox record commit in one transaction; a re-sent
+command id re-emits the stored result and changes nothing.
+
+Events (projections fed by other services): handled once per message id; unknown types are
+acknowledged and ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from pydantic import ValidationError
+
+from contracts import identifiers
+from contracts.base import Command, Event, Message
+from contracts.codes import ReasonCode, Role
+from contracts.envelope import Envelope, new_id, now
+from contracts.results import CommandCompleted, CommandRejected
+from contracts.topics import COMMAND_RESULTS, dlq
+from services.runtime import metrics
+from services.runtime.db import is_transient
+from services.runtime.rules import Rejection
+from services.runtime.uow import UnitOfWork
+
+log = structlog.get_logger("bianzhi.messaging")
+
+_ROLE_RANK = {Role.CLERK: 1, Role.APPROVER: 2, Role.ADMIN: 3}
+_IDENTIFIER_CODES = {
+    ReasonCode.INVALID_CITIZEN_ID.value,
+    ReasonCode.INVALID_USCC.value,
+    ReasonCode.UNKNOWN_DIVISION.value,
+}
+
+U = TypeVar("U", bound=UnitOfWork)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """One Kafka record as it arrived."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def from_record(cls, record: Any) -> RawMessage:
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            headers=tuple((k, v or b"") for k, v in (record.headers or ())),
+        )
+
+
+@dataclass
+class HandlerContext:
+    """What a handler knows about the message it handles, and how it emits events."""
+
+    envelope: Envelope
+    source: str
+    emitted: list[tuple[Envelope, str]] = field(default_factory=list)
+
+    @property
+    def actor_region(self) -> str:
+        return self.envelope.actorregion or ""
+
+    def emit(self, event: Event, *, subject: str | None = None) -> Envelope:
+        """Queue ``event``; it is written to the outbox with the handler's transaction."""
+        env = event.envelope(
+            source=self.source,
+            correlationid=self.envelope.effective_correlation_id,
+            causationid=self.envelope.id,
+            actorid=self.envelope.actorid,
+            actorregion=self.envelope.actorregion,
+            actorroles=self.envelope.actorroles,
+            subject=subject,
+        )
+        self.emitted.append((env, event.TOPIC))
+        return env
+
+    def require_region(self, division_code: str, *, what: str = "target") -> None:
+        """Refuse unless ``division_code`` lies inside the actor's region (WIRE-CONTRACT §2)."""
+        region = self.actor_region
+        if not region or not identifiers.is_within(division_code, region):
+            raise Rejection(
+                ReasonCode.FORBIDDEN,
+                f"{what} in division {division_code} lies outside the actor's region {region} / "
+                f"目标不在操作人所属区划 {region} 范围内",
+                {"division_code": division_code, "actor_region": region},
+            )
+
+
+CommandHandler = Callable[[Any, Any, HandlerContext], Awaitable[None]]
+EventHandler = Callable[[Any, Any, Envelope], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CommandRoute:
+    model: type[Command]
+    handler: CommandHandler
+    role: Role
+
+
+@dataclass(frozen=True)
+class EventRoute:
+    model: type[Event]
+    handler: EventHandler
+
+
+class DeadLetterPublisher(Protocol):
+    async def __call__(
+        self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]
+    ) -> None: ...
+
+
+def has_role(roles: frozenset[str], required: Role) -> bool:
+    """Whether any of ``roles`` includes the powers of ``required``."""
+    need = _ROLE_RANK[required]
+    return any(_ROLE_RANK.get(Role(r), 0) >= need for r in roles if r in Role._value2member_map_)
+
+
+def rejection_from_validation(exc: ValidationError) -> Rejection:
+    """The reason code for a payload that failed validation, with its field errors."""
+    errors = [
+        {"field": ".".join(str(p) for p in err["loc"]), "error": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    code = next(
+        (ReasonCode(e["type"]) for e in errors if e["type"] in _IDENTIFIER_CODES),
+        ReasonCode.INVALID_MESSAGE,
+    )
+    return Rejection(
+        code,
+        f"the command's data does not match its schema / 指令数据不符合格式: "
+        f"{'; '.join(e['field'] + ': ' + e['error'] for e in errors[:5])}",
+        {"errors": errors},
+    )
+
+
+def _salvage(value: bytes | None) -> tuple[str | None, str | None, dict[str, Any]]:
+    """The id, type and raw object of an envelope that failed to parse, if they can be read."""
+    try:
+        obj = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None, None, {}
+    if not isinstance(obj, dict):
+        return None, None, {}
+    msg_id, msg_type = obj.get("id"), obj.get("type")
+    ok_id = msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= 200 else None
+    ok_type = msg_type if isinstance(msg_type, str) and len(msg_type) <= 200 else None
+    return ok_id, ok_type, obj
+
+
+def _header_value(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(raw).decode()
+
+
+class Consumer:
+    """The part shared by command and event consumers: retries, dead letters, metrics."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        consumer: str,
+        uow_factory: Callable[[], UnitOfWork],
+        dead_letter: DeadLetterPublisher,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
+        unexpected_attempts: int = 3,
+    ) -> None:
+        self.service = service
+        self.consumer = consumer
+        self.uow_factory = uow_factory
+        self.dead_letter = dead_letter
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.unexpected_attempts = unexpected_attempts
+
+    async def with_retry(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op``; transient failures are retried with backoff for as long as it takes."""
+        delay = self.retry_initial_s
+        unexpected = 0
+        while True:
+            try:
+                return await op()
+            except Rejection:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    metrics.TRANSIENT_RETRIES.labels(self.service).inc()
+                    log.warning("transient failure, retrying", error=repr(exc), retry_in=delay)
+                else:
+                    unexpected += 1
+                    if unexpected >= self.unexpected_attempts:
+                        raise
+                    log.warning("handler failed, retrying", error=repr(exc), attempt=unexpected)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+
+    async def send_to_dlq(self, raw: RawMessage, error: str) -> None:
+        headers = {k: _header_value(v) for k, v in raw.headers}
+        headers.update(
+            {
+                "x-dlq-error": error[:4000],
+                "x-dlq-topic": raw.topic,
+                "x-dlq-partition": str(raw.partition),
+                "x-dlq-offset": str(raw.offset),
+                "x-dlq-consumer": self.consumer,
+                "x-dlq-at": now().isoformat(),
+            }
+        )
+        await self.dead_letter(dlq(raw.topic), raw.value or b"", raw.key, headers)
+        metrics.DEAD_LETTERED.labels(self.service, raw.topic).inc()
+        log.error("message sent to the dead-letter topic", dlq=dlq(raw.topic), error=error)
+
+
+class CommandConsumer(Consumer):
+    """Consumes one command topic. ``process`` never raises but for cancellation."""
+
+    def __init__(self, *, routes: dict[str, CommandRoute], source: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.routes = routes
+        self.source = source
+
+    async def process(self, raw: RawMessage) -> None:
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(
+            topic=raw.topic, partition=raw.partition, offset=raw.offset
+        )
+        try:
+            outcome, type_ = await self._process(raw)
+        except Exception as exc:  # a bug or a permanent failure: keep the message, move on
+            log.exception("command could not be handled")
+            await self.send_to_dlq(raw, f"{type(exc).__name__}: {exc}")
+            outcome, type_ = "dead_lettered", "unknown"
+        finally:
+            structlog.contextvars.unbind_contextvars(
+                "topic", "partition", "offset", "correlation_id", "message_id", "type"
+            )
+        metrics.MESSAGES_HANDLED.labels(self.service, type_, outcome).inc()
+        metrics.HANDLER_LATENCY.labels(self.service, type_).observe(time.perf_counter() - started)
+
+    async def _process(self, raw: RawMessage) -> tuple[str, str]:
+        try:
+            env = Envelope.from_bytes(raw.value or b"")
+        except (ValidationError, ValueError) as exc:
+            msg_id, msg_type, obj = _salvage(raw.value)
+            if msg_id is None:
+                await self.send_to_dlq(raw, f"not a CloudEvents envelope: {exc}")
+                return "dead_lettered", "unparseable"
+            env = Envelope.model_construct(
+                id=msg_id,
+                type=msg_type or "unknown",
+                source=str(obj.get("source", "unknown")),
+                time=now(),
+                correlationid=obj.get("correlationid")
+                if isinstance(obj.get("correlationid"), str)
+                else None,
+                data={},
+            )
+            rej = Rejection(
+                ReasonCode.INVALID_MESSAGE,
+                f"the envelope is malformed / 消息信封格式错误: {exc.errors()[0]['msg']}"
+                if isinstance(exc, ValidationError)
+                else f"the envelope is malformed / 消息信封格式错误: {exc}",
+                {"errors": _validation_errors(exc)},
+            )
+            return await self.with_retry(lambda: self._finish_rejected(env, rej)), env.type
+
+        structlog.contextvars.bind_contextvars(
+            correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
+        )
+        route = self.routes.get(env.type)
+        rejection: Rejection | None = None
+        command: Command | None = None
+        if route is None:
+            rejection = Rejection(
+                ReasonCode.UNKNOWN_TYPE,
+                f"this service does not handle {env.type!r} / 不支持的指令类型",
+                {"type": env.type, "known": sorted(self.routes)},
+            )
+        elif missing := env.missing_actor_fields():
+            rejection = Rejection(
+                ReasonCode.FORBIDDEN,
+                f"the command carries no {', '.join(missing)} / 指令缺少操作人信息",
+                {"missing": missing},
+            )
+        elif not has_role(env.roles, route.role):
+            rejection = Rejection(
+                ReasonCode.FORBIDDEN,
+                f"role {route.role.value} is required / 需要 {route.role.value} 角色",
+                {"required_role": route.role.value, "actor_roles": sorted(env.roles)},
+            )
+        else:
+            try:
+                command = route.model.model_validate(env.data)
+            except ValidationError as exc:
+                rejection = rejection_from_validation(exc)
+        if rejection is not None or route is None or command is None:
+            assert rejection is not None
+            return await self.with_retry(lambda: self._finish_rejected(env, rejection)), env.type
+        return await self.with_retry(lambda: self._handle(env, route, command)), env.type
+
+    async def _handle(self, env: Envelope, route: CommandRoute, command: Command) -> str:
+        async with self.uow_factory() as uow:
+            if not await uow.claim(self.consumer, env):
+                return await self._reemit(env)
+            ctx = HandlerContext(envelope=env, source=self.source)
+            try:
+                await route.handler(command, uow, ctx)
+            except Rejection as rej:
+                await uow.rollback()
+                return await self._finish_rejected(env, rej)
+            result = CommandCompleted(
+                command_id=env.id,
+                command_type=env.type,
+                subject=command.subject_value(),
+                events=[e.id for e, _ in ctx.emitted],
+            )
+            for event_env, topic in ctx.emitted:
+                uow.stage(event_env, topic, event_env.subject)
+            result_env = self._result_envelope(env, result)
+            await uow.store_result(env, result_env, None)
+            uow.stage(result_env, COMMAND_RESULTS, env.id)
+            await uow.commit()
+        log.info("command completed", events=len(ctx.emitted))
+        return "completed"
+
+    async def _finish_rejected(self, env: Envelope, rej: Rejection) -> str:
+        async with self.uow_factory() as uow:
+            if not await uow.claim(self.consumer, env):
+                return await self._reemit(env)
+            result = CommandRejected(
+                command_id=env.id,
+                command_type=env.type,
+                code=rej.code,
+                message=rej.message,
+                details=rej.details,
+            )
+            result_env = self._result_envelope(env, result)
+            await uow.store_result(env, result_env, rej.code.value)
+            uow.stage(result_env, COMMAND_RESULTS, env.id)
+            await uow.commit()
+        metrics.COMMANDS_REJECTED.labels(self.service, rej.code.value).inc()
+        log.warning("command rejected", code=rej.code.value, reason=rej.message)
+        return "rejected"
+
+    async def _reemit(self, env: Envelope) -> str:
+        """A re-sent command: publish its stored result again, change nothing."""
+        async with self.uow_factory() as uow:
+            stored = await uow.stored_result(env.id)
+            if stored is not None:
+                uow.stage(Envelope.from_bytes(stored), COMMAND_RESULTS, env.id)
+                await uow.commit()
+        log.info("duplicate command, stored result re-emitted", had_result=stored is not None)
+        return "duplicate"
+
+    def _result_envelope(self, env: Envelope, result: Message) -> Envelope:
+        return result.envelope(
+            source=self.source,
+            correlationid=env.effective_correlation_id,
+            causationid=env.id,
+            actorid=env.actorid,
+            actorregion=env.actorregion,
+            actorroles=env.actorroles,
+        )
+
+
+class EventConsumer(Consumer):
+    """Consumes other services' event topics into a local projection, once per message id."""
+
+    def __init__(self, *, routes: dict[str, EventRoute], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.routes = routes
+
+    async def process(self, raw: RawMessage) -> None:
+        started = time.perf_counter()
+        type_ = "unknown"
+        try:
+            try:
+                env = Envelope.from_bytes(raw.value or b"")
+            except (ValidationError, ValueError) as exc:
+                await self.send_to_dlq(raw, f"not a CloudEvents envelope: {exc}")
+                outcome = "dead_lettered"
+            else:
+                type_ = env.type
+                structlog.contextvars.bind_contextvars(
+                    correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
+                )
+                route = self.routes.get(env.type)
+                if route is None:
+                    outcome = "ignored"
+                else:
+                    try:
+                        event = route.model.model_validate(env.data)
+                    except ValidationError as exc:
+                        await self.send_to_dlq(raw, f"event data invalid: {exc}")
+                        outcome = "dead_lettered"
+                    else:
+                        outcome = await self.with_retry(lambda: self._apply(env, route, event))
+        except Exception as exc:
+            log.exception("event could not be applied")
+            await self.send_to_dlq(raw, f"{type(exc).__name__}: {exc}")
+            outcome = "dead_lettered"
+        finally:
+            structlog.contextvars.unbind_contextvars("correlation_id", "message_id", "type")
+        metrics.MESSAGES_HANDLED.labels(self.service, type_, outcome).inc()
+        metrics.HANDLER_LATENCY.labels(self.service, type_).observe(time.perf_counter() - started)
+
+    async def _apply(self, env: Envelope, route: EventRoute, event: Event) -> str:
+        async with self.uow_factory() as uow:
+            if not await uow.claim(self.consumer, env):
+                return "duplicate"
+            await route.handler(event, uow, env)
+            await uow.commit()
+        return "applied"
+
+
+def _validation_errors(exc: Exception) -> list[dict[str, Any]]:
+    if isinstance(exc, ValidationError):
+        return [
+            {"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+    return [{"field": "", "error": str(exc), "type": "value_error"}]
+
+
+def command_routes(routes: Sequence[CommandRoute]) -> dict[str, CommandRoute]:
+    """The routing table of a command topic, by the stable ``type`` string."""
+    return {r.model.TYPE: r for r in routes}
+
+
+def event_routes(routes: Sequence[EventRoute]) -> dict[str, EventRoute]:
+    """The routing table of an events subscription, by the stable ``type`` string."""
+    return {r.model.TYPE: r for r in routes}
+
+
+__all__ = [
+    "CommandConsumer",
+    "CommandRoute",
+    "EventConsumer",
+    "EventRoute",
+    "HandlerContext",
+    "RawMessage",
+    "Rejection",
+    "command_routes",
+    "event_routes",
+    "has_role",
+    "new_id",
+]

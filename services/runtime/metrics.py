@@ -1,0 +1,39 @@
+"""Prometheus metrics shared by the services (``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+MESSAGES_HANDLED = Counter(
+    "bianzhi_messages_handled_total",
+    "Messages consumed and handled, by outcome (completed, rejected, duplicate, ignored).",
+    ["service", "type", "outcome"],
+)
+COMMANDS_REJECTED = Counter(
+    "bianzhi_commands_rejected_total", "Commands rejected, by reason code.", ["service", "code"]
+)
+DEAD_LETTERED = Counter(
+    "bianzhi_dead_lettered_total", "Messages sent to a dead-letter topic.", ["service", "topic"]
+)
+TRANSIENT_RETRIES = Counter(
+    "bianzhi_transient_retries_total",
+    "Retries after a transient failure (database unavailable).",
+    ["service"],
+)
+HANDLER_LATENCY = Histogram(
+    "bianzhi_handler_latency_seconds",
+    "Time from receipt to commit of one message.",
+    ["service", "type"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+OUTBOX_BACKLOG = Gauge(
+    "bianzhi_outbox_backlog", "Outbox rows not yet published (as last seen).", ["service"]
+)
+OUTBOX_PUBLISHED = Counter(
+    "bianzhi_outbox_published_total", "Outbox rows published by the relay.", ["service"]
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The metrics page and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

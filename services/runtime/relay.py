@@ -1,0 +1,249 @@
+"""The outbox relay: publishes committed outbox rows in order, marks them, keeps them a while.
+
+A row is marked only after the broker acknowledged it, so a relay killed between publish and mark
+publishes the row again on its next pass (consumers' inboxes make that harmless). There is no
+"claimed" state to get stuck in: every pass starts from the oldest unpublished row, which is also
+the sweep of whatever a crash left behind.
+
+On PostgreSQL several replicas may run a relay; a transaction-scoped advisory lock lets one of them
+publish at a time, so one key's rows never overtake each other, and ``FOR UPDATE SKIP LOCKED``
+keeps a stalled lock holder from blocking the rest of the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from contracts.envelope import now
+from services.runtime import metrics
+from services.runtime.db import is_sqlite
+from services.runtime.tables import MessagingTables
+
+log = structlog.get_logger("bianzhi.relay")
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    seq: int
+    topic: str
+    key: str | None
+    value: bytes
+    headers: dict[str, str]
+
+
+PublishBatch = Callable[[Sequence[OutboxRecord]], Awaitable[None]]
+"""Publishes records in order and returns once the broker acknowledged every one."""
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        *,
+        service: str,
+        engine: AsyncEngine,
+        sessions: async_sessionmaker[AsyncSession],
+        tables: MessagingTables,
+        publish: PublishBatch,
+        batch_size: int = 500,
+        poll_interval_s: float = 0.5,
+        retention: timedelta = timedelta(days=7),
+    ) -> None:
+        self.service = service
+        self.sessions = sessions
+        self.tables = tables
+        self.publish = publish
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.retention = retention
+        self._sqlite = is_sqlite(str(engine.url))
+        self._lock_key = zlib.crc32(f"bianzhi-relay-{service}".encode()) & 0x7FFFFFFF
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+
+    def wake(self) -> None:
+        """Tell the relay new rows were committed (it also polls)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Publish what is left (bounded by ``drain_timeout_s``), then stop."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+        except TimeoutError:
+            log.warning("outbox relay did not drain in time; rows stay for the next start")
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                published = await self.publish_once()
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay pass failed; will retry", error=repr(exc), retry_in=delay)
+                if self._stopping:
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if published >= self.batch_size:
+                continue
+            if self._stopping:
+                return
+            await self._maybe_purge()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
+
+    async def publish_once(self) -> int:
+        """One pass: publish up to ``batch_size`` of the oldest unpublished rows."""
+        if self._sqlite:
+            return await self._publish_once_sqlite()
+        return await self._publish_once_locked()
+
+    def _select_unpublished(self) -> Any:
+        o = self.tables.outbox.c
+        return (
+            select(o.seq, o.topic, o.key, o.value, o.headers)
+            .where(o.published_at.is_(None))
+            .order_by(o.seq)
+            .limit(self.batch_size)
+        )
+
+    async def _publish_once_sqlite(self) -> int:
+        # One process owns a SQLite file; keep write transactions short so handlers never wait
+        # on the broker.
+        async with self.sessions() as session:
+            rows = (await session.execute(self._select_unpublished())).all()
+        if not rows:
+            metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
+            return 0
+        records = [_record(r) for r in rows]
+        await self.publish(records)
+        async with self.sessions() as session, session.begin():
+            await self._mark(session, [r.seq for r in records])
+        self._published(len(records))
+        return len(records)
+
+    async def _publish_once_locked(self) -> int:
+        async with self.sessions() as session, session.begin():
+            got = await session.execute(
+                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": self._lock_key}
+            )
+            if not got.scalar():
+                return 0
+            stmt = self._select_unpublished().with_for_update(skip_locked=True)
+            rows = (await session.execute(stmt)).all()
+            if not rows:
+                metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
+                return 0
+            records = [_record(r) for r in rows]
+            await self.publish(records)
+            await self._mark(session, [r.seq for r in records])
+        self._published(len(records))
+        return len(records)
+
+    async def _mark(self, session: AsyncSession, seqs: list[int]) -> None:
+        o = self.tables.outbox.c
+        await session.execute(
+            update(self.tables.outbox).where(o.seq.in_(seqs)).values(published_at=now())
+        )
+
+    def _published(self, count: int) -> None:
+        metrics.OUTBOX_PUBLISHED.labels(self.service).inc(count)
+        log.debug("outbox rows published", count=count)
+
+    async def backlog(self) -> int:
+        """How many rows wait to be published."""
+        o = self.tables.outbox.c
+        async with self.sessions() as session:
+            count = (
+                await session.execute(select(func.count()).where(o.published_at.is_(None)))
+            ).scalar_one()
+        metrics.OUTBOX_BACKLOG.labels(self.service).set(count)
+        return int(count)
+
+    async def _maybe_purge(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_purge < 300:
+            return
+        self._last_purge = loop.time()
+        try:
+            await self.purge()
+        except Exception as exc:
+            log.warning("outbox purge failed", error=repr(exc))
+
+    async def purge(self) -> int:
+        """Delete published rows older than the retention window."""
+        o = self.tables.outbox.c
+        cutoff = now() - self.retention
+        async with self.sessions() as session, session.begin():
+            result = await session.execute(
+                delete(self.tables.outbox).where(
+                    o.published_at.is_not(None), o.published_at < cutoff
+                )
+            )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    async def replay(
+        self, since: datetime, *, progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Publish again every retained row created at or after ``since``, in order."""
+        o = self.tables.outbox.c
+        async with self.sessions() as session:
+            total = (
+                await session.execute(select(func.count()).where(o.created_at >= since))
+            ).scalar_one()
+        done, last_seq = 0, -1
+        while True:
+            async with self.sessions() as session:
+                rows = (
+                    await session.execute(
+                        select(o.seq, o.topic, o.key, o.value, o.headers)
+                        .where(o.created_at >= since, o.seq > last_seq)
+                        .order_by(o.seq)
+                        .limit(self.batch_size)
+                    )
+                ).all()
+            if not rows:
+                return done
+            records = [_record(r) for r in rows]
+            await self.publish(records)
+            done += len(records)
+            last_seq = records[-1].seq
+            if progress is not None:
+                progress(done, int(total))
+
+
+def _record(row: Any) -> OutboxRecord:
+    return OutboxRecord(
+        seq=row.seq, topic=row.topic, key=row.key, value=row.value, headers=dict(row.headers)
+    )

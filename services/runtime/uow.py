@@ -1,0 +1,140 @@
+"""The unit of work: state changes, inbox record and outbox rows commit in one transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from contracts.envelope import CONTENT_TYPE, Envelope, now
+from services.runtime.tables import MessagingTables
+
+
+class UnitOfWork:
+    """``async with uow:`` opens a transaction; leaving without ``commit()`` rolls it back.
+
+    A handler never publishes: it stages outgoing messages here and they are written to the
+    outbox in the same transaction as its state changes and its inbox record.
+    """
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        tables: MessagingTables,
+        *,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._sessions = sessions
+        self.tables = tables
+        self._on_commit = on_commit
+        self._staged: list[dict[str, Any]] = []
+        self._session: AsyncSession | None = None
+        self.committed = False
+
+    @property
+    def session(self) -> AsyncSession:
+        if self._session is None:
+            raise RuntimeError("unit of work used outside 'async with'")
+        return self._session
+
+    async def __aenter__(self) -> Self:
+        self._session = self._sessions()
+        self._staged = []
+        self.committed = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self.committed:
+                await self.session.rollback()
+        finally:
+            await self.session.close()
+            self._session = None
+
+    async def claim(self, consumer: str, envelope: Envelope) -> bool:
+        """Record ``envelope`` as received by ``consumer``; ``False`` if it was already.
+
+        Must be the first statement of the transaction: a duplicate aborts it.
+        """
+        try:
+            await self.session.execute(
+                insert(self.tables.inbox).values(
+                    consumer=consumer,
+                    message_id=envelope.id,
+                    message_type=envelope.type[:200],
+                    received_at=now(),
+                )
+            )
+        except IntegrityError:
+            await self.session.rollback()
+            return False
+        return True
+
+    def stage(self, envelope: Envelope, topic: str, key: str | None) -> None:
+        """Queue ``envelope`` for the outbox; written at ``commit()``."""
+        self._staged.append(outbox_row(envelope, topic, key))
+
+    @property
+    def staged(self) -> list[dict[str, Any]]:
+        return list(self._staged)
+
+    async def store_result(self, command: Envelope, result: Envelope, code: str | None) -> None:
+        """Keep a command's result so a re-sent command id gets the same result again."""
+        await self.session.execute(
+            insert(self.tables.command_results).values(
+                command_id=command.id,
+                command_type=command.type[:200],
+                result_type=result.type,
+                code=code,
+                actor_id=command.actorid,
+                actor_region=command.actorregion,
+                envelope=result.to_bytes(),
+                created_at=now(),
+            )
+        )
+
+    async def stored_result(self, command_id: str) -> bytes | None:
+        """The stored result envelope of a command, if it has one."""
+        row = await self.session.execute(
+            select(self.tables.command_results.c.envelope).where(
+                self.tables.command_results.c.command_id == command_id
+            )
+        )
+        return row.scalar_one_or_none()
+
+    async def commit(self) -> None:
+        if self._staged:
+            await self.session.execute(insert(self.tables.outbox), self._staged)
+        await self.session.commit()
+        self.committed = True
+        self._staged = []
+        if self._on_commit is not None:
+            self._on_commit()
+
+    async def rollback(self) -> None:
+        self._staged = []
+        await self.session.rollback()
+
+
+def outbox_row(envelope: Envelope, topic: str, key: str | None) -> dict[str, Any]:
+    """The outbox row of one message."""
+    return {
+        "message_id": envelope.id,
+        "topic": topic,
+        "key": key,
+        "value": envelope.to_bytes(),
+        "headers": {"content-type": CONTENT_TYPE},
+        "message_type": envelope.type,
+        "correlation_id": envelope.correlationid,
+        "created_at": now(),
+        "published_at": None,
+    }
