@@ -25,7 +25,7 @@ from services.runtime.broker import (
     outbox_publisher,
     subscribe,
 )
-from services.runtime.db import create_engine, ping, session_factory
+from services.runtime.db import create_engine, is_sqlite, ping, session_factory
 from services.runtime.http import Router, json_bytes, send_response
 from services.runtime.logging import configure_logging
 from services.runtime.messaging import (
@@ -91,6 +91,11 @@ class ServiceRuntime:
         self.database_url = settings.database_url(definition.name)
         self.engine: AsyncEngine = create_engine(self.database_url)
         self.sessions = session_factory(self.engine)
+        # SQLite has one writer at a time; queueing writers here is far cheaper than letting
+        # them meet SQLite's busy handler, which sleeps for milliseconds at a time.
+        self.write_lock: asyncio.Lock | None = (
+            asyncio.Lock() if is_sqlite(self.database_url) else None
+        )
         self.broker: KafkaBroker = make_broker(settings, client_id=f"bianzhi-{self.name}")
         self.relay = OutboxRelay(
             service=self.name,
@@ -101,6 +106,7 @@ class ServiceRuntime:
             batch_size=settings.relay_batch_size,
             poll_interval_s=settings.relay_poll_interval_s,
             retention=timedelta(hours=settings.outbox_retention_hours),
+            write_lock=self.write_lock,
         )
         source = f"{settings.source.rstrip('/')}/{self.name}"
         common: dict[str, Any] = {
@@ -162,7 +168,10 @@ class ServiceRuntime:
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(
-            self.sessions, self.definition.tables, on_commit=self.relay.wake
+            self.sessions,
+            self.definition.tables,
+            on_commit=self.relay.wake,
+            write_lock=self.write_lock,
         )
 
     async def migrate(self) -> None:

@@ -9,6 +9,7 @@ committed; a cancelled handler is not acknowledged and its message is delivered 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -82,6 +83,34 @@ async def _raw_body(msg: StreamMessage[Any]) -> bytes:
     return msg.body
 
 
+def _is_text(value: bytes | None) -> bool:
+    if value is None:
+        return False
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+async def _parse_any_headers(
+    record: Any, original: Callable[[Any], Awaitable[StreamMessage[Any]]]
+) -> StreamMessage[Any]:
+    # FastStream decodes every header as UTF-8: a record with a binary or null header would fail
+    # to parse, never reach the consumer (so no dead letter) and be committed with the next one.
+    # Let the framework parse it with blanked headers and keep the record as it arrived.
+    if all(_is_text(v) for _, v in record.headers or ()):
+        return await original(record)
+    clean = dataclasses.replace(
+        record, headers=[(k, v if _is_text(v) else b"") for k, v in record.headers]
+    )
+    if hasattr(record, "consumer"):
+        clean.consumer = record.consumer
+    message = await original(clean)
+    message.raw_message = record
+    return message
+
+
 def subscribe(
     broker: KafkaBroker,
     topic: str,
@@ -106,6 +135,7 @@ def subscribe(
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         fetch_max_wait_ms=fetch_max_wait_ms,
+        parser=_parse_any_headers,
         decoder=_raw_body,
         description=description,
     )(on_message)

@@ -97,7 +97,11 @@ class HandlerContext:
     def require_region(self, division_code: str, *, what: str = "target") -> None:
         """Refuse unless ``division_code`` lies inside the actor's region (WIRE-CONTRACT §2)."""
         region = self.actor_region
-        if not region or not identifiers.is_within(division_code, region):
+        try:
+            inside = bool(region) and identifiers.is_within(division_code, region)
+        except identifiers.IdentifierError:  # a malformed region contains nothing
+            inside = False
+        if not inside:
             raise Rejection(
                 ReasonCode.FORBIDDEN,
                 f"{what} in division {division_code} lies outside the actor's region {region} / "
@@ -321,46 +325,58 @@ class CommandConsumer(Consumer):
             return await self.with_retry(lambda: self._finish_rejected(env, rejection)), env.type
         return await self.with_retry(lambda: self._handle(env, route, command)), env.type
 
+    # Units of work never nest (on SQLite each one holds the single write lock until it is
+    # closed): a duplicate or a rejection is answered in a unit of work of its own, after the
+    # one that found it out has been left.
+
     async def _handle(self, env: Envelope, route: CommandRoute, command: Command) -> str:
+        rejection: Rejection | None = None
         async with self.uow_factory() as uow:
-            if not await uow.claim(self.consumer, env):
-                return await self._reemit(env)
-            ctx = HandlerContext(envelope=env, source=self.source)
-            try:
-                await route.handler(command, uow, ctx)
-            except Rejection as rej:
-                await uow.rollback()
-                return await self._finish_rejected(env, rej)
-            result = CommandCompleted(
-                command_id=env.id,
-                command_type=env.type,
-                subject=command.subject_value(),
-                events=[e.id for e, _ in ctx.emitted],
-            )
-            for event_env, topic in ctx.emitted:
-                uow.stage(event_env, topic, event_env.subject)
-            result_env = self._result_envelope(env, result)
-            await uow.store_result(env, result_env, None)
-            uow.stage(result_env, COMMAND_RESULTS, env.id)
-            await uow.commit()
+            duplicate = not await uow.claim(self.consumer, env)
+            if not duplicate:
+                ctx = HandlerContext(envelope=env, source=self.source)
+                try:
+                    await route.handler(command, uow, ctx)
+                except Rejection as rej:
+                    await uow.rollback()
+                    rejection = rej
+                else:
+                    result = CommandCompleted(
+                        command_id=env.id,
+                        command_type=env.type,
+                        subject=command.subject_value(),
+                        events=[e.id for e, _ in ctx.emitted],
+                    )
+                    for event_env, topic in ctx.emitted:
+                        uow.stage(event_env, topic, event_env.subject)
+                    result_env = self._result_envelope(env, result)
+                    await uow.store_result(env, result_env, None)
+                    uow.stage(result_env, COMMAND_RESULTS, env.id)
+                    await uow.commit()
+        if duplicate:
+            return await self._reemit(env)
+        if rejection is not None:
+            return await self._finish_rejected(env, rejection)
         log.info("command completed", events=len(ctx.emitted))
         return "completed"
 
     async def _finish_rejected(self, env: Envelope, rej: Rejection) -> str:
         async with self.uow_factory() as uow:
-            if not await uow.claim(self.consumer, env):
-                return await self._reemit(env)
-            result = CommandRejected(
-                command_id=env.id,
-                command_type=env.type,
-                code=rej.code,
-                message=rej.message,
-                details=rej.details,
-            )
-            result_env = self._result_envelope(env, result)
-            await uow.store_result(env, result_env, rej.code.value)
-            uow.stage(result_env, COMMAND_RESULTS, env.id)
-            await uow.commit()
+            duplicate = not await uow.claim(self.consumer, env)
+            if not duplicate:
+                result = CommandRejected(
+                    command_id=env.id,
+                    command_type=env.type,
+                    code=rej.code,
+                    message=rej.message,
+                    details=rej.details,
+                )
+                result_env = self._result_envelope(env, result)
+                await uow.store_result(env, result_env, rej.code.value)
+                uow.stage(result_env, COMMAND_RESULTS, env.id)
+                await uow.commit()
+        if duplicate:
+            return await self._reemit(env)
         metrics.COMMANDS_REJECTED.labels(self.service, rej.code.value).inc()
         log.warning("command rejected", code=rej.code.value, reason=rej.message)
         return "rejected"

@@ -57,6 +57,7 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_interval_s: float = 0.5,
         retention: timedelta = timedelta(days=7),
+        write_lock: asyncio.Lock | None = None,
     ) -> None:
         self.service = service
         self.sessions = sessions
@@ -65,6 +66,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.retention = retention
+        self._write_lock = write_lock or asyncio.Lock()
         self._sqlite = is_sqlite(str(engine.url))
         self._lock_key = zlib.crc32(f"bianzhi-relay-{service}".encode()) & 0x7FFFFFFF
         self._wake = asyncio.Event()
@@ -102,6 +104,9 @@ class OutboxRelay:
     async def _run(self) -> None:
         delay = 0.1
         while True:
+            # Only a pass that began after stop() was asked for is the last one: a pass already
+            # under way may have read the table before the final handlers committed.
+            last_pass = self._stopping
             try:
                 published = await self.publish_once()
                 delay = 0.1
@@ -116,8 +121,10 @@ class OutboxRelay:
                 continue
             if published >= self.batch_size:
                 continue
-            if self._stopping:
+            if last_pass:
                 return
+            if self._stopping:
+                continue  # stop() came during this pass: one more, at once
             await self._maybe_purge()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -148,7 +155,7 @@ class OutboxRelay:
             return 0
         records = [_record(r) for r in rows]
         await self.publish(records)
-        async with self.sessions() as session, session.begin():
+        async with self._write_lock, self.sessions() as session, session.begin():
             await self._mark(session, [r.seq for r in records])
         self._published(len(records))
         return len(records)
@@ -205,7 +212,7 @@ class OutboxRelay:
         """Delete published rows older than the retention window."""
         o = self.tables.outbox.c
         cutoff = now() - self.retention
-        async with self.sessions() as session, session.begin():
+        async with self._write_lock, self.sessions() as session, session.begin():
             result = await session.execute(
                 delete(self.tables.outbox).where(
                     o.published_at.is_not(None), o.published_at < cutoff

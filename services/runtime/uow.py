@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -27,8 +28,10 @@ class UnitOfWork:
         tables: MessagingTables,
         *,
         on_commit: Callable[[], None] | None = None,
+        write_lock: asyncio.Lock | None = None,
     ) -> None:
         self._sessions = sessions
+        self._write_lock = write_lock
         self.tables = tables
         self._on_commit = on_commit
         self._staged: list[dict[str, Any]] = []
@@ -42,6 +45,8 @@ class UnitOfWork:
         return self._session
 
     async def __aenter__(self) -> Self:
+        if self._write_lock is not None:
+            await self._write_lock.acquire()
         self._session = self._sessions()
         self._staged = []
         self.committed = False
@@ -59,6 +64,8 @@ class UnitOfWork:
         finally:
             await self.session.close()
             self._session = None
+            if self._write_lock is not None:
+                self._write_lock.release()
 
     async def claim(self, consumer: str, envelope: Envelope) -> bool:
         """Record ``envelope`` as received by ``consumer``; ``False`` if it was already.

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs bianzhi into ./.venv and runs it or its tests. Used by the Makefile and by CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+install() {
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "bianzhi needs Python 3.11 or newer (found: $("$PYTHON" --version 2>&1))" >&2
+    exit 2
+  fi
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  local stamp="$VENV/.installed" want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "installing bianzhi and its dependencies into $VENV ..." >&2
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  install)
+    install
+    ;;
+  up)
+    install
+    exec "$VENV/bin/bianzhi" up "$@"
+    ;;
+  test)
+    install
+    echo "== ruff" >&2
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    echo "== message schemas" >&2
+    "$VENV/bin/python" -m contracts.schemas --check
+    if [ -n "${BIANZHI_TEST_POSTGRES_URL:-}" ]; then
+      echo "databases: SQLite and PostgreSQL ($BIANZHI_TEST_POSTGRES_URL)" >&2
+    else
+      echo "databases: SQLite ONLY (set BIANZHI_TEST_POSTGRES_URL to include PostgreSQL)" >&2
+    fi
+    echo "== tests" >&2
+    exec "$VENV/bin/python" -m pytest "$@"
+    ;;
+  bench)
+    install
+    exec "$VENV/bin/python" bench/orgs_throughput.py "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh install|up|test|bench [args...]" >&2
+    exit 2
+    ;;
+esac

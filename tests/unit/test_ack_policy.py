@@ -1,0 +1,77 @@
+"""Every subscriber commits only after its work committed (ARCHITECTURE §4, "Acks").
+
+FastStream 0.7 keeps ``ack_policy`` and ``group_id`` as attributes of the subscriber and the
+aiokafka consumer arguments in ``_connection_args``; a broker-level policy would not reach router
+subscribers, so the runtime sets them on each one. Nothing here connects to a broker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faststream import AckPolicy
+
+from contracts.topics import ORGS_COMMANDS, ORGS_EVENTS
+from services.orgs.bootstrap import build, definition
+from services.runtime.app import EventSubscription, build_runtime
+from tests.conftest import service_settings
+
+
+def subscribers_of(runtime: Any) -> list[Any]:
+    subs = list(runtime.broker.subscribers)
+    assert subs, "the runtime registered no subscribers"
+    return subs
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Any:
+    return build(service_settings(tmp_path, "localhost:1", kafka_group_prefix="bz"))
+
+
+@pytest.fixture
+def runtime_with_projection(tmp_path: Path) -> Any:
+    service = dataclasses.replace(
+        definition(), event_subscriptions=(EventSubscription(ORGS_EVENTS, ()),)
+    )
+    return build_runtime(
+        service, service_settings(tmp_path, "localhost:1", kafka_group_prefix="bz")
+    )
+
+
+@pytest.mark.parametrize("which", ["runtime", "runtime_with_projection"])
+def test_every_subscriber_acks_after_the_handler_in_an_explicit_group(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    for sub in subscribers_of(request.getfixturevalue(which)):
+        assert sub.ack_policy is AckPolicy.ACK, sub.topic_names
+        assert isinstance(sub.group_id, str) and sub.group_id, sub.topic_names
+        args = sub._connection_args
+        # Offsets are committed by the ack, never in the background by the client.
+        assert args["enable_auto_commit"] is False, sub.topic_names
+        # A new group starts at the beginning: nothing sent before it joined is skipped.
+        assert args["auto_offset_reset"] == "earliest", sub.topic_names
+
+
+def test_groups_are_one_per_service_and_purpose(runtime_with_projection: Any) -> None:
+    groups = {tuple(s.topic_names): s.group_id for s in subscribers_of(runtime_with_projection)}
+    assert groups == {
+        (ORGS_COMMANDS,): "bz-orgs",
+        (ORGS_EVENTS,): "bz-orgs-projection",
+    }
+
+
+def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: Path) -> None:
+    settings = service_settings(
+        tmp_path,
+        "localhost:1",
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=1000,
+        kafka_command_fetch_max_wait_ms=25,
+    )
+    (sub,) = subscribers_of(build(settings))
+    args = sub._connection_args
+    assert (args["session_timeout_ms"], args["heartbeat_interval_ms"]) == (3000, 1000)
+    assert args["fetch_max_wait_ms"] == 25
