@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -51,6 +50,7 @@ from services.runtime.embedded_broker import (
     ensure_topics,
     free_port,
 )
+from services.runtime.processes import die_with_parent
 from services.runtime.settings import Settings, embedded_overrides
 
 BROKER_HOST = "127.0.0.1"  # the embedded broker has no authentication: loopback only
@@ -500,22 +500,6 @@ def _is_ready(url: str) -> bool:
         return False
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if `bianzhi up` dies without stopping the
-    # service (SIGKILL, a crash), the kernel sends the service SIGTERM and it drains.
-    with contextlib.suppress(Exception):
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-_LIBC: Any = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-
-
 async def _spawn_child(
     argv: list[str], env: dict[str, str], log: TextIO
 ) -> asyncio.subprocess.Process:
@@ -528,7 +512,7 @@ async def _spawn_child(
         # Its own process group: a terminal's Ctrl-C reaches `bianzhi up` only, which then
         # SIGTERMs each service once (a second signal would make uvicorn exit without draining).
         process_group=0,
-        preexec_fn=_die_with_parent if _LIBC is not None else None,
+        preexec_fn=die_with_parent,
     )
 
 

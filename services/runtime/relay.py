@@ -17,7 +17,7 @@ import contextlib
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -39,6 +39,7 @@ class OutboxRecord:
     key: str | None
     value: bytes
     headers: dict[str, str]
+    correlation_id: str | None = None
 
 
 PublishBatch = Callable[[Sequence[OutboxRecord]], Awaitable[None]]
@@ -107,6 +108,8 @@ class OutboxRelay:
             # Only a pass that began after stop() was asked for is the last one: a pass already
             # under way may have read the table before the final handlers committed.
             last_pass = self._stopping
+            # Cleared before the pass, so that a commit made during it wakes the next one.
+            self._wake.clear()
             try:
                 published = await self.publish_once()
                 delay = 0.1
@@ -126,7 +129,6 @@ class OutboxRelay:
             if self._stopping:
                 continue  # stop() came during this pass: one more, at once
             await self._maybe_purge()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval_s)
 
@@ -139,7 +141,7 @@ class OutboxRelay:
     def _select_unpublished(self) -> Any:
         o = self.tables.outbox.c
         return (
-            select(o.seq, o.topic, o.key, o.value, o.headers)
+            select(o.seq, o.topic, o.key, o.value, o.headers, o.correlation_id)
             .where(o.published_at.is_(None))
             .order_by(o.seq)
             .limit(self.batch_size)
@@ -225,6 +227,8 @@ class OutboxRelay:
     ) -> int:
         """Publish again every retained row created at or after ``since``, in order."""
         o = self.tables.outbox.c
+        # Stored times are UTC; SQLite drops the offset of a bound value, so convert first.
+        since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
         async with self.sessions() as session:
             total = (
                 await session.execute(select(func.count()).where(o.created_at >= since))
@@ -234,7 +238,7 @@ class OutboxRelay:
             async with self.sessions() as session:
                 rows = (
                     await session.execute(
-                        select(o.seq, o.topic, o.key, o.value, o.headers)
+                        select(o.seq, o.topic, o.key, o.value, o.headers, o.correlation_id)
                         .where(o.created_at >= since, o.seq > last_seq)
                         .order_by(o.seq)
                         .limit(self.batch_size)
@@ -252,5 +256,10 @@ class OutboxRelay:
 
 def _record(row: Any) -> OutboxRecord:
     return OutboxRecord(
-        seq=row.seq, topic=row.topic, key=row.key, value=row.value, headers=dict(row.headers)
+        seq=row.seq,
+        topic=row.topic,
+        key=row.key,
+        value=row.value,
+        headers=dict(row.headers),
+        correlation_id=row.correlation_id,
     )

@@ -521,10 +521,10 @@ async def test_shutdown_drains_the_in_flight_handler(
     key = b"drain"
     async with serving(settings, with_register_handler(slow_register), prepare=hold_relay):
         await send_at(client, quick, key=key)
-        meta = await send_at(client, slow, key=key)
         async with asyncio.timeout(20):
+            await quick_publishing.wait()  # that pass has read the outbox: the slow one comes next
+            meta = await send_at(client, slow, key=key)
             await entered.wait()
-            await quick_publishing.wait()  # that pass read the outbox before the slow commit
         asyncio.get_running_loop().call_later(0.5, release.set)
         stopping = time.monotonic()
         # Leaving the block runs the lifespan shutdown, as uvicorn does on SIGTERM.

@@ -363,6 +363,26 @@ def test_an_unexpected_failure_is_one_line_and_exit_1(
     assert "BIANZHI_DEBUG=1" in line
 
 
+def test_a_reader_going_away_is_no_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def piped(_args: object) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(send, "run", piped)
+    assert main(["send", "orgs.RegisterOrg", "--data", "{}"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+async def test_kafka_failures_become_one_line_errors_but_a_broken_pipe_stays() -> None:
+    with pytest.raises(CliError, match=r"^cannot reach the Kafka broker at k:1 \(TimeoutError"):
+        async with common.kafka_errors("k:1"):
+            raise TimeoutError
+    with pytest.raises(BrokenPipeError):
+        async with common.kafka_errors("k:1"):
+            raise BrokenPipeError
+
+
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["up", "--help"]) == 0
     assert "--fresh" in capsys.readouterr().out
