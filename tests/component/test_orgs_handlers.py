@@ -35,6 +35,7 @@ from services.orgs.bootstrap import build
 from services.runtime.app import ServiceRuntime
 from services.runtime.messaging import RawMessage
 from tests.conftest import service_settings
+from tests.support.builders import register_org
 
 COMPLETED = "bianzhi.CommandCompleted.v1"
 REJECTED = "bianzhi.CommandRejected.v1"
@@ -78,18 +79,6 @@ def dead_letters(runtime: ServiceRuntime) -> DeadLetters:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def register_org(org_id: uuid.UUID | None = None, **kw: Any) -> RegisterOrg:
-    fields: dict[str, Any] = {
-        "org_id": org_id or uuid.uuid4(),
-        "name": "石家庄市长安区财政局",
-        "kind": "organ",
-        "division_code": "130102",
-        "document": DOC,
-    }
-    fields.update(kw)
-    return RegisterOrg.model_validate(fields)
 
 
 def envelope(payload: Message, *, id: str | None = None, **actor: Any) -> Envelope:

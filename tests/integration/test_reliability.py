@@ -53,6 +53,7 @@ from services.runtime.relay import OutboxRelay
 from services.runtime.settings import Settings
 from services.runtime.uow import outbox_row
 from tests.conftest import service_settings, wait_for
+from tests.support.builders import register_org as register
 from tests.support.kafka import CommandClient, read_topic
 from tests.support.lifecycle import running
 
@@ -65,18 +66,6 @@ REJECTED = "bianzhi.CommandRejected.v1"
 
 
 # helpers ----------------------------------------------------------------------------------------
-
-
-def register(org_id: uuid.UUID | None = None, **kw: object) -> RegisterOrg:
-    fields: dict[str, object] = {
-        "org_id": org_id or uuid.uuid4(),
-        "name": "石家庄市长安区财政局",
-        "kind": "organ",
-        "division_code": "130102",
-        "document": DOC,
-    }
-    fields.update(kw)
-    return RegisterOrg.model_validate(fields)
 
 
 def with_register_handler(handler: CommandHandler, **changes: Any) -> ServiceDefinition:
