@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -114,7 +115,7 @@ def start_orgs(bootstrap: str, data_dir: Path, port: int, db_url: str | None) ->
         "BIANZHI_KAFKA_BOOTSTRAP": bootstrap,
         "BIANZHI_KAFKA_SESSION_TIMEOUT_MS": "3000",
         "BIANZHI_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
-        "BIANZHI_LOG_LEVEL": "WARNING",
+        "BIANZHI_LOG_LEVEL": os.environ.get("BENCH_SERVICE_LOG_LEVEL", "WARNING"),
     }
     if db_url:
         env["BIANZHI_ORGS_DATABASE_URL"] = db_url
@@ -254,6 +255,18 @@ class Driver:
         return n / elapsed, list(self.latency.values())
 
 
+def run_dir(tmp: str) -> Path:
+    """BENCH_KEEP_DIR keeps the logs and databases of the run for a look afterwards."""
+    path = Path(os.environ.get("BENCH_KEEP_DIR") or tmp)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="commands in the throughput run")
@@ -268,10 +281,11 @@ async def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bianzhi-bench-") as tmp:
-        data_dir = Path(tmp)
+        data_dir = run_dir(tmp)
         broker = EmbeddedBroker(log_path=data_dir / "broker.log")
         await broker.start()
         service: subprocess.Popen | None = None
+        port = 0
         try:
             await ensure_topics(broker.bootstrap, all_topics(), partitions=args.partitions)
             say(f"broker {broker.bootstrap}, {args.partitions} partitions per topic")
@@ -318,6 +332,19 @@ async def main() -> None:
                 f"ratio={throughput / bound:.2f} (target ≥ 0.25) "
                 f"paced_p99={percentile(plat, 0.99) * 1000:.1f}ms (target ≤ 50 ms at 200/s)"
             )
+        except Exception:
+            if service is not None and service.poll() is None:
+                with contextlib.suppress(OSError):
+                    page = await asyncio.to_thread(fetch, f"http://127.0.0.1:{port}/metrics")
+                    say("--- service metrics ---")
+                    say("\n".join(ln for ln in page.splitlines() if ln.startswith("bianzhi_")))
+            elif service is not None:
+                say(f"the orgs service exited with {service.returncode}")
+            log_file = data_dir / "orgs.log"
+            if log_file.exists():
+                say("--- last lines of the orgs service log ---")
+                say("\n".join(log_file.read_text(errors="replace").splitlines()[-30:]))
+            raise
         finally:
             if service is not None:
                 service.send_signal(signal.SIGTERM)

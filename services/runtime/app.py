@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -91,6 +92,12 @@ class ServiceRuntime:
         self.database_url = settings.database_url(definition.name)
         self.engine: AsyncEngine = create_engine(self.database_url)
         self.sessions = session_factory(self.engine)
+        self.read_engine: AsyncEngine = (
+            create_engine(self.database_url, read_only=True)
+            if is_sqlite(self.database_url)
+            else self.engine
+        )
+        self.read_sessions = session_factory(self.read_engine)
         # SQLite has one writer at a time; queueing writers here is far cheaper than letting
         # them meet SQLite's busy handler, which sleeps for milliseconds at a time.
         self.write_lock: asyncio.Lock | None = (
@@ -107,6 +114,7 @@ class ServiceRuntime:
             poll_interval_s=settings.relay_poll_interval_s,
             retention=timedelta(hours=settings.outbox_retention_hours),
             write_lock=self.write_lock,
+            read_sessions=self.read_sessions,
         )
         source = f"{settings.source.rstrip('/')}/{self.name}"
         common: dict[str, Any] = {
@@ -127,9 +135,10 @@ class ServiceRuntime:
                 self.broker,
                 commands(self.name),
                 group_id=f"{settings.kafka_group_prefix}-{self.name}",
-                process=self.command_consumer.process,
+                process=self.command_consumer.process_batch,
                 settings=settings,
                 fetch_max_wait_ms=settings.kafka_command_fetch_max_wait_ms,
+                max_records=settings.kafka_command_batch_size,
                 description=f"Commands of the {self.name} service",
             )
         ]
@@ -142,14 +151,15 @@ class ServiceRuntime:
                     self.broker,
                     sub.topic,
                     group_id=f"{settings.kafka_group_prefix}-{self.name}-projection",
-                    process=consumer.process,
+                    process=consumer.process_batch,
                     settings=settings,
                     fetch_max_wait_ms=settings.kafka_event_fetch_max_wait_ms,
+                    max_records=settings.kafka_event_batch_size,
                     description=f"Projection of {sub.topic} kept by {self.name}",
                 )
             )
         self.router = Router()
-        definition.register_queries(self.router, self.sessions)
+        definition.register_queries(self.router, self.read_sessions)
         self.app = ServiceApp(
             self.broker,
             router=self.router,
@@ -163,7 +173,7 @@ class ServiceRuntime:
             after_startup=[self._after_startup],
             on_shutdown=[self._on_shutdown],
             after_shutdown=[self._after_shutdown],
-            logger=None,
+            logger=logging.getLogger("bianzhi.faststream"),
         )
 
     def uow(self) -> UnitOfWork:
@@ -196,6 +206,8 @@ class ServiceRuntime:
 
     async def _after_shutdown(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
 
     # probes --------------------------------------------------------------------------------
 

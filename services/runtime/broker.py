@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -73,7 +74,10 @@ def make_broker(settings: Settings, *, client_id: str) -> KafkaBroker:
         allow_auto_create_topics=settings.kafka_allow_auto_create_topics,
         graceful_timeout=settings.kafka_graceful_timeout_s,
         security=security_from(settings),
-        logger=None,
+        # FastStream's own lines (each message received/processed) at DEBUG; its errors
+        # (a consume loop that fails, a connection lost) still reach the log.
+        logger=logging.getLogger("bianzhi.faststream"),
+        log_level=logging.DEBUG,
     )
 
 
@@ -93,21 +97,30 @@ def _is_text(value: bytes | None) -> bool:
     return True
 
 
-async def _parse_any_headers(
-    record: Any, original: Callable[[Any], Awaitable[StreamMessage[Any]]]
-) -> StreamMessage[Any]:
-    # FastStream decodes every header as UTF-8: a record with a binary or null header would fail
-    # to parse, never reach the consumer (so no dead letter) and be committed with the next one.
-    # Let the framework parse it with blanked headers and keep the record as it arrived.
+def _clean_headers(record: Any) -> Any:
     if all(_is_text(v) for _, v in record.headers or ()):
-        return await original(record)
+        return record
     clean = dataclasses.replace(
         record, headers=[(k, v if _is_text(v) else b"") for k, v in record.headers]
     )
     if hasattr(record, "consumer"):
         clean.consumer = record.consumer
-    message = await original(clean)
-    message.raw_message = record
+    return clean
+
+
+async def _parse_any_headers(
+    records: Any, original: Callable[[Any], Awaitable[StreamMessage[Any]]]
+) -> StreamMessage[Any]:
+    # FastStream decodes every header as UTF-8: a record with a binary or null header would fail
+    # to parse, never reach the consumer (so no dead letter) and be committed with the next one.
+    # Let the framework parse it with blanked headers and keep the records as they arrived.
+    is_batch = isinstance(records, tuple | list)
+    batch = tuple(records) if is_batch else (records,)
+    cleaned = tuple(_clean_headers(r) for r in batch)
+    if all(c is r for c, r in zip(cleaned, batch, strict=True)):
+        return await original(records)
+    message = await original(type(records)(cleaned) if is_batch else cleaned[0])
+    message.raw_message = records
     return message
 
 
@@ -116,20 +129,30 @@ def subscribe(
     topic: str,
     *,
     group_id: str,
-    process: Callable[[RawMessage], Awaitable[None]],
+    process: Callable[[Sequence[RawMessage]], Awaitable[None]],
     settings: Settings,
     fetch_max_wait_ms: int,
+    max_records: int,
     description: str = "",
 ) -> Any:
-    """Register a consumer of ``topic`` in ``group_id`` that hands each record to ``process``."""
+    """Register a consumer of ``topic`` in ``group_id`` that hands each batch to ``process``.
 
-    async def on_message(body: bytes, message: KafkaMessage) -> None:
-        await process(RawMessage.from_record(message.raw_message))
+    A batch is whatever one fetch returned (at most ``max_records``); its offsets are committed
+    together once ``process`` has returned, that is once every record in it has been handled.
+    """
 
-    on_message.__name__ = f"consume_{topic.replace('.', '_').replace('-', '_')}"
+    async def on_batch(bodies: list[bytes], message: KafkaMessage) -> None:
+        records = message.raw_message
+        batch = records if isinstance(records, tuple | list) else (records,)
+        await process([RawMessage.from_record(r) for r in batch])
+
+    on_batch.__name__ = f"consume_{topic.replace('.', '_').replace('-', '_')}"
     return broker.subscriber(
         topic,
         group_id=group_id,
+        batch=True,
+        max_records=max_records,
+        batch_timeout_ms=fetch_max_wait_ms,
         ack_policy=AckPolicy.ACK,
         auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka_session_timeout_ms,
@@ -138,7 +161,7 @@ def subscribe(
         parser=_parse_any_headers,
         decoder=_raw_body,
         description=description,
-    )(on_message)
+    )(on_batch)
 
 
 def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], Awaitable[None]]:

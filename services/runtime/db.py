@@ -29,8 +29,12 @@ def is_sqlite(url: str) -> bool:
 _json_serializer = partial(json.dumps, ensure_ascii=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An async engine for ``url``; SQLite gets WAL, a busy timeout and immediate write locks."""
+def create_engine(url: str, *, pool_size: int = 10, read_only: bool = False) -> AsyncEngine:
+    """An async engine for ``url``; SQLite gets WAL, a busy timeout and immediate write locks.
+
+    ``read_only`` (SQLite): transactions begin deferred and may not write, so readers (queries,
+    the relay's scans) never queue for the write lock; in WAL mode they see the last commit.
+    """
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -38,7 +42,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         engine = create_async_engine(
             url, connect_args={"timeout": 30}, json_serializer=_json_serializer
         )
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, read_only=read_only)
         return engine
     return create_async_engine(
         url,
@@ -49,7 +53,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
     # pysqlite's own transaction handling defers BEGIN and upgrades read locks late, which
     # deadlocks concurrent writers; take the write lock at BEGIN instead (SQLAlchemy recipe).
     @event.listens_for(engine.sync_engine, "connect")
@@ -60,11 +64,15 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        if read_only:
+            cursor.execute("PRAGMA query_only=ON")
         cursor.close()
+
+    begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -59,9 +59,13 @@ class OutboxRelay:
         poll_interval_s: float = 0.5,
         retention: timedelta = timedelta(days=7),
         write_lock: asyncio.Lock | None = None,
+        read_sessions: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.service = service
         self.sessions = sessions
+        # Scans go through read-only sessions where there are some (SQLite), so the relay
+        # never waits behind handlers for the write lock just to read.
+        self.read_sessions = read_sessions or sessions
         self.tables = tables
         self.publish = publish
         self.batch_size = batch_size
@@ -150,7 +154,7 @@ class OutboxRelay:
     async def _publish_once_sqlite(self) -> int:
         # One process owns a SQLite file; keep write transactions short so handlers never wait
         # on the broker.
-        async with self.sessions() as session:
+        async with self.read_sessions() as session:
             rows = (await session.execute(self._select_unpublished())).all()
         if not rows:
             metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
@@ -193,7 +197,7 @@ class OutboxRelay:
     async def backlog(self) -> int:
         """How many rows wait to be published."""
         o = self.tables.outbox.c
-        async with self.sessions() as session:
+        async with self.read_sessions() as session:
             count = (
                 await session.execute(select(func.count()).where(o.published_at.is_(None)))
             ).scalar_one()
@@ -229,13 +233,13 @@ class OutboxRelay:
         o = self.tables.outbox.c
         # Stored times are UTC; SQLite drops the offset of a bound value, so convert first.
         since = since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
-        async with self.sessions() as session:
+        async with self.read_sessions() as session:
             total = (
                 await session.execute(select(func.count()).where(o.created_at >= since))
             ).scalar_one()
         done, last_seq = 0, -1
         while True:
-            async with self.sessions() as session:
+            async with self.read_sessions() as session:
                 rows = (
                     await session.execute(
                         select(o.seq, o.topic, o.key, o.value, o.headers, o.correlation_id)

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100)
     kafka_command_fetch_max_wait_ms: int = Field(default=10, ge=0, le=10_000)
     kafka_event_fetch_max_wait_ms: int = Field(default=100, ge=0, le=10_000)
+    # Commands of one fetch are handled in one transaction (falling back to one by one when
+    # any of them is refused), and their offsets committed together.
+    kafka_command_batch_size: int = Field(default=100, ge=1, le=1000)
+    kafka_event_batch_size: int = Field(default=100, ge=1, le=1000)
     kafka_graceful_timeout_s: float = Field(default=15.0, gt=0)
 
     # Outbox relay

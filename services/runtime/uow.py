@@ -8,6 +8,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -85,6 +87,69 @@ class UnitOfWork:
             await self.session.rollback()
             return False
         return True
+
+    async def claim_many(self, consumer: str, envelopes: list[Envelope]) -> set[str]:
+        """Record many messages as received in one statement; the ids that were new.
+
+        Duplicates are skipped by the unique key (``ON CONFLICT DO NOTHING``), so the
+        transaction goes on; on PostgreSQL a concurrent claim of the same id waits for the
+        other transaction and then counts as a duplicate.
+        """
+        if not envelopes:
+            return set()
+        inbox = self.tables.inbox
+        dialect = self.session.get_bind().dialect.name
+        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+        stamp = now()
+        stmt = (
+            insert_fn(inbox)
+            .values(
+                [
+                    {
+                        "consumer": consumer,
+                        "message_id": env.id,
+                        "message_type": env.type[:200],
+                        "received_at": stamp,
+                    }
+                    for env in envelopes
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
+            .returning(inbox.c.message_id)
+        )
+        return set((await self.session.execute(stmt)).scalars())
+
+    async def stored_results(self, command_ids: list[str]) -> dict[str, bytes]:
+        """The stored result envelopes of these commands (those that have one)."""
+        if not command_ids:
+            return {}
+        t = self.tables.command_results
+        rows = await self.session.execute(
+            select(t.c.command_id, t.c.envelope).where(t.c.command_id.in_(command_ids))
+        )
+        return {row.command_id: row.envelope for row in rows}
+
+    async def store_results(self, results: list[tuple[Envelope, Envelope, str | None]]) -> None:
+        """Keep many (command, result, code) at once; see ``store_result``."""
+        if not results:
+            return
+        stamp = now()
+        await self.session.execute(
+            insert(self.tables.command_results),
+            [
+                {
+                    "command_id": command.id,
+                    "command_type": command.type[:200],
+                    "result_type": result.type,
+                    "code": code,
+                    "actor_id": command.actorid,
+                    "actor_region": command.actorregion,
+                    "envelope": result.to_bytes(),
+                    "created_at": stamp,
+                }
+                for command, result, code in results
+            ],
+        )
 
     def stage(self, envelope: Envelope, topic: str, key: str | None) -> None:
         """Queue ``envelope`` for the outbox; written at ``commit()``."""

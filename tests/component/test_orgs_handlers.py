@@ -10,9 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,10 +29,8 @@ from contracts.orgs import (
 )
 from contracts.topics import COMMAND_RESULTS, ORGS_COMMANDS, ORGS_EVENTS, dlq
 from services.orgs.adapters.orm import org_history, org_units, orgs
-from services.orgs.bootstrap import build
 from services.runtime.app import ServiceRuntime
 from services.runtime.messaging import RawMessage
-from tests.conftest import service_settings
 from tests.support.builders import register_org
 
 COMPLETED = "bianzhi.CommandCompleted.v1"
@@ -56,19 +52,6 @@ class DeadLetters:
         self, topic: str, value: bytes, key: bytes | None, headers: dict[str, str]
     ) -> None:
         self.sent.append((topic, value, key, headers))
-
-
-@pytest.fixture
-async def runtime(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[ServiceRuntime]:
-    monkeypatch.setenv("BIANZHI_ORGS_DATABASE_URL", db_url)
-    rt = build(service_settings(tmp_path, "localhost:1"))
-    await rt.migrate()
-    try:
-        yield rt
-    finally:
-        await rt.engine.dispose()
 
 
 @pytest.fixture
