@@ -75,6 +75,13 @@ class OutboxRelay:
         self._sqlite = is_sqlite(str(engine.url))
         self._lock_key = zlib.crc32(f"bianzhi-relay-{service}".encode()) & 0x7FFFFFFF
         self._wake = asyncio.Event()
+        # SQLite: marking runs beside publishing, so a pass never waits for the write lock.
+        # Rows up to _published_upto are published (maybe not yet marked); seq order is commit
+        # order there, since SQLite has one writer at a time.
+        self._published_upto = 0
+        self._rewind_to: int | None = None
+        self._marks: list[int] = []
+        self._marker: asyncio.Task[None] | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
@@ -100,6 +107,8 @@ class OutboxRelay:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            if self._marker is not None:
+                await asyncio.wait_for(asyncio.shield(self._marker), drain_timeout_s)
         except TimeoutError:
             log.warning("outbox relay did not drain in time; rows stay for the next start")
             self._task.cancel()
@@ -152,19 +161,44 @@ class OutboxRelay:
         )
 
     async def _publish_once_sqlite(self) -> int:
-        # One process owns a SQLite file; keep write transactions short so handlers never wait
-        # on the broker.
+        # One process owns a SQLite file; handlers never wait on the broker, and the relay
+        # never waits on the write lock: marks are written by a task of their own.
+        if self._rewind_to is not None:
+            self._published_upto, self._rewind_to = self._rewind_to, None
+        o = self.tables.outbox.c
         async with self.read_sessions() as session:
-            rows = (await session.execute(self._select_unpublished())).all()
+            rows = (
+                await session.execute(
+                    self._select_unpublished().where(o.seq > self._published_upto)
+                )
+            ).all()
         if not rows:
-            metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
+            if not self._marks:
+                metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
             return 0
         records = [_record(r) for r in rows]
         await self.publish(records)
-        async with self._write_lock, self.sessions() as session, session.begin():
-            await self._mark(session, [r.seq for r in records])
+        self._published_upto = records[-1].seq
+        self._marks.extend(r.seq for r in records)
+        if self._marker is None or self._marker.done():
+            self._marker = asyncio.create_task(self._mark_pending())
         self._published(len(records))
         return len(records)
+
+    async def _mark_pending(self) -> None:
+        while self._marks:
+            seqs, self._marks = self._marks, []
+            try:
+                async with self._write_lock, self.sessions() as session, session.begin():
+                    await self._mark(session, seqs)
+            except Exception as exc:
+                # Published but not marked: publish them again, as after a crash (consumers'
+                # inboxes make the repeat harmless).
+                log.warning("marking published outbox rows failed", error=repr(exc))
+                self._rewind_to = min(seqs) - 1
+                self._marks = []
+                self._wake.set()
+                return
 
     async def _publish_once_locked(self) -> int:
         async with self.sessions() as session, session.begin():
