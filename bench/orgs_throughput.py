@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -168,7 +168,11 @@ class Driver:
         )
         self.partitions = partitions
         self.sent: dict[str, float] = {}
+        self.sent_wall: dict[str, float] = {}
         self.latency: dict[str, float] = {}
+        # Where each command's time went (wall clock, one machine): until the service built its
+        # result, until the relay handed the result to the producer, until it reached us.
+        self.stages: dict[str, list[float]] = {"handled": [], "relayed": [], "delivered": []}
         self.rejected = 0
         self._done = asyncio.Event()
         self._expect = 0
@@ -193,12 +197,17 @@ class Driver:
         while True:
             batches = await self.consumer.getmany(timeout_ms=50)
             now = time.perf_counter()
+            wall = time.time()
             for records in batches.values():
                 for rec in records:
                     data = json.loads(rec.value)
                     cid = data["data"]["command_id"]
                     if cid in self.sent and cid not in self.latency:
                         self.latency[cid] = now - self.sent[cid]
+                        built = datetime.fromisoformat(data["time"]).timestamp()
+                        self.stages["handled"].append(built - self.sent_wall[cid])
+                        self.stages["relayed"].append(rec.timestamp / 1000 - built)
+                        self.stages["delivered"].append(wall - rec.timestamp / 1000)
                         if data["type"] != "bianzhi.CommandCompleted.v1":
                             self.rejected += 1
             if self._expect and len(self.latency) >= self._expect:
@@ -220,7 +229,10 @@ class Driver:
     async def run(self, n: int, rate: float | None, label: str) -> tuple[float, list[float]]:
         commands = [self.command(i) for i in range(n)]
         self.sent.clear()
+        self.sent_wall.clear()
         self.latency.clear()
+        for values in self.stages.values():
+            values.clear()
         self.rejected = 0
         self._done.clear()
         self._expect = n
@@ -232,6 +244,7 @@ class Driver:
                 if delay > 0:
                     await asyncio.sleep(delay)
             self.sent[cid] = time.perf_counter()
+            self.sent_wall[cid] = time.time()
             futures.append(
                 await self.producer.send(
                     ORGS_COMMANDS, value, key=key, headers=[("content-type", CONTENT_TYPE.encode())]
@@ -253,6 +266,30 @@ class Driver:
                 say(f"  {label}: {last}/{n} results")
         elapsed = time.perf_counter() - started
         return n / elapsed, list(self.latency.values())
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The service's metrics page as {sample: value} (labels dropped, values summed)."""
+    out: dict[str, float] = {}
+    for line in fetch(f"http://127.0.0.1:{port}/metrics").splitlines():
+        if line.startswith("bianzhi_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            base = name.split("{", 1)[0]
+            out[base] = out.get(base, 0.0) + float(value)
+    return out
+
+
+def service_figures(before: dict[str, float], after: dict[str, float]) -> str:
+    def mean(metric: str) -> float:
+        count = after.get(f"{metric}_count", 0) - before.get(f"{metric}_count", 0)
+        total = after.get(f"{metric}_sum", 0) - before.get(f"{metric}_sum", 0)
+        return total / count if count else float("nan")
+
+    return (
+        f"mean message age at handling {mean('bianzhi_message_age_seconds') * 1000:.1f} ms, "
+        f"mean batch {mean('bianzhi_batch_size'):.1f} commands, "
+        f"mean handling {mean('bianzhi_handler_latency_seconds') * 1000:.1f} ms"
+    )
 
 
 def run_dir(tmp: str) -> Path:
@@ -316,6 +353,7 @@ async def main() -> None:
                     f"p50 {percentile(lat, 0.5) * 1000:,.0f} ms, "
                     f"p99 {percentile(lat, 0.99) * 1000:,.0f} ms; rejected {driver.rejected}"
                 )
+                before = await asyncio.to_thread(scrape, port)
                 paced_n = int(args.rate * args.paced_seconds)
                 say(f"(c) paced: {paced_n} commands at {args.rate:.0f}/s")
                 _, plat = await driver.run(paced_n, args.rate, "paced")
@@ -323,6 +361,17 @@ async def main() -> None:
                     f"  latency p50 {percentile(plat, 0.5) * 1000:.1f} ms, "
                     f"p99 {percentile(plat, 0.99) * 1000:.1f} ms, "
                     f"mean {statistics.fmean(plat) * 1000:.1f} ms; rejected {driver.rejected}"
+                )
+                after = await asyncio.to_thread(scrape, port)
+                say("  service side, " + service_figures(before, after))
+                say(
+                    "  where it went (p50/p99 ms): "
+                    + ", ".join(
+                        f"{stage} {percentile(v, 0.5) * 1000:.0f}/{percentile(v, 0.99) * 1000:.0f}"
+                        for stage, v in driver.stages.items()
+                    )
+                    + "  (handled: sent → result built; relayed: → handed to the producer; "
+                    "delivered: → received)"
                 )
             finally:
                 await driver.stop()

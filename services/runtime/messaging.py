@@ -55,6 +55,7 @@ class RawMessage:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int | None = None
 
     @classmethod
     def from_record(cls, record: Any) -> RawMessage:
@@ -65,7 +66,14 @@ class RawMessage:
             key=record.key,
             value=record.value,
             headers=tuple((k, v or b"") for k, v in (record.headers or ())),
+            timestamp_ms=getattr(record, "timestamp", None),
         )
+
+    def age_s(self) -> float | None:
+        """Seconds since the record was produced (its Kafka timestamp), if known."""
+        if not self.timestamp_ms or self.timestamp_ms < 0:
+            return None
+        return max(0.0, time.time() - self.timestamp_ms / 1000)
 
 
 @dataclass
@@ -277,6 +285,10 @@ class CommandConsumer(Consumer):
     async def process_batch(self, raws: Sequence[RawMessage]) -> None:
         """Handle one fetch: in one transaction when every command in it succeeds or was
         refused before its handler ran; otherwise one by one."""
+        for raw in raws:
+            if (age := raw.age_s()) is not None:
+                metrics.MESSAGE_AGE.labels(self.service).observe(age)
+        metrics.BATCH_SIZE.labels(self.service).observe(len(raws))
         prepared = [self._prepare(raw) for raw in raws]
         batchable = [p for p in prepared if p.dlq_error is None]
         if len(batchable) < 2:

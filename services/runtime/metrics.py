@@ -26,6 +26,18 @@ HANDLER_LATENCY = Histogram(
     ["service", "type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+MESSAGE_AGE = Histogram(
+    "bianzhi_message_age_seconds",
+    "Time from a command's production to the start of its handling (queueing and delivery).",
+    ["service"],
+    buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
+)
+BATCH_SIZE = Histogram(
+    "bianzhi_batch_size",
+    "Commands handled per fetch.",
+    ["service"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 OUTBOX_BACKLOG = Gauge(
     "bianzhi_outbox_backlog", "Outbox rows not yet published (as last seen).", ["service"]
 )
