@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import ssl
 import sys
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pydantic import ValidationError
 
 from contracts.base import Command, Message, registry
 from contracts.topics import COMMAND_RESULTS, DLQ_SUFFIX, SERVICES, all_topics, commands, events
+from services.runtime.broker import client_options
 
 if TYPE_CHECKING:
     from services.runtime.app import ServiceDefinition
@@ -307,26 +307,10 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
 
 def kafka_options(settings: Settings) -> dict[str, Any]:
     """Connection options of a plain aiokafka client, security included, from settings."""
-    protocol = settings.kafka_security_protocol
-    opts: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "client_id": f"{settings.kafka_client_id}-cli",
-        "security_protocol": protocol,
-    }
-    if protocol in ("SSL", "SASL_SSL"):
-        cafile = str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
-        opts["ssl_context"] = ssl.create_default_context(cafile=cafile)
-    if protocol.startswith("SASL"):
-        username, password = settings.kafka_sasl_username, settings.sasl_password()
-        if not username or not password:
-            raise CliError(
-                f"BIANZHI_KAFKA_SECURITY_PROTOCOL={protocol}: expected BIANZHI_KAFKA_SASL_USERNAME"
-                " and BIANZHI_KAFKA_SASL_PASSWORD (or BIANZHI_KAFKA_SASL_PASSWORD_FILE)"
-            )
-        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
-        opts["sasl_plain_username"] = username
-        opts["sasl_plain_password"] = password
-    return opts
+    try:
+        return client_options(settings, client_id=f"{settings.kafka_client_id}-cli")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:

@@ -31,6 +31,7 @@ from services.cli.common import (
     Platform,
     existing_services,
     kafka_errors,
+    kafka_options,
     load_settings,
     make_consumer,
     platform_path,
@@ -293,6 +294,7 @@ class Up:
                 all_topics(),
                 self.settings.kafka_topic_partitions,
                 replication=self.settings.kafka_replication_factor,
+                client_options=kafka_options(self.settings),
             )
         if created:
             partitions = self.settings.kafka_topic_partitions

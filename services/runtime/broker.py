@@ -62,6 +62,25 @@ def security_from(settings: Settings) -> BaseSecurity | None:
     )
 
 
+def client_options(settings: Settings, *, client_id: str) -> dict[str, Any]:
+    """Connection options of a plain aiokafka client (producer, consumer, admin), security
+    included, from the same settings as the services' broker."""
+    protocol = settings.kafka_security_protocol
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "client_id": client_id,
+        "security_protocol": protocol,
+    }
+    security = security_from(settings)
+    if security is not None and security.ssl_context is not None:
+        opts["ssl_context"] = security.ssl_context
+    if isinstance(security, SASLPlaintext | SASLScram256 | SASLScram512):
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
+        opts["sasl_plain_username"] = security.username
+        opts["sasl_plain_password"] = security.password
+    return opts
+
+
 def make_broker(settings: Settings, *, client_id: str) -> KafkaBroker:
     """A broker configured from settings; nothing connects until it is started."""
     return KafkaBroker(

@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -262,11 +262,16 @@ def _kill_if_running(process: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _admin(bootstrap: str, request_timeout_s: float) -> AsyncIterator[AIOKafkaAdminClient]:
+async def _admin(
+    bootstrap: str, request_timeout_s: float, options: Mapping[str, Any] | None = None
+) -> AsyncIterator[AIOKafkaAdminClient]:
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        request_timeout_ms=max(1, int(request_timeout_s * 1000)),
-        retry_backoff_ms=50,
+        **{
+            **(options or {}),
+            "bootstrap_servers": bootstrap,
+            "request_timeout_ms": max(1, int(request_timeout_s * 1000)),
+            "retry_backoff_ms": 50,
+        }
     )
     try:
         await admin.start()
@@ -308,8 +313,12 @@ async def ensure_topics(
     *,
     replication: int = 1,
     timeout: float = 30,
+    client_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Create the missing ones of `topics`; return those this call created.
+
+    ``client_options`` are extra aiokafka connection options (security: SASL, TLS) for a real
+    cluster; see ``services.runtime.broker.client_options``.
 
     Retries while the broker is coming up. Topics that exist already are left as they are, even
     with another partition count (tansu cannot add partitions).
@@ -325,7 +334,10 @@ async def ensure_topics(
     while (remaining := deadline - loop.time()) > 0:
         attempt = min(remaining, 10.0)
         try:
-            async with asyncio.timeout(attempt), _admin(bootstrap, attempt) as admin:
+            async with (
+                asyncio.timeout(attempt),
+                _admin(bootstrap, attempt, client_options) as admin,
+            ):
                 existing = set(await admin.list_topics())
                 missing = [topic for topic in wanted if topic not in existing]
                 if not missing:

@@ -99,7 +99,7 @@ async def names(api: httpx.AsyncClient, **params: Any) -> list[str]:
 
 
 async def test_the_life_of_an_org_on_the_wire_and_in_the_query_api(orgs_service, client) -> None:
-    city = register("石家庄市人民政府", "130100", alt_names=["石家庄市政府"])
+    city = register("石家庄市人民政府", "130100", alt_names=["石家庄市政府", "SJZ Gov"])
     ndrc = register("石家庄市发展和改革委员会", "130100")
     child = register("石家庄市长安区财政局", "130102", parent_org_id=city.org_id, grade="正科级")
     await complete(client, city)
@@ -237,6 +237,7 @@ async def test_the_life_of_an_org_on_the_wire_and_in_the_query_api(orgs_service,
         assert await names(api, q="石家庄市政府") == ["石家庄市人民政府"]  # alt name only
         assert await names(api, q="%") == []  # LIKE wildcards are matched literally
         assert await names(api, q="_") == []
+        assert await names(api, q="sjz GOV") == ["石家庄市人民政府"]  # case-insensitive on both
         assert len(await names(api, kind="organ")) == 3
         assert await names(api, kind="public_institution") == []
         assert await names(api, parent_org_id=str(ndrc.org_id)) == [everything[2]]
@@ -257,6 +258,8 @@ async def test_the_life_of_an_org_on_the_wire_and_in_the_query_api(orgs_service,
             {"limit": "ten"},
             {"offset": "-1"},
             {"division_code": "130100", "include_sub": "maybe"},
+            {"include_sub": "maybe"},
+            {"parent_org_id": "not-a-uuid"},
             {"kind": "ministry"},
             {"status": "sleeping"},
             {"division_code": "999999"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import String, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -88,10 +89,11 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         limit = request.int_arg("limit", 50, low=1, high=500)
         offset = request.int_arg("offset", 0, low=0, high=10_000_000)
         conditions = []
+        include_sub = request.bool_arg("include_sub")
         if code := request.arg("division_code"):
             if identifiers.division(code) is None:
                 raise HttpError(400, "unknown_division", f"unknown division code {code}")
-            if request.bool_arg("include_sub"):
+            if include_sub:
                 prefix = division_prefix(code)
                 conditions.append(orgs.c.division_code.like(f"{prefix}%"))
             else:
@@ -105,15 +107,20 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 raise HttpError(400, "invalid_query", f"status must be one of {list(OrgStatus)}")
             conditions.append(orgs.c.status == status)
         if parent := request.arg("parent_org_id"):
-            conditions.append(orgs.c.parent_org_id == parent)
+            try:
+                conditions.append(orgs.c.parent_org_id == str(UUID(parent)))
+            except ValueError:
+                raise HttpError(400, "invalid_query", "parent_org_id must be a UUID") from None
         if q := request.arg("q"):
-            pattern = f"%{_escape_like(q.strip())}%"
+            # lower() on both sides: the same (case-insensitive) answer on SQLite and PostgreSQL.
+            pattern = f"%{_escape_like(q.strip().lower())}%"
             conditions.append(
                 or_(
-                    orgs.c.name.like(pattern, escape="\\"),
-                    cast(orgs.c.alt_names, String).like(pattern, escape="\\"),
+                    func.lower(orgs.c.name).like(pattern, escape="\\"),
+                    func.lower(cast(orgs.c.alt_names, String)).like(pattern, escape="\\"),
                 )
             )
+
         async with sessions() as session:
             total = (
                 await session.execute(select(func.count()).select_from(orgs).where(*conditions))
