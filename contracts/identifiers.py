@@ -351,3 +351,13 @@ def uscc_kind_warning(uscc: str, org_kind: str) -> str | None:
         f"the unified social credit code {code} does not start with {expected} as expected "
         f"for {en}"
     )
+
+
+def division_prefix(code: str) -> str:
+    """The code prefix shared by a division and everything below it (GB/T 2260 structure):
+    ``130000`` → ``13``, ``130100`` → ``1301``, ``130102`` → ``130102``. For SQL ``LIKE``."""
+    if code.endswith("0000"):
+        return code[:2]
+    if code.endswith("00"):
+        return code[:4]
+    return code

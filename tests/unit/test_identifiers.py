@@ -420,3 +420,16 @@ def test_error_is_value_error_with_code():
 def test_module_exports():
     for name in identifiers.__all__:
         assert hasattr(identifiers, name)
+
+
+@pytest.mark.parametrize(
+    ("code", "prefix"),
+    [("130000", "13"), ("130100", "1301"), ("130102", "130102"), ("429000", "4290")],
+)
+def test_division_prefix_covers_the_subtree(code: str, prefix: str) -> None:
+    assert identifiers.division_prefix(code) == prefix
+    assert all(
+        c.startswith(prefix)
+        for c in ("130102", "130101", "429004")
+        if identifiers.is_within(c, code)
+    )

@@ -10,17 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
 from contracts.codes import OrgKind, OrgStatus
+from contracts.identifiers import division_prefix
 from services.orgs.adapters.orm import org_history, org_units, orgs
 from services.runtime.http import HttpError, Request, Router
-
-
-def division_prefix(code: str) -> str:
-    """The code prefix shared by a division and everything below it (GB/T 2260 structure)."""
-    if code.endswith("0000"):
-        return code[:2]
-    if code.endswith("00"):
-        return code[:4]
-    return code
 
 
 def _escape_like(text: str) -> str:

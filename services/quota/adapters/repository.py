@@ -1,0 +1,410 @@
+"""Reads and writes the org projection and the establishment ledger; appends the ledger history.
+
+The ledger's invariants are guarded in the database: approved quota changes through conditional
+updates (``… WHERE occupied + reserved <= :approved``) and CHECK constraints, and every change of
+a category's approved quota or limits first locks that province's guard row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Executable, Table, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.codes import Category, Funding, OrgKind, OrgStatus
+from contracts.envelope import Envelope, now
+from contracts.identifiers import division_prefix
+from services.quota.adapters.orm import (
+    establishment,
+    leader_posts,
+    ledger_guards,
+    org_projection,
+    quota_ledger,
+    region_limits,
+)
+from services.quota.domain.model import Establishment, LeaderPosts, OrgRef
+
+ORG_LEVEL = ""
+"""The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
+
+
+def _insert_ignoring_duplicates(
+    session: AsyncSession, table: Table, values: list[dict[str, Any]]
+) -> Executable:
+    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect."""
+    dialect = session.get_bind().dialect.name
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert_fn(table).values(values).on_conflict_do_nothing()
+
+
+class OrgProjection:
+    """Orgs as the orgs events describe them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, org_id: UUID) -> OrgRef | None:
+        row = (
+            await self.session.execute(
+                select(org_projection).where(org_projection.c.org_id == str(org_id))
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return OrgRef(
+            org_id=UUID(row.org_id),
+            status=OrgStatus(row.status),
+            kind=OrgKind(row.kind) if row.kind else None,
+            division_code=row.division_code,
+            name=row.name,
+        )
+
+    async def registered(
+        self,
+        org_id: UUID,
+        *,
+        name: str,
+        kind: OrgKind,
+        division_code: str,
+        parent_org_id: UUID | None,
+        status: OrgStatus,
+    ) -> None:
+        """Keep a registered org; a merge seen before the registration keeps its status."""
+        values = {
+            "name": name,
+            "kind": kind.value,
+            "division_code": division_code,
+            "parent_org_id": str(parent_org_id) if parent_org_id else None,
+            "updated_at": now(),
+        }
+        done = await self.session.execute(
+            update(org_projection).where(org_projection.c.org_id == str(org_id)).values(**values)
+        )
+        if done.rowcount == 0:  # type: ignore[attr-defined]
+            await self.session.execute(
+                insert(org_projection).values(org_id=str(org_id), status=status.value, **values)
+            )
+
+    async def moved(self, org_id: UUID, parent_org_id: UUID, division_code: str) -> None:
+        await self.session.execute(
+            update(org_projection)
+            .where(org_projection.c.org_id == str(org_id))
+            .values(parent_org_id=str(parent_org_id), division_code=division_code, updated_at=now())
+        )
+
+    async def renamed(self, org_id: UUID, name: str) -> None:
+        await self.session.execute(
+            update(org_projection)
+            .where(org_projection.c.org_id == str(org_id))
+            .values(name=name, updated_at=now())
+        )
+
+    async def set_status(self, org_ids: Iterable[UUID], status: OrgStatus) -> None:
+        """Mark orgs merged or abolished; an org not seen yet is kept as a bare status row."""
+        ids = [str(i) for i in org_ids]
+        stamp = now()
+        await self.session.execute(
+            update(org_projection)
+            .where(org_projection.c.org_id.in_(ids))
+            .values(status=status.value, updated_at=stamp)
+        )
+        await self.session.execute(
+            _insert_ignoring_duplicates(
+                self.session,
+                org_projection,
+                [{"org_id": i, "status": status.value, "updated_at": stamp} for i in ids],
+            )
+        )
+
+
+class Ledger:
+    """Establishment, region limits and leader posts, and their append-only history."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # guards ---------------------------------------------------------------------------------
+
+    async def lock(self, province_codes: Iterable[str], category: Category) -> None:
+        """Lock the guard rows of these provinces for ``category``, in a fixed order."""
+        codes = sorted(set(province_codes))
+        await self.session.execute(
+            _insert_ignoring_duplicates(
+                self.session,
+                ledger_guards,
+                [{"province_code": c, "category": category.value} for c in codes],
+            )
+        )
+        await self.session.execute(
+            select(ledger_guards.c.province_code)
+            .where(
+                ledger_guards.c.province_code.in_(codes),
+                ledger_guards.c.category == category.value,
+            )
+            .order_by(ledger_guards.c.province_code)
+            .with_for_update()
+        )
+
+    # establishment --------------------------------------------------------------------------
+
+    async def establishment(self, org_id: UUID, category: Category) -> Establishment:
+        """The org's establishment of ``category``; all zero if none was ever approved."""
+        row = (
+            await self.session.execute(
+                select(
+                    establishment.c.approved, establishment.c.occupied, establishment.c.reserved
+                ).where(
+                    establishment.c.org_id == str(org_id),
+                    establishment.c.category == category.value,
+                )
+            )
+        ).one_or_none()
+        if row is None:
+            return Establishment(org_id=org_id, category=category)
+        return Establishment(
+            org_id=org_id,
+            category=category,
+            approved=row.approved,
+            occupied=row.occupied,
+            reserved=row.reserved,
+        )
+
+    async def set_approved(
+        self, org_id: UUID, category: Category, approved: int, funding: Funding | None
+    ) -> bool:
+        """Set the approved total unless it would fall below occupied + reserved."""
+        values: dict[str, Any] = {
+            "approved": approved,
+            "version": establishment.c.version + 1,
+            "updated_at": now(),
+        }
+        if funding is not None:
+            values["funding"] = funding.value
+        return await self._change(
+            org_id, category, approved, values, first=approved, funding=funding
+        )
+
+    async def add_approved(self, org_id: UUID, category: Category, amount: int) -> bool:
+        """Change the approved total by ``amount`` unless it would fall below what is held."""
+        values = {
+            "approved": establishment.c.approved + amount,
+            "version": establishment.c.version + 1,
+            "updated_at": now(),
+        }
+        new_total = establishment.c.approved + amount
+        return await self._change(org_id, category, new_total, values, first=amount)
+
+    async def _change(
+        self,
+        org_id: UUID,
+        category: Category,
+        approved: Any,
+        values: dict[str, Any],
+        *,
+        first: int,
+        funding: Funding | None = None,
+    ) -> bool:
+        """Update the row where nothing held exceeds ``approved``; without a row, insert one
+        approving ``first`` places."""
+        held = establishment.c.occupied + establishment.c.reserved
+        done = await self.session.execute(
+            update(establishment)
+            .where(
+                establishment.c.org_id == str(org_id),
+                establishment.c.category == category.value,
+                held <= approved,
+            )
+            .values(**values)
+        )
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        exists = (
+            await self.session.execute(
+                select(func.count()).where(
+                    establishment.c.org_id == str(org_id),
+                    establishment.c.category == category.value,
+                )
+            )
+        ).scalar_one()
+        if exists:
+            return False
+        if first < 0:  # nothing is held without a row, but a total is never negative
+            return False
+        await self.session.execute(
+            insert(establishment).values(
+                org_id=str(org_id),
+                category=category.value,
+                approved=first,
+                occupied=0,
+                reserved=0,
+                funding=funding.value if funding else None,
+                version=1,
+                updated_at=now(),
+            )
+        )
+        return True
+
+    async def used(self, division_code: str, category: Category) -> int:
+        """Approved places of ``category`` held by orgs in the division and every one below it."""
+        prefix = division_prefix(division_code)
+        total = (
+            await self.session.execute(
+                select(func.coalesce(func.sum(establishment.c.approved), 0))
+                .select_from(
+                    establishment.join(
+                        org_projection, org_projection.c.org_id == establishment.c.org_id
+                    )
+                )
+                .where(
+                    establishment.c.category == category.value,
+                    org_projection.c.division_code.like(f"{prefix}%"),
+                )
+            )
+        ).scalar_one()
+        return int(total)
+
+    # region limits --------------------------------------------------------------------------
+
+    async def limits(self, division_codes: Iterable[str], category: Category) -> dict[str, int]:
+        """The limits of ``category`` among these divisions (those that have one)."""
+        rows = await self.session.execute(
+            select(region_limits.c.division_code, region_limits.c.limit).where(
+                region_limits.c.division_code.in_(list(division_codes)),
+                region_limits.c.category == category.value,
+            )
+        )
+        return {r.division_code: r.limit for r in rows}
+
+    async def limits_below(self, division_code: str, category: Category) -> dict[str, int]:
+        """The limits of ``category`` of the divisions inside ``division_code`` (not itself)."""
+        rows = await self.session.execute(
+            select(region_limits.c.division_code, region_limits.c.limit).where(
+                region_limits.c.division_code.like(f"{division_prefix(division_code)}%"),
+                region_limits.c.division_code != division_code,
+                region_limits.c.category == category.value,
+            )
+        )
+        return {r.division_code: r.limit for r in rows}
+
+    async def set_limit(self, division_code: str, category: Category, limit: int) -> None:
+        done = await self.session.execute(
+            update(region_limits)
+            .where(
+                region_limits.c.division_code == division_code,
+                region_limits.c.category == category.value,
+            )
+            .values(limit=limit, version=region_limits.c.version + 1, updated_at=now())
+        )
+        if done.rowcount == 0:  # type: ignore[attr-defined]
+            await self.session.execute(
+                insert(region_limits).values(
+                    division_code=division_code,
+                    category=category.value,
+                    limit=limit,
+                    version=1,
+                    updated_at=now(),
+                )
+            )
+
+    # leader posts ---------------------------------------------------------------------------
+
+    async def leader_posts(self, org_id: UUID, unit_id: UUID | None) -> LeaderPosts | None:
+        row = (
+            await self.session.execute(
+                select(leader_posts).where(
+                    leader_posts.c.org_id == str(org_id),
+                    leader_posts.c.unit_id == _unit_key(unit_id),
+                )
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return LeaderPosts(
+            principal=row.principal,
+            deputy=row.deputy,
+            principal_held=row.principal_held,
+            deputy_held=row.deputy_held,
+        )
+
+    async def set_leader_posts(
+        self, org_id: UUID, unit_id: UUID | None, principal: int, deputy: int
+    ) -> bool:
+        """Set the approved posts unless they would fall below the posts held."""
+        key = (leader_posts.c.org_id == str(org_id), leader_posts.c.unit_id == _unit_key(unit_id))
+        done = await self.session.execute(
+            update(leader_posts)
+            .where(
+                *key,
+                leader_posts.c.principal_held <= principal,
+                leader_posts.c.deputy_held <= deputy,
+            )
+            .values(
+                principal=principal,
+                deputy=deputy,
+                version=leader_posts.c.version + 1,
+                updated_at=now(),
+            )
+        )
+        if done.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        if (await self.session.execute(select(func.count()).where(*key))).scalar_one():
+            return False
+        await self.session.execute(
+            insert(leader_posts).values(
+                org_id=str(org_id),
+                unit_id=_unit_key(unit_id),
+                principal=principal,
+                deputy=deputy,
+                principal_held=0,
+                deputy_held=0,
+                version=1,
+                updated_at=now(),
+            )
+        )
+        return True
+
+    # history --------------------------------------------------------------------------------
+
+    async def record(
+        self,
+        event: Envelope,
+        command: Envelope,
+        *,
+        document: dict[str, Any] | None,
+        effective_date: date,
+        after: dict[str, Any],
+        before: dict[str, Any] | None = None,
+        org_id: UUID | None = None,
+        unit_id: UUID | None = None,
+        division_code: str | None = None,
+        category: Category | None = None,
+    ) -> None:
+        """Append one change to the ledger's history."""
+        await self.session.execute(
+            insert(quota_ledger).values(
+                event_id=event.id,
+                event_type=event.type,
+                command_id=command.id,
+                org_id=str(org_id) if org_id else None,
+                unit_id=str(unit_id) if unit_id else None,
+                division_code=division_code,
+                category=category.value if category else None,
+                document=document,
+                effective_date=effective_date,
+                recorded_at=now(),
+                actor_id=command.actorid,
+                actor_region=command.actorregion,
+                before=before,
+                after=after,
+            )
+        )
+
+
+def _unit_key(unit_id: UUID | None) -> str:
+    return str(unit_id) if unit_id else ORG_LEVEL

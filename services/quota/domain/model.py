@@ -1,0 +1,210 @@
+"""The establishment ledger (编制台账) and the rules that govern it. Pure: no I/O, no framework.
+
+Approved quota per org and category (核定编制), region limits (编制总量控制数) and leader posts
+(领导职数). What quota knows of an org comes from the orgs service's events (``OrgRef``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from contracts.codes import Category, OrgKind, OrgStatus, ReasonCode, category_allowed
+from services.runtime.rules import Rejection
+
+THRESHOLDS_PERCENT: tuple[int, ...] = (90, 100)
+
+
+@dataclass(frozen=True)
+class OrgRef:
+    """An org as quota knows it from the orgs events (机构投影).
+
+    ``kind`` and ``division_code`` are ``None`` while only a merge of the org has been seen
+    (its registration may arrive later, from another partition).
+    """
+
+    org_id: UUID
+    status: OrgStatus
+    kind: OrgKind | None = None
+    division_code: str | None = None
+    name: str | None = None
+
+    @property
+    def registered(self) -> bool:
+        return self.kind is not None and self.division_code is not None
+
+
+@dataclass(frozen=True)
+class Establishment:
+    """The establishment of one org in one category: approved, occupied and reserved places."""
+
+    org_id: UUID
+    category: Category
+    approved: int = 0
+    occupied: int = 0
+    reserved: int = 0
+
+    @property
+    def held(self) -> int:
+        """Places in use or promised to a quota-use notice."""
+        return self.occupied + self.reserved
+
+    @property
+    def vacant(self) -> int:
+        return max(self.approved - self.held, 0)
+
+
+@dataclass(frozen=True)
+class LeaderPosts:
+    """Approved and held leader posts of an org, or of one of its internal units."""
+
+    principal: int = 0
+    deputy: int = 0
+    principal_held: int = 0
+    deputy_held: int = 0
+
+
+@dataclass(frozen=True)
+class RegionUse:
+    """A region's limit of one category and the approved quota inside it now."""
+
+    division_code: str
+    limit: int
+    used: int
+
+
+def require_active(org: OrgRef, *, role: str = "org") -> None:
+    if org.status is not OrgStatus.ACTIVE:
+        raise Rejection(
+            ReasonCode.ORG_NOT_ACTIVE,
+            f"{role} {org.org_id} is {org.status.value} / 机构已撤销或合并",
+            {"org_id": str(org.org_id), "status": org.status.value},
+        )
+
+
+def require_category(org: OrgRef, category: Category) -> None:
+    """An org may hold only the categories of its kind (WIRE-CONTRACT §4)."""
+    kind = org.kind.value if org.kind else None
+    if kind is None or not category_allowed(kind, category):
+        raise Rejection(
+            ReasonCode.CATEGORY_NOT_ALLOWED,
+            f"an org of kind {kind} may not hold {category.value} establishment / "
+            "该类机构不能核定此类编制",
+            {"org_id": str(org.org_id), "kind": kind, "category": category.value},
+        )
+
+
+def check_not_below_held(est: Establishment, new_approved: int) -> None:
+    """Approved quota may not fall below what is occupied or reserved."""
+    if new_approved < est.held:
+        raise below_occupied(est, new_approved)
+
+
+def below_occupied(est: Establishment, new_approved: int) -> Rejection:
+    return Rejection(
+        ReasonCode.BELOW_OCCUPIED,
+        f"approved {new_approved} would be below occupied {est.occupied} + reserved "
+        f"{est.reserved} / 核定编制数不能少于实有人数与已预留数之和",
+        {
+            "org_id": str(est.org_id),
+            "category": est.category.value,
+            "approved": new_approved,
+            "occupied": est.occupied,
+            "reserved": est.reserved,
+        },
+    )
+
+
+def check_within_limits(
+    regions: Sequence[RegionUse], asked: Mapping[str, int], category: Category
+) -> None:
+    """Every region that gains approved quota must stay within its limit (WIRE-CONTRACT §7.2)."""
+    for region in regions:
+        more = asked.get(region.division_code, 0)
+        if more > 0 and region.used + more > region.limit:
+            raise Rejection(
+                ReasonCode.REGION_LIMIT_EXCEEDED,
+                f"division {region.division_code} would hold {region.used + more} {category.value} "
+                f"places, above its limit {region.limit} / 超出区划编制总量控制数",
+                {
+                    "division_code": region.division_code,
+                    "category": category.value,
+                    "limit": region.limit,
+                    "used": region.used,
+                    "asked": more,
+                },
+            )
+
+
+def check_region_limit(
+    division_code: str,
+    category: Category,
+    limit: int,
+    *,
+    used: int,
+    ancestor_limits: Mapping[str, int],
+    descendant_limits: Mapping[str, int],
+) -> None:
+    """A limit may not be below what is approved inside the region, above an enclosing region's
+    limit, or below the limit of a region inside it."""
+    base = {"division_code": division_code, "category": category.value, "limit": limit}
+    if limit < used:
+        raise Rejection(
+            ReasonCode.REGION_LIMIT_EXCEEDED,
+            f"limit {limit} is below the {used} places already approved in {division_code} / "
+            "控制数不能少于区划内已核定编制数",
+            {**base, "used": used},
+        )
+    for code, parent_limit in sorted(ancestor_limits.items()):
+        if limit > parent_limit:
+            raise Rejection(
+                ReasonCode.REGION_LIMIT_EXCEEDED,
+                f"limit {limit} exceeds the limit {parent_limit} of the enclosing division "
+                f"{code} / 控制数不能超过上级区划控制数",
+                {**base, "parent_division_code": code, "parent_limit": parent_limit},
+            )
+    for code, child_limit in sorted(descendant_limits.items()):
+        if child_limit > limit:
+            raise Rejection(
+                ReasonCode.REGION_LIMIT_EXCEEDED,
+                f"limit {limit} is below the limit {child_limit} of division {code} inside it / "
+                "控制数不能低于下级区划控制数",
+                {**base, "child_division_code": code, "child_limit": child_limit},
+            )
+
+
+def reached_thresholds(limit: int | None, used: int) -> frozenset[int]:
+    """The thresholds (percent of the limit) that ``used`` has reached; none without a limit."""
+    if not limit:
+        return frozenset()
+    return frozenset(t for t in THRESHOLDS_PERCENT if used * 100 >= t * limit)
+
+
+def crossed_thresholds(
+    limit_before: int | None, used_before: int, limit_after: int | None, used_after: int
+) -> list[int]:
+    """Thresholds reached after a change that were not reached before it, lowest first."""
+    before = reached_thresholds(limit_before, used_before)
+    return sorted(reached_thresholds(limit_after, used_after) - before)
+
+
+def check_leader_posts(current: LeaderPosts, principal: int, deputy: int) -> None:
+    """Leader posts may not be set below the posts already held (WIRE-CONTRACT §7.4)."""
+    if principal < current.principal_held or deputy < current.deputy_held:
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"leader posts {principal}/{deputy} would be below the held "
+            f"{current.principal_held}/{current.deputy_held} / 领导职数不能少于实配数",
+            {
+                "principal": principal,
+                "deputy": deputy,
+                "principal_held": current.principal_held,
+                "deputy_held": current.deputy_held,
+            },
+        )
+
+
+def province_of(division_code: str) -> str:
+    """The province enclosing a division (its first two digits, GB/T 2260)."""
+    return division_code[:2] + "0000"

@@ -1,0 +1,4 @@
+from services.quota.adapters.orm import metadata
+from services.runtime.migrate import run_env
+
+run_env(metadata, "quota")
