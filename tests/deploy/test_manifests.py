@@ -1,0 +1,429 @@
+"""The Kubernetes manifests of deploy/k8s, rendered without kubectl and checked object by object."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.topics import COMMAND_RESULTS, SERVICES, all_topics, commands, dlq, events
+from services.runtime.settings import Settings
+from tests.deploy.render import Resource, build, load_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+OVERLAYS = ("dev", "prod")
+DEPLOYED = ("orgs", "quota")  # the services that exist and have base manifests
+
+sys.path.insert(0, str(ROOT / "deploy"))
+generate = importlib.import_module("generate")
+
+
+def render(overlay: str) -> list[Resource]:
+    return build(K8S / "overlays" / overlay)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> list[Resource]:
+    return render(request.param)
+
+
+def of_kind(objects: list[Resource], kind: str) -> list[Resource]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects: list[Resource], kind: str, name: str) -> Resource:
+    (found,) = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    return found
+
+
+def containers(deployment: Resource) -> list[dict[str, Any]]:
+    pod = deployment["spec"]["template"]["spec"]
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def main_container(deployment: Resource) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def service_of(deployment: Resource) -> str:
+    return deployment["metadata"]["labels"]["app.kubernetes.io/name"]
+
+
+def configmap_env(objects: list[Resource], container: dict[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(named(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return env
+
+
+def walk(node: Any) -> Iterator[Any]:
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from walk(child)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_renders_the_services_and_their_infrastructure(overlay: str) -> None:
+    objects = render(overlay)
+    for svc in DEPLOYED:
+        for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"):
+            named(objects, kind, f"bianzhi-{svc}")
+        named(objects, "Cluster", f"bianzhi-{svc}-db")
+        named(objects, "KafkaUser", f"bianzhi-{svc}")
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), "duplicate objects"
+    namespaces = {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}
+    assert namespaces == {named(objects, "Namespace", next(iter(namespaces)))["metadata"]["name"]}
+
+
+def test_prod_scales_on_lag_and_dev_runs_one_replica() -> None:
+    prod, dev = render("prod"), render("dev")
+    assert all(d["spec"]["replicas"] >= 2 for d in of_kind(prod, "Deployment"))
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in of_kind(prod, "ScaledObject")} == {
+        f"bianzhi-{svc}" for svc in DEPLOYED
+    }
+    assert all(s["spec"]["minReplicaCount"] >= 2 for s in of_kind(prod, "ScaledObject"))
+    assert all(d["spec"]["replicas"] == 1 for d in of_kind(dev, "Deployment"))
+    assert not of_kind(dev, "ScaledObject")
+    assert of_kind(prod, "NetworkPolicy")
+
+
+# --- Deployments ----------------------------------------------------------------------------
+
+
+def test_deployments_have_probes_resources_and_a_drain_long_enough(
+    rendered: list[Resource],
+) -> None:
+    for deployment in of_kind(rendered, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        app = main_container(deployment)
+        assert app["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+        assert app["livenessProbe"]["httpGet"]["path"] == "/health/live"
+        assert app["startupProbe"]["httpGet"]["path"] == "/health/live"
+        for container in containers(deployment):
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        settings = configmap_env(rendered, app)
+        graceful = float(settings["BIANZHI_KAFKA_GRACEFUL_TIMEOUT_S"])
+        pre_stop = int(app["lifecycle"]["preStop"]["exec"]["command"][-1])
+        # consumers drain, then the relay drains, each up to the graceful timeout
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * graceful > 15
+
+
+def test_deployments_are_hardened(rendered: list[Resource]) -> None:
+    for deployment in of_kind(rendered, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["topologySpreadConstraints"]
+        assert pod["affinity"]["podAntiAffinity"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in containers(deployment):
+            ctx = container["securityContext"]
+            assert ctx["runAsNonRoot"] is True
+            assert ctx["readOnlyRootFilesystem"] is True
+            assert ctx["allowPrivilegeEscalation"] is False
+            assert ctx["capabilities"]["drop"] == ["ALL"]
+            assert ctx["seccompProfile"]["type"] == "RuntimeDefault"
+            (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert "emptyDir" in volumes[tmp["name"]]
+
+
+def test_migrations_run_in_an_init_container_not_in_the_service(rendered: list[Resource]) -> None:
+    for deployment in of_kind(rendered, "Deployment"):
+        svc = service_of(deployment)
+        (migrate,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert migrate["args"] == ["bianzhi", "migrate", svc]
+        app = main_container(deployment)
+        assert app["args"] == ["serve", svc]
+        assert migrate["image"] == app["image"]
+        env = {e["name"]: e for e in app["env"]}
+        assert env["BIANZHI_MIGRATE_ON_START"]["value"] == "false"
+        for container in (migrate, app):
+            url = {e["name"]: e for e in container["env"]}[f"BIANZHI_{svc.upper()}_DATABASE_URL"]
+            assert url["value"].startswith("postgresql+asyncpg://")
+
+
+SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY($|_)", re.IGNORECASE)
+
+
+def test_no_literal_secrets(rendered: list[Resource]) -> None:
+    assert not of_kind(rendered, "Secret"), "secrets are made by operators, never committed"
+    for deployment in of_kind(rendered, "Deployment"):
+        for container in containers(deployment):
+            for env in container.get("env", []):
+                if SECRETISH.search(env["name"]):
+                    assert "value" not in env, env["name"]
+                value = env.get("value", "")
+                # a URL's user:password is only ever $(VAR) references
+                userinfo = re.match(r"^\w[\w+.-]*://([^@/]*)@", value)
+                if userinfo:
+                    assert re.fullmatch(r"\$\(\w+\):\$\(\w+\)", userinfo.group(1)), env["name"]
+    for configmap in of_kind(rendered, "ConfigMap"):
+        for key, value in configmap["data"].items():
+            assert not SECRETISH.search(key) or key.endswith("_FILE"), key
+            assert "@" not in value, key
+
+
+def secrets_made_by_operators(objects: list[Resource]) -> set[str]:
+    users = {u["metadata"]["name"] for u in of_kind(objects, "KafkaUser")}
+    clusters = {f"{c['metadata']['name']}-app" for c in of_kind(objects, "Cluster")}
+    return users | clusters | {f"{generate.KAFKA_CLUSTER}-cluster-ca-cert"}
+
+
+def test_secrets_are_referenced_only_from_what_the_operators_make(
+    rendered: list[Resource],
+) -> None:
+    allowed = secrets_made_by_operators(rendered)
+    for obj in rendered:
+        for node in walk(obj):
+            if isinstance(node, dict) and "secretKeyRef" in node:
+                assert node["secretKeyRef"]["name"] in allowed
+            if isinstance(node, dict) and "secretName" in node:
+                assert node["secretName"] in allowed
+            in_trigger_auth = obj["kind"] == "TriggerAuthentication"
+            if in_trigger_auth and isinstance(node, dict) and {"parameter", "key"} <= set(node):
+                assert node["name"] in allowed
+
+
+def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resource]) -> None:
+    for deployment in of_kind(rendered, "Deployment"):
+        svc = service_of(deployment)
+        app = main_container(deployment)
+        settings = configmap_env(rendered, app)
+        assert settings["BIANZHI_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+        assert settings["BIANZHI_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+        assert settings["BIANZHI_KAFKA_SASL_USERNAME"] == generate.user_name(svc)
+        mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        password = Path(settings["BIANZHI_KAFKA_SASL_PASSWORD_FILE"])
+        secret = volumes[mounts[str(password.parent)]]["secret"]
+        assert secret["secretName"] == generate.user_name(svc)
+        assert [i["path"] for i in secret["items"]] == [password.name]
+        cafile = Path(settings["BIANZHI_KAFKA_SSL_CAFILE"])
+        assert volumes[mounts[str(cafile.parent)]]["secret"]["items"][0]["path"] == cafile.name
+        db_secrets = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in app["env"] if "valueFrom" in e
+        }
+        assert db_secrets == {f"bianzhi-{svc}-db-app"}
+
+
+def test_every_setting_the_manifests_pass_is_read_by_the_services(
+    rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = {f"BIANZHI_{name.upper()}" for name in Settings.model_fields}
+    urls = {f"BIANZHI_{svc.upper()}_DATABASE_URL" for svc in SERVICES}
+    for deployment in of_kind(rendered, "Deployment"):
+        for container in containers(deployment):
+            explicit = {e["name"]: e for e in container.get("env", [])}
+            passed = {**configmap_env(rendered, container), **explicit}
+            url_templates = " ".join(explicit[n].get("value", "") for n in urls & set(explicit))
+            for name in passed:
+                if name.startswith("BIANZHI_"):
+                    assert name in fields | urls, f"{name} is not a field of Settings"
+                else:
+                    # helpers only: a secret key spliced into the database URL
+                    assert "secretKeyRef" in explicit[name]["valueFrom"], name
+                    assert f"$({name})" in url_templates, name
+            # and the values parse: Settings accepts every one of them
+            for name, value in configmap_env(rendered, container).items():
+                monkeypatch.setenv(name, value)
+            Settings()
+
+
+def test_disruption_budgets_never_block_a_drain(rendered: list[Resource]) -> None:
+    for pdb in of_kind(rendered, "PodDisruptionBudget"):
+        assert "minAvailable" not in pdb["spec"]
+        assert pdb["spec"]["maxUnavailable"] not in (0, "0", "0%")
+
+
+def test_service_accounts_do_not_mount_tokens(rendered: list[Resource]) -> None:
+    for account in of_kind(rendered, "ServiceAccount"):
+        assert account["automountServiceAccountToken"] is False
+
+
+# --- Kafka ------------------------------------------------------------------------------------
+
+
+def topics_of(objects: list[Resource]) -> dict[str, Resource]:
+    return {t["spec"]["topicName"]: t for t in of_kind(objects, "KafkaTopic")}
+
+
+def test_the_generated_kafka_files_are_up_to_date() -> None:
+    for path, text in generate.generated().items():
+        assert path.read_text() == text, f"{path} is stale: run python deploy/generate.py"
+
+
+def test_every_contract_topic_has_a_replicated_kafka_topic() -> None:
+    for objects in (build(K8S / "base"), render("prod")):
+        topics = topics_of(objects)
+        assert sorted(topics) == sorted(all_topics())
+        for name, topic in topics.items():
+            assert topic["spec"]["replicas"] == 3, name
+            assert topic["spec"]["config"]["min.insync.replicas"] == "2", name
+            assert topic["spec"]["partitions"] >= 12, name
+            assert topic["metadata"]["labels"]["strimzi.io/cluster"] == generate.KAFKA_CLUSTER
+            if not name.endswith(".dlq"):
+                source = int(topic["spec"]["config"]["retention.ms"])
+                dead = int(topics[dlq(name)]["spec"]["config"]["retention.ms"])
+                assert dead > source, name
+
+
+def permissions(user: Resource) -> dict[tuple[str, str, str], set[str]]:
+    """(resource type, name, pattern) -> operations."""
+    found: dict[tuple[str, str, str], set[str]] = {}
+    for acl in user["spec"]["authorization"]["acls"]:
+        res = acl["resource"]
+        key = (res["type"], res["name"], res.get("patternType", "literal"))
+        found.setdefault(key, set()).update(acl["operations"])
+    return found
+
+
+def can(user: Resource, operation: str, topic: str) -> bool:
+    return operation in permissions(user).get(("topic", topic, "literal"), set())
+
+
+def test_kafka_users_use_scram_and_name_only_existing_topics(rendered: list[Resource]) -> None:
+    topics = set(topics_of(rendered))
+    for user in of_kind(rendered, "KafkaUser"):
+        assert user["spec"]["authentication"]["type"] == "scram-sha-512"
+        assert user["spec"]["authorization"]["type"] == "simple"
+        for kind, name, pattern in permissions(user):
+            assert kind in ("topic", "group")
+            if kind == "topic":
+                assert pattern == "literal" and name in topics, name
+            if kind == "group":
+                assert name.startswith(f"{generate.GROUP_PREFIX}-"), name
+
+
+def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands() -> None:
+    users = {u["metadata"]["name"]: u for u in of_kind(render("prod"), "KafkaUser")}
+    for svc in SERVICES:
+        user = users[generate.user_name(svc)]
+        assert can(user, "Read", commands(svc)) and can(user, "Write", events(svc))
+        assert can(user, "Write", COMMAND_RESULTS) and can(user, "Write", dlq(commands(svc)))
+        for other in set(SERVICES) - {svc}:
+            assert not can(user, "Read", commands(other))
+            assert not can(user, "Write", events(other))
+            # a saga's internal commands are the one declared exception
+            if commands(other) not in generate.ACCESS[svc].produces:
+                assert not can(user, "Write", commands(other))
+    for svc in ("orgs", "quota"):
+        assert not any(can(users[generate.user_name(svc)], "Write", commands(o)) for o in SERVICES)
+
+
+@pytest.mark.parametrize("svc", DEPLOYED)
+def test_service_acls_are_exactly_what_the_service_consumes_and_produces(svc: str) -> None:
+    definition = importlib.import_module(f"services.{svc}.bootstrap").definition()
+    prefix = generate.GROUP_PREFIX
+    consumed = {(commands(svc), f"{prefix}-{svc}")} | {
+        (sub.topic, f"{prefix}-{svc}-projection") for sub in definition.event_subscriptions
+    }
+    produced = {events(svc), COMMAND_RESULTS} | {dlq(topic) for topic, _ in consumed}
+    expected = {("topic", t, "literal"): {"Read", "Describe"} for t, _ in consumed}
+    expected |= {("group", g, "literal"): {"Read"} for _, g in consumed}
+    expected |= {("topic", t, "literal"): {"Write", "Describe"} for t in produced}
+    user = named(render("prod"), "KafkaUser", generate.user_name(svc))
+    assert permissions(user) == expected
+
+
+def test_outside_parties_write_commands_or_read_events_only() -> None:
+    objects = render("prod")
+    writer = named(objects, "KafkaUser", generate.user_name("frontend-writer"))
+    reader = named(objects, "KafkaUser", generate.user_name("downstream-reader"))
+    for svc in SERVICES:
+        assert can(writer, "Write", commands(svc)) and not can(writer, "Read", events(svc))
+        assert can(reader, "Read", events(svc)) and not can(reader, "Write", commands(svc))
+    assert can(writer, "Read", COMMAND_RESULTS) and not can(reader, "Read", COMMAND_RESULTS)
+    for user in (writer, reader):
+        assert not any(
+            "Write" in ops and n.endswith(".events.v1")
+            for (_, n, _), ops in permissions(user).items()
+        )
+
+
+def test_keda_watches_the_groups_the_service_users_may_read() -> None:
+    objects = render("prod")
+    for scaled in of_kind(objects, "ScaledObject"):
+        svc = scaled["spec"]["scaleTargetRef"]["name"].removeprefix("bianzhi-")
+        groups = {
+            n
+            for (kind, n, _) in permissions(named(objects, "KafkaUser", f"bianzhi-{svc}"))
+            if kind == "group"
+        }
+        watched = {t["metadata"]["consumerGroup"] for t in scaled["spec"]["triggers"]}
+        assert watched == groups
+
+
+# --- network policies -------------------------------------------------------------------------
+
+
+def test_deny_all_covers_every_service_pod() -> None:
+    objects = render("prod")
+    deny = named(objects, "NetworkPolicy", "bianzhi-deny-all")
+    assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    selector = deny["spec"]["podSelector"]["matchLabels"]
+    for deployment in of_kind(objects, "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+
+
+def test_every_allow_rule_names_its_peer_and_port(rendered: list[Resource]) -> None:
+    for policy in of_kind(rendered, "NetworkPolicy"):
+        for direction, peers in (("egress", "to"), ("ingress", "from")):
+            for rule in policy["spec"].get(direction, []):
+                assert rule, f"{policy['metadata']['name']}: an empty {direction} rule allows all"
+                assert rule.get(peers) and all(p for p in rule[peers]), policy["metadata"]["name"]
+                assert rule.get("ports"), policy["metadata"]["name"]
+
+
+@pytest.mark.parametrize("svc", DEPLOYED)
+def test_a_service_may_reach_dns_kafka_and_only_its_own_database(svc: str) -> None:
+    policy = named(render("prod"), "NetworkPolicy", f"bianzhi-{svc}")
+    egress = policy["spec"]["egress"]
+    ports = sorted(p["port"] for rule in egress for p in rule["ports"])
+    assert ports == [53, 53, 5432, 9093]
+    databases = [
+        peer["podSelector"]["matchLabels"]["cnpg.io/cluster"]
+        for rule in egress
+        for peer in rule["to"]
+        if "cnpg.io/cluster" in peer.get("podSelector", {}).get("matchLabels", {})
+    ]
+    assert databases == [f"bianzhi-{svc}-db"]
+
+
+# --- the image --------------------------------------------------------------------------------
+
+
+def test_the_image_runs_as_an_unprivileged_user_without_dev_extras() -> None:
+    text = (ROOT / "Containerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\w+)", text, re.MULTILINE)
+    assert stages[-1] == ("python:3.11-slim", "runtime") and len(stages) >= 2
+    runtime = text.split("AS runtime", 1)[1]
+    assert re.search(r"^USER 10001", runtime, re.MULTILINE)
+    assert "[dev]" not in text and "pip install" not in runtime
+    ignored = (ROOT / ".containerignore").read_text().split()
+    assert {".git", ".venv", "tests"} <= set(ignored)
+
+
+def test_base_has_no_namespace_or_literal_image_tag() -> None:
+    for path in (K8S / "base").rglob("*.yaml"):
+        for doc in load_yaml(path):
+            assert "namespace" not in doc.get("metadata", {}), path
+            for node in walk(doc):
+                if isinstance(node, dict) and "image" in node and isinstance(node["image"], str):
+                    assert node["image"] == "bianzhi", path
