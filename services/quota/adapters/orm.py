@@ -86,6 +86,58 @@ leader_posts = Table(
     CheckConstraint("deputy_held >= 0", name="ck_leader_posts_deputy_held"),
 )
 
+# Quota-use notices (用编通知单): ``count`` places of one org and category reserved until
+# ``valid_until``; ``used`` of them consumed by enrolments. Cancelling or expiry releases the rest.
+notices = Table(
+    "notices",
+    metadata,
+    Column("notice_no", String(64), primary_key=True),
+    Column("org_id", String(36), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("used", Integer, nullable=False),
+    Column("valid_until", Date, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("document", JSON, nullable=False),
+    Column("issued_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    Column("version", Integer, nullable=False),
+    CheckConstraint("count >= 1", name="ck_notices_count"),
+    CheckConstraint("used >= 0 AND used <= count", name="ck_notices_used"),
+    Index("ix_notices_org", "org_id", "category"),
+    Index("ix_notices_open", "status", "valid_until"),
+)
+
+# The slot each person holds (占编): one at a time (WIRE-CONTRACT §7.3).
+slots = Table(
+    "slots",
+    metadata,
+    Column("person_id", String(36), primary_key=True),
+    Column("org_id", String(36), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("unit_id", String(36), nullable=False),
+    Column("leader_post", String(16), nullable=True),
+    Column("notice_no", String(64), nullable=False),
+    Column("request_id", String(36), nullable=False),
+    Column("occupied_at", DateTime(timezone=True), nullable=False),
+    Index("ix_slots_org", "org_id", "category"),
+)
+
+# Every slot request that took effect, by the saga's request_id: a request sent again under a
+# new message id has no second effect.
+slot_requests = Table(
+    "slot_requests",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("request_type", String(200), nullable=False),
+    Column("command_id", String(200), nullable=False),
+    Column("person_id", String(36), nullable=False),
+    Column("org_id", String(36), nullable=False),
+    Column("event_id", String(200), nullable=True),
+    Column("event_type", String(200), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 # One row per province and category. Every change of approved quota or of a limit locks it
 # first, so region sums are checked against committed numbers only (PostgreSQL; SQLite has a
 # single writer anyway).

@@ -8,27 +8,37 @@ a category's approved quota or limits first locks that province's guard row.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import date
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Executable, Table, func, insert, select, update
+from sqlalchemy import Executable, Row, Table, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from contracts.codes import Category, Funding, OrgKind, OrgStatus
+from contracts.codes import Category, Funding, LeaderPost, OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from contracts.identifiers import division_prefix
 from services.quota.adapters.orm import (
     establishment,
     leader_posts,
     ledger_guards,
+    notices,
     org_projection,
     quota_ledger,
     region_limits,
+    slot_requests,
+    slots,
 )
-from services.quota.domain.model import Establishment, LeaderPosts, OrgRef
+from services.quota.domain.model import (
+    Establishment,
+    LeaderPosts,
+    Notice,
+    NoticeStatus,
+    OrgRef,
+)
 
 ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
@@ -369,6 +379,117 @@ class Ledger:
         )
         return True
 
+    # reservations and occupation ----------------------------------------------------------
+    # Each change is one conditional UPDATE: occupied + reserved <= approved is checked by the
+    # database against the row as it is when the update takes its lock, never against a read.
+
+    def _est_key(self, org_id: UUID, category: Category) -> tuple[Any, Any]:
+        return (
+            establishment.c.org_id == str(org_id),
+            establishment.c.category == category.value,
+        )
+
+    async def reserve(self, org_id: UUID, category: Category, count: int) -> bool:
+        """Reserve ``count`` places unless fewer than that are vacant."""
+        held = establishment.c.occupied + establishment.c.reserved
+        done = await self.session.execute(
+            update(establishment)
+            .where(*self._est_key(org_id, category), establishment.c.approved - held >= count)
+            .values(
+                reserved=establishment.c.reserved + count,
+                version=establishment.c.version + 1,
+                updated_at=now(),
+            )
+        )
+        return done.rowcount == 1  # type: ignore[attr-defined]
+
+    async def unreserve(self, org_id: UUID, category: Category, count: int) -> None:
+        """Give back ``count`` reserved places (of a cancelled or expired notice)."""
+        if count <= 0:
+            return
+        done = await self.session.execute(
+            update(establishment)
+            .where(*self._est_key(org_id, category), establishment.c.reserved >= count)
+            .values(
+                reserved=establishment.c.reserved - count,
+                version=establishment.c.version + 1,
+                updated_at=now(),
+            )
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            raise RuntimeError(f"ledger out of step: {count} reserved places of {org_id} missing")
+
+    async def occupy_reserved(self, org_id: UUID, category: Category) -> int | None:
+        """Turn one reserved place into an occupied one; the new occupied count, or ``None``
+        when nothing is reserved or the org is over its approved count."""
+        held = establishment.c.occupied + establishment.c.reserved
+        row = (
+            await self.session.execute(
+                update(establishment)
+                .where(
+                    *self._est_key(org_id, category),
+                    establishment.c.reserved >= 1,
+                    held <= establishment.c.approved,
+                )
+                .values(
+                    reserved=establishment.c.reserved - 1,
+                    occupied=establishment.c.occupied + 1,
+                    version=establishment.c.version + 1,
+                    updated_at=now(),
+                )
+                .returning(establishment.c.occupied)
+            )
+        ).one_or_none()
+        return None if row is None else int(row.occupied)
+
+    async def vacate(self, org_id: UUID, category: Category) -> int:
+        """Free one occupied place; the new occupied count."""
+        row = (
+            await self.session.execute(
+                update(establishment)
+                .where(*self._est_key(org_id, category), establishment.c.occupied >= 1)
+                .values(
+                    occupied=establishment.c.occupied - 1,
+                    version=establishment.c.version + 1,
+                    updated_at=now(),
+                )
+                .returning(establishment.c.occupied)
+            )
+        ).one_or_none()
+        if row is None:
+            raise RuntimeError(f"ledger out of step: no occupied {category} place of {org_id}")
+        return int(row.occupied)
+
+    async def hold_leader_post(self, org_id: UUID, unit_id: UUID | None, post: LeaderPost) -> bool:
+        """Take one ``post`` unless every approved one is held."""
+        held, approved = _post_columns(post)
+        done = await self.session.execute(
+            update(leader_posts)
+            .where(
+                leader_posts.c.org_id == str(org_id),
+                leader_posts.c.unit_id == _unit_key(unit_id),
+                held + 1 <= approved,
+            )
+            .values(
+                {held.name: held + 1, "version": leader_posts.c.version + 1, "updated_at": now()}
+            )
+        )
+        return done.rowcount == 1  # type: ignore[attr-defined]
+
+    async def free_leader_post(self, org_id: UUID, unit_id: UUID | None, post: LeaderPost) -> None:
+        held, _ = _post_columns(post)
+        await self.session.execute(
+            update(leader_posts)
+            .where(
+                leader_posts.c.org_id == str(org_id),
+                leader_posts.c.unit_id == _unit_key(unit_id),
+                held >= 1,
+            )
+            .values(
+                {held.name: held - 1, "version": leader_posts.c.version + 1, "updated_at": now()}
+            )
+        )
+
     # history --------------------------------------------------------------------------------
 
     async def record(
@@ -404,6 +525,207 @@ class Ledger:
                 after=after,
             )
         )
+
+
+class Notices:
+    """Quota-use notices (用编通知单)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, notice_no: str) -> Notice | None:
+        row = (
+            await self.session.execute(select(notices).where(notices.c.notice_no == notice_no))
+        ).one_or_none()
+        return None if row is None else _notice(row)
+
+    async def add(
+        self,
+        notice_no: str,
+        org_id: UUID,
+        category: Category,
+        count: int,
+        valid_until: date,
+        document: dict[str, Any],
+    ) -> bool:
+        """Keep a new notice; ``False`` if its number is taken."""
+        stmt = _insert_ignoring_duplicates(
+            self.session,
+            notices,
+            [
+                {
+                    "notice_no": notice_no,
+                    "org_id": str(org_id),
+                    "category": category.value,
+                    "count": count,
+                    "used": 0,
+                    "valid_until": valid_until,
+                    "status": NoticeStatus.ISSUED.value,
+                    "document": document,
+                    "issued_at": now(),
+                    "closed_at": None,
+                    "version": 1,
+                }
+            ],
+        ).returning(notices.c.notice_no)  # type: ignore[attr-defined]
+        return (await self.session.execute(stmt)).one_or_none() is not None
+
+    async def use_one(self, notice_no: str, on: date) -> Notice | None:
+        """Consume one place of an issued, unexpired notice; the notice after, or ``None``."""
+        row = (
+            await self.session.execute(
+                update(notices)
+                .where(
+                    notices.c.notice_no == notice_no,
+                    notices.c.status == NoticeStatus.ISSUED.value,
+                    notices.c.valid_until >= on,
+                    notices.c.used < notices.c.count,
+                )
+                .values(used=notices.c.used + 1, version=notices.c.version + 1)
+                .returning(*notices.c)
+            )
+        ).one_or_none()
+        return None if row is None else _notice(row)
+
+    async def close(self, notice_no: str, status: NoticeStatus) -> Notice | None:
+        """Cancel or expire an issued notice; the notice as it was, or ``None`` if closed."""
+        row = (
+            await self.session.execute(
+                update(notices)
+                .where(
+                    notices.c.notice_no == notice_no,
+                    notices.c.status == NoticeStatus.ISSUED.value,
+                )
+                .values(status=status.value, closed_at=now(), version=notices.c.version + 1)
+                .returning(*notices.c)
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return replace(_notice(row), status=NoticeStatus.ISSUED)
+
+    async def lapsed(
+        self, on: date, *, org_id: UUID | None = None, category: Category | None = None
+    ) -> list[str]:
+        """Numbers of issued notices whose last day was before ``on``."""
+        query = select(notices.c.notice_no).where(
+            notices.c.status == NoticeStatus.ISSUED.value, notices.c.valid_until < on
+        )
+        if org_id is not None:
+            query = query.where(notices.c.org_id == str(org_id))
+        if category is not None:
+            query = query.where(notices.c.category == category.value)
+        return list((await self.session.execute(query.order_by(notices.c.notice_no))).scalars())
+
+
+class Slots:
+    """The slot each person holds, and the slot requests that took effect."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def claim_request(
+        self, request_id: UUID, request_type: str, command_id: str, person_id: UUID, org_id: UUID
+    ) -> bool:
+        """Record a slot request as taking effect; ``False`` if its request_id already did."""
+        stmt = _insert_ignoring_duplicates(
+            self.session,
+            slot_requests,
+            [
+                {
+                    "request_id": str(request_id),
+                    "request_type": request_type,
+                    "command_id": command_id,
+                    "person_id": str(person_id),
+                    "org_id": str(org_id),
+                    "event_id": None,
+                    "event_type": None,
+                    "created_at": now(),
+                }
+            ],
+        ).returning(slot_requests.c.request_id)  # type: ignore[attr-defined]
+        return (await self.session.execute(stmt)).one_or_none() is not None
+
+    async def request(self, request_id: UUID) -> Row[Any] | None:
+        return (
+            await self.session.execute(
+                select(slot_requests).where(slot_requests.c.request_id == str(request_id))
+            )
+        ).one_or_none()
+
+    async def request_done(self, request_id: UUID, event: Envelope) -> None:
+        await self.session.execute(
+            update(slot_requests)
+            .where(slot_requests.c.request_id == str(request_id))
+            .values(event_id=event.id, event_type=event.type)
+        )
+
+    async def held_by(self, person_id: UUID) -> Row[Any] | None:
+        return (
+            await self.session.execute(select(slots).where(slots.c.person_id == str(person_id)))
+        ).one_or_none()
+
+    async def add(
+        self,
+        person_id: UUID,
+        org_id: UUID,
+        category: Category,
+        unit_id: UUID | None,
+        leader_post: LeaderPost | None,
+        notice_no: str,
+        request_id: UUID,
+    ) -> bool:
+        """Record the slot ``person_id`` now holds; ``False`` if they hold one already."""
+        stmt = _insert_ignoring_duplicates(
+            self.session,
+            slots,
+            [
+                {
+                    "person_id": str(person_id),
+                    "org_id": str(org_id),
+                    "category": category.value,
+                    "unit_id": _unit_key(unit_id),
+                    "leader_post": leader_post.value if leader_post else None,
+                    "notice_no": notice_no,
+                    "request_id": str(request_id),
+                    "occupied_at": now(),
+                }
+            ],
+        ).returning(slots.c.person_id)  # type: ignore[attr-defined]
+        return (await self.session.execute(stmt)).one_or_none() is not None
+
+    async def remove(self, person_id: UUID, org_id: UUID) -> Row[Any] | None:
+        """Take away the slot ``person_id`` holds in ``org_id``; the slot, or ``None``."""
+        return (
+            await self.session.execute(
+                delete(slots)
+                .where(slots.c.person_id == str(person_id), slots.c.org_id == str(org_id))
+                .returning(*slots.c)
+            )
+        ).one_or_none()
+
+
+def _notice(row: Any) -> Notice:
+    return Notice(
+        notice_no=row.notice_no,
+        org_id=UUID(row.org_id),
+        category=Category(row.category),
+        count=row.count,
+        used=row.used,
+        valid_until=row.valid_until,
+        status=NoticeStatus(row.status),
+    )
+
+
+def _post_columns(post: LeaderPost) -> tuple[Any, Any]:
+    if post is LeaderPost.PRINCIPAL:
+        return leader_posts.c.principal_held, leader_posts.c.principal
+    return leader_posts.c.deputy_held, leader_posts.c.deputy
+
+
+def unit_of(key: str) -> UUID | None:
+    """The internal unit of a stored ``unit_id`` key (``None`` for the org itself)."""
+    return UUID(key) if key else None
 
 
 def _unit_key(unit_id: UUID | None) -> str:

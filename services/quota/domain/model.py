@@ -8,12 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from enum import StrEnum
 from uuid import UUID
 
-from contracts.codes import Category, OrgKind, OrgStatus, ReasonCode, category_allowed
+from contracts.codes import (
+    Category,
+    LeaderPost,
+    OrgKind,
+    OrgStatus,
+    ReasonCode,
+    category_allowed,
+)
 from services.runtime.rules import Rejection
 
 THRESHOLDS_PERCENT: tuple[int, ...] = (90, 100)
+
+CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
+
+
+def today() -> date:
+    """The office's calendar day (China Standard Time): notices run to the end of it."""
+    return datetime.now(CHINA_STANDARD_TIME).date()
 
 
 @dataclass(frozen=True)
@@ -208,3 +224,151 @@ def check_leader_posts(current: LeaderPosts, principal: int, deputy: int) -> Non
 def province_of(division_code: str) -> str:
     """The province enclosing a division (its first two digits, GB/T 2260)."""
     return division_code[:2] + "0000"
+
+
+# --- quota-use notices and slots ------------------------------------------------------------
+
+
+class NoticeStatus(StrEnum):
+    ISSUED = "issued"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A quota-use notice (用编通知单): ``count`` reserved places, ``used`` of them consumed."""
+
+    notice_no: str
+    org_id: UUID
+    category: Category
+    count: int
+    used: int
+    valid_until: date
+    status: NoticeStatus
+
+    @property
+    def remaining(self) -> int:
+        """Places still reserved under the notice (none once it is closed)."""
+        return self.count - self.used if self.status is NoticeStatus.ISSUED else 0
+
+    def lapsed(self, on: date) -> bool:
+        """Whether the notice ran out before ``on`` (it is valid through ``valid_until``)."""
+        return self.status is NoticeStatus.ISSUED and on > self.valid_until
+
+
+def _notice_details(notice: Notice) -> dict[str, object]:
+    return {
+        "notice_no": notice.notice_no,
+        "org_id": str(notice.org_id),
+        "category": notice.category.value,
+        "count": notice.count,
+        "used": notice.used,
+        "valid_until": notice.valid_until.isoformat(),
+        "status": notice.status.value,
+    }
+
+
+def notice_invalid(number: str, reason: str, /, **details: object) -> Rejection:
+    return Rejection(
+        ReasonCode.NOTICE_INVALID,
+        f"quota-use notice {number} cannot be used: {reason} / 用编通知单无效",
+        {"notice_no": number, **details, "reason": reason},
+    )
+
+
+def check_notice_open(notice: Notice | None, notice_no: str, on: date) -> Notice:
+    """A notice that is still issued and not lapsed (for cancelling it)."""
+    if notice is None:
+        raise notice_invalid(notice_no, "unknown")
+    if notice.status is not NoticeStatus.ISSUED or notice.lapsed(on):
+        status = NoticeStatus.EXPIRED if notice.lapsed(on) else notice.status
+        raise notice_invalid(notice_no, f"already {status.value}", **_notice_details(notice))
+    return notice
+
+
+def check_notice_usable(
+    notice: Notice | None, notice_no: str, org_id: UUID, category: Category, on: date
+) -> Notice:
+    """A notice that may give one place to an enrolment in ``org_id`` and ``category`` on
+    ``on`` (WIRE-CONTRACT §7.3): issued to that org and category, unexpired, not used up."""
+    if notice is None:
+        raise notice_invalid(notice_no, "unknown")
+    if notice.org_id != org_id or notice.category is not category:
+        raise notice_invalid(
+            notice_no,
+            "issued to another org or category",
+            **_notice_details(notice),
+            asked_org_id=str(org_id),
+            asked_category=category.value,
+        )
+    if notice.status is NoticeStatus.CANCELLED:
+        raise notice_invalid(notice_no, "cancelled", **_notice_details(notice))
+    if notice.status is NoticeStatus.EXPIRED or notice.lapsed(on):
+        raise Rejection(
+            ReasonCode.NOTICE_EXPIRED,
+            f"quota-use notice {notice_no} expired after {notice.valid_until} / 用编通知单已过期",
+            _notice_details(notice),
+        )
+    if notice.used >= notice.count:
+        raise notice_exhausted(notice)
+    return notice
+
+
+def notice_exhausted(notice: Notice) -> Rejection:
+    return Rejection(
+        ReasonCode.NOTICE_EXHAUSTED,
+        f"all {notice.count} places of quota-use notice {notice.notice_no} are used / "
+        "用编通知单名额已用完",
+        _notice_details(notice),
+    )
+
+
+def check_vacancy(est: Establishment, count: int) -> None:
+    """``count`` places must be free: approved − occupied − reserved ≥ count (§7.1)."""
+    if est.approved - est.held < count:
+        raise no_vacancy(est, count)
+
+
+def no_vacancy(est: Establishment, asked: int) -> Rejection:
+    return Rejection(
+        ReasonCode.NO_VACANCY,
+        f"{est.org_id} has {est.vacant} vacant {est.category.value} places, {asked} asked / "
+        "空编不足",
+        {
+            "org_id": str(est.org_id),
+            "category": est.category.value,
+            "approved": est.approved,
+            "occupied": est.occupied,
+            "reserved": est.reserved,
+            "vacant": est.vacant,
+            "asked": asked,
+        },
+    )
+
+
+def check_leader_post_free(posts: LeaderPosts | None, post: LeaderPost) -> None:
+    """One more holder of ``post`` must stay within the approved count (§7.4)."""
+    current = posts or LeaderPosts()
+    approved, held = (
+        (current.principal, current.principal_held)
+        if post is LeaderPost.PRINCIPAL
+        else (current.deputy, current.deputy_held)
+    )
+    if held + 1 > approved:
+        raise leader_posts_exceeded(current, post)
+
+
+def leader_posts_exceeded(posts: LeaderPosts, post: LeaderPost) -> Rejection:
+    return Rejection(
+        ReasonCode.LEADER_POSTS_EXCEEDED,
+        f"no free {post.value} leader post: {posts.principal_held}/{posts.principal} principal, "
+        f"{posts.deputy_held}/{posts.deputy} deputy held / 领导职数已满",
+        {
+            "leader_post": post.value,
+            "principal": posts.principal,
+            "deputy": posts.deputy,
+            "principal_held": posts.principal_held,
+            "deputy_held": posts.deputy_held,
+        },
+    )

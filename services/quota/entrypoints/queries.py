@@ -9,7 +9,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
 from contracts.identifiers import division_prefix
-from services.quota.adapters.orm import establishment, leader_posts, org_projection, region_limits
+from services.quota.adapters.orm import (
+    establishment,
+    leader_posts,
+    notices,
+    org_projection,
+    region_limits,
+)
+from services.quota.domain.model import today
 from services.runtime.http import HttpError, Request, Router
 
 
@@ -154,6 +161,32 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 {"division_code": r.division_code, "category": r.category, "limit": r.limit}
                 for r in limits_inside
             ],
+        }
+
+    @router.get("/notices/{notice_no}")
+    async def notice(request: Request) -> tuple[int, Any]:
+        notice_no = request.params["notice_no"]
+        async with sessions() as session:
+            row = (
+                await session.execute(select(notices).where(notices.c.notice_no == notice_no))
+            ).one_or_none()
+        if row is None:
+            raise HttpError(404, "not_found", f"quota-use notice {notice_no} is not known")
+        status = row.status
+        if status == "issued" and row.valid_until < today():
+            status = "expired"  # lapsed; its places are released by the next expiry sweep
+        return 200, {
+            "notice_no": row.notice_no,
+            "org_id": row.org_id,
+            "category": row.category,
+            "count": row.count,
+            "used": row.used,
+            "remaining": row.count - row.used if status == "issued" else 0,
+            "valid_until": row.valid_until.isoformat(),
+            "status": status,
+            "document": row.document,
+            "issued_at": row.issued_at.isoformat(),
+            "closed_at": row.closed_at.isoformat() if row.closed_at else None,
         }
 
     @router.get("/over-quota")

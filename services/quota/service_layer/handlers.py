@@ -4,26 +4,43 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import date
+from typing import Any
 from uuid import UUID
 
 from contracts import identifiers
-from contracts.codes import Category, ReasonCode, Role
+from contracts.codes import Category, LeaderPost, ReasonCode, Role
 from contracts.common import Document
+from contracts.envelope import Envelope
 from contracts.quota import (
     ApproveQuota,
+    CancelQuotaUseNotice,
+    IssueQuotaUseNotice,
     LeaderPostsSet,
+    MoveSlot,
+    OccupySlot,
     QuotaApproved,
     QuotaTransferred,
+    QuotaUseNoticeCancelled,
+    QuotaUseNoticeExpired,
+    QuotaUseNoticeIssued,
     RegionLimitReached,
     RegionLimitSet,
+    ReleaseSlot,
     SetLeaderPosts,
     SetRegionLimit,
+    SlotMoved,
+    SlotOccupied,
+    SlotReleased,
     TransferQuota,
 )
+from services.quota.adapters.repository import unit_of
 from services.quota.domain import model
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
 from services.runtime.messaging import CommandRoute, HandlerContext
 from services.runtime.rules import Rejection
+
+# The calendar day the handlers judge notices by; tests replace it to move time.
+today = model.today
 
 
 async def _load_in_region(
@@ -153,6 +170,7 @@ async def approve_quota(cmd: ApproveQuota, uow: QuotaUnitOfWork, ctx: HandlerCon
     org = await _holder(uow, ctx, cmd.org_id, cmd.category, "org")
     assert org.division_code is not None
     await uow.ledger.lock([model.province_of(org.division_code)], cmd.category)
+    await expire_notices(uow, today(), ctx, org_id=org.org_id, category=cmd.category)
     current = await uow.ledger.establishment(org.org_id, cmd.category)
     model.check_not_below_held(current, cmd.approved)
     delta = cmd.approved - current.approved
@@ -194,6 +212,7 @@ async def transfer_quota(cmd: TransferQuota, uow: QuotaUnitOfWork, ctx: HandlerC
     assert source.division_code is not None and target.division_code is not None
     provinces = {model.province_of(source.division_code), model.province_of(target.division_code)}
     await uow.ledger.lock(provinces, cmd.category)
+    await expire_notices(uow, today(), ctx, org_id=source.org_id, category=cmd.category)
     giving = await uow.ledger.establishment(source.org_id, cmd.category)
     receiving = await uow.ledger.establishment(target.org_id, cmd.category)
     model.check_not_below_held(giving, giving.approved - cmd.amount)
@@ -274,11 +293,410 @@ async def set_leader_posts(cmd: SetLeaderPosts, uow: QuotaUnitOfWork, ctx: Handl
     )
 
 
+# --- quota-use notices (用编通知单) ---------------------------------------------------------
+
+
+async def expire_notices(
+    uow: QuotaUnitOfWork,
+    on: date,
+    ctx: HandlerContext | None = None,
+    *,
+    org_id: UUID | None = None,
+    category: Category | None = None,
+    source: str = "/bianzhi/quota",
+) -> list[str]:
+    """Expire every issued notice whose last day was before ``on`` (of one org and category, if
+    given): release its unused places and emit ``QuotaUseNoticeExpired``. The numbers expired.
+
+    Inside a handler the events go out with the handler's command (``ctx``); without one they are
+    staged on ``uow`` as the service's own events.
+    """
+    expired: list[str] = []
+    for notice_no in await uow.notices.lapsed(on, org_id=org_id, category=category):
+        notice = await uow.notices.close(notice_no, model.NoticeStatus.EXPIRED)
+        if notice is None:  # closed meanwhile by a concurrent transaction
+            continue
+        await uow.ledger.unreserve(notice.org_id, notice.category, notice.remaining)
+        event = QuotaUseNoticeExpired(
+            notice_no=notice.notice_no,
+            org_id=notice.org_id,
+            category=notice.category,
+            valid_until=notice.valid_until,
+            remaining=notice.remaining,
+        )
+        if ctx is not None:
+            env = ctx.emit(event)
+            cause = ctx.envelope
+        else:
+            env = event.envelope(source=source, actorid="system")
+            uow.stage(env, event.TOPIC, env.subject)
+            cause = env
+        await _record_notice(uow, env, cause, notice, on, before_status="issued")
+        expired.append(notice.notice_no)
+    return expired
+
+
+async def _record_notice(
+    uow: QuotaUnitOfWork,
+    event: Envelope,
+    cause: Envelope,
+    notice: model.Notice,
+    effective: date,
+    *,
+    before_status: str | None,
+    document: dict[str, str] | None = None,
+) -> None:
+    org = await uow.orgs.get(notice.org_id)
+    est = await uow.ledger.establishment(notice.org_id, notice.category)
+    await uow.ledger.record(
+        event,
+        cause,
+        document=document,
+        effective_date=effective,
+        org_id=notice.org_id,
+        division_code=org.division_code if org else None,
+        category=notice.category,
+        before=None if before_status is None else {"notice_status": before_status},
+        after={
+            "notice_no": notice.notice_no,
+            "notice_remaining": notice.remaining if before_status is None else 0,
+            "released": notice.remaining if before_status is not None else 0,
+            "reserved": est.reserved,
+            "occupied": est.occupied,
+        },
+    )
+
+
+async def issue_notice(cmd: IssueQuotaUseNotice, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
+    org = await _holder(uow, ctx, cmd.org_id, cmd.category, "org")
+    on = today()
+    if cmd.valid_until < on:
+        raise Rejection(
+            ReasonCode.INVALID_MESSAGE,
+            f"valid_until {cmd.valid_until} is already past / 有效期已过",
+            {
+                "errors": [
+                    {
+                        "field": "valid_until",
+                        "error": f"must not be before {on.isoformat()}",
+                        "type": "value_error",
+                    }
+                ]
+            },
+        )
+    await expire_notices(uow, on, ctx, org_id=org.org_id, category=cmd.category)
+    document = _document(cmd.document)
+    if not await uow.notices.add(
+        cmd.notice_no, org.org_id, cmd.category, cmd.count, cmd.valid_until, document
+    ):
+        existing = await uow.notices.get(cmd.notice_no)
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"notice number {cmd.notice_no} is already issued / 通知单编号已存在",
+            {
+                "notice_no": cmd.notice_no,
+                "org_id": str(existing.org_id) if existing else None,
+                "status": existing.status.value if existing else None,
+            },
+        )
+    if not await uow.ledger.reserve(org.org_id, cmd.category, cmd.count):
+        raise model.no_vacancy(await uow.ledger.establishment(org.org_id, cmd.category), cmd.count)
+    event = ctx.emit(
+        QuotaUseNoticeIssued(
+            notice_no=cmd.notice_no,
+            org_id=org.org_id,
+            category=cmd.category,
+            count=cmd.count,
+            valid_until=cmd.valid_until,
+            document=cmd.document,
+        )
+    )
+    notice = model.Notice(
+        cmd.notice_no,
+        org.org_id,
+        cmd.category,
+        cmd.count,
+        0,
+        cmd.valid_until,
+        model.NoticeStatus.ISSUED,
+    )
+    await _record_notice(
+        uow, event, ctx.envelope, notice, cmd.document.date, before_status=None, document=document
+    )
+
+
+async def cancel_notice(
+    cmd: CancelQuotaUseNotice, uow: QuotaUnitOfWork, ctx: HandlerContext
+) -> None:
+    on = today()
+    found = await uow.notices.get(cmd.notice_no)
+    if found is not None and cmd.org_id is not None and found.org_id != cmd.org_id:
+        raise model.notice_invalid(cmd.notice_no, "issued to another org", org_id=str(cmd.org_id))
+    if found is not None:
+        await _load_in_region(uow, ctx, found.org_id)
+    model.check_notice_open(found, cmd.notice_no, on)
+    notice = await uow.notices.close(cmd.notice_no, model.NoticeStatus.CANCELLED)
+    if notice is None:  # closed by a concurrent transaction since the read
+        raise model.notice_invalid(cmd.notice_no, "already closed")
+    await uow.ledger.unreserve(notice.org_id, notice.category, notice.remaining)
+    event = ctx.emit(
+        QuotaUseNoticeCancelled(
+            notice_no=notice.notice_no,
+            org_id=notice.org_id,
+            category=notice.category,
+            remaining=notice.remaining,
+            reason=cmd.reason,
+        )
+    )
+    await _record_notice(uow, event, ctx.envelope, notice, on, before_status="issued")
+
+
+# --- slots (internal steps of the roster sagas) -------------------------------------------
+
+
+async def _claim_request(
+    uow: QuotaUnitOfWork,
+    ctx: HandlerContext,
+    request_id: UUID,
+    person_id: UUID,
+    org_id: UUID,
+) -> None:
+    """The first statement of a slot request: a request_id that already took effect under
+    another message id is a conflict carrying the first outcome."""
+    if await uow.slots.claim_request(
+        request_id, ctx.envelope.type, ctx.envelope.id, person_id, org_id
+    ):
+        return
+    first = await uow.slots.request(request_id)
+    details: dict[str, Any] = {"request_id": str(request_id)}
+    if first is not None:
+        details |= {
+            "first_command_id": first.command_id,
+            "first_request_type": first.request_type,
+            "person_id": first.person_id,
+            "org_id": first.org_id,
+            "event_id": first.event_id,
+            "event_type": first.event_type,
+            "outcome": "completed",
+        }
+    raise Rejection(
+        ReasonCode.CONFLICT,
+        f"slot request {request_id} was already carried out / 该占编请求已处理",
+        details,
+    )
+
+
+async def _occupy(
+    uow: QuotaUnitOfWork,
+    *,
+    request_id: UUID,
+    person_id: UUID,
+    org_id: UUID,
+    category: Category,
+    notice_no: str,
+    leader_post: LeaderPost | None,
+    unit_id: UUID | None,
+    on: date,
+) -> int:
+    """Occupy one slot against a notice; the org's occupied count after."""
+    notice = model.check_notice_usable(
+        await uow.notices.get(notice_no), notice_no, org_id, category, on
+    )
+    if await uow.notices.use_one(notice_no, on) is None:
+        # Taken, cancelled or expired since the read: say which.
+        model.check_notice_usable(await uow.notices.get(notice_no), notice_no, org_id, category, on)
+        raise model.notice_exhausted(notice)
+    if not await uow.slots.add(
+        person_id, org_id, category, unit_id, leader_post, notice_no, request_id
+    ):
+        held = await uow.slots.held_by(person_id)
+        raise Rejection(
+            ReasonCode.ALREADY_ENROLLED,
+            f"person {person_id} already holds a slot / 该人员已占编",
+            {
+                "person_id": str(person_id),
+                "org_id": held.org_id if held else None,
+                "category": held.category if held else None,
+            },
+        )
+    occupied = await uow.ledger.occupy_reserved(org_id, category)
+    if occupied is None:
+        raise model.no_vacancy(await uow.ledger.establishment(org_id, category), 1)
+    if leader_post is not None and not await uow.ledger.hold_leader_post(
+        org_id, unit_id, leader_post
+    ):
+        posts = await uow.ledger.leader_posts(org_id, unit_id)
+        raise model.leader_posts_exceeded(posts or model.LeaderPosts(), leader_post)
+    return occupied
+
+
+async def _vacate(
+    uow: QuotaUnitOfWork, person_id: UUID, org_id: UUID, category: Category | None
+) -> tuple[Any, int]:
+    """Free the slot ``person_id`` holds in ``org_id``; the slot and the occupied count after."""
+    slot = await uow.slots.remove(person_id, org_id)
+    if slot is None or (category is not None and slot.category != category.value):
+        held = slot or await uow.slots.held_by(person_id)
+        raise Rejection(
+            ReasonCode.NOT_ENROLLED,
+            f"person {person_id} holds no {category.value if category else ''} slot of "
+            f"{org_id} / 该人员未在本单位占编",
+            {
+                "person_id": str(person_id),
+                "org_id": str(org_id),
+                "held_org_id": held.org_id if held else None,
+                "held_category": held.category if held else None,
+            },
+        )
+    slot_category = Category(slot.category)
+    occupied = await uow.ledger.vacate(org_id, slot_category)
+    if slot.leader_post:
+        await uow.ledger.free_leader_post(
+            org_id, unit_of(slot.unit_id), LeaderPost(slot.leader_post)
+        )
+    return slot, occupied
+
+
+async def _record_slot(
+    uow: QuotaUnitOfWork,
+    ctx: HandlerContext,
+    event: Envelope,
+    org: model.OrgRef,
+    category: Category,
+    on: date,
+    after: dict[str, Any],
+    unit_id: UUID | None = None,
+) -> None:
+    await uow.ledger.record(
+        event,
+        ctx.envelope,
+        document=None,
+        effective_date=on,
+        org_id=org.org_id,
+        unit_id=unit_id,
+        division_code=org.division_code,
+        category=category,
+        after=after,
+    )
+
+
+async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
+    await _claim_request(uow, ctx, cmd.request_id, cmd.person_id, cmd.org_id)
+    org = await _holder(uow, ctx, cmd.org_id, cmd.category, "org")
+    on = today()
+    occupied = await _occupy(
+        uow,
+        request_id=cmd.request_id,
+        person_id=cmd.person_id,
+        org_id=org.org_id,
+        category=cmd.category,
+        notice_no=cmd.notice_no,
+        leader_post=cmd.leader_post,
+        unit_id=cmd.unit_id,
+        on=on,
+    )
+    event = ctx.emit(
+        SlotOccupied(
+            request_id=cmd.request_id,
+            person_id=cmd.person_id,
+            org_id=org.org_id,
+            category=cmd.category,
+            notice_no=cmd.notice_no,
+            leader_post=cmd.leader_post,
+            unit_id=cmd.unit_id,
+            occupied=occupied,
+        )
+    )
+    await uow.slots.request_done(cmd.request_id, event)
+    after = {"occupied": occupied, "notice_no": cmd.notice_no, "person_id": str(cmd.person_id)}
+    if cmd.leader_post:
+        after["leader_post"] = cmd.leader_post.value
+    await _record_slot(uow, ctx, event, org, cmd.category, on, after, cmd.unit_id)
+
+
+async def release_slot(cmd: ReleaseSlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
+    await _claim_request(uow, ctx, cmd.request_id, cmd.person_id, cmd.org_id)
+    org = await _load_in_region(uow, ctx, cmd.org_id)
+    slot, occupied = await _vacate(uow, cmd.person_id, org.org_id, cmd.category)
+    leader_post = LeaderPost(slot.leader_post) if slot.leader_post else None
+    event = ctx.emit(
+        SlotReleased(
+            request_id=cmd.request_id,
+            person_id=cmd.person_id,
+            org_id=org.org_id,
+            category=cmd.category,
+            leader_post=leader_post,
+            unit_id=unit_of(slot.unit_id),
+            occupied=occupied,
+        )
+    )
+    await uow.slots.request_done(cmd.request_id, event)
+    after: dict[str, Any] = {"occupied": occupied, "person_id": str(cmd.person_id)}
+    if leader_post:
+        after["leader_post"] = leader_post.value
+    await _record_slot(uow, ctx, event, org, cmd.category, today(), after, unit_of(slot.unit_id))
+
+
+async def move_slot(cmd: MoveSlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
+    await _claim_request(uow, ctx, cmd.request_id, cmd.person_id, cmd.to_org_id)
+    source = await _load_in_region(uow, ctx, cmd.from_org_id, role="source org")
+    target = await _holder(uow, ctx, cmd.to_org_id, cmd.category, "target org")
+    on = today()
+    slot, from_occupied = await _vacate(uow, cmd.person_id, source.org_id, None)
+    occupied = await _occupy(
+        uow,
+        request_id=cmd.request_id,
+        person_id=cmd.person_id,
+        org_id=target.org_id,
+        category=cmd.category,
+        notice_no=cmd.notice_no,
+        leader_post=cmd.leader_post,
+        unit_id=cmd.unit_id,
+        on=on,
+    )
+    from_category = Category(slot.category)
+    event = ctx.emit(
+        SlotMoved(
+            request_id=cmd.request_id,
+            person_id=cmd.person_id,
+            from_org_id=source.org_id,
+            to_org_id=target.org_id,
+            from_category=from_category,
+            category=cmd.category,
+            notice_no=cmd.notice_no,
+            leader_post=cmd.leader_post,
+            unit_id=cmd.unit_id,
+        )
+    )
+    await uow.slots.request_done(cmd.request_id, event)
+    person = str(cmd.person_id)
+    await _record_slot(
+        uow,
+        ctx,
+        event,
+        source,
+        from_category,
+        on,
+        {"occupied": from_occupied, "person_id": person, "moved_to": str(target.org_id)},
+        unit_of(slot.unit_id),
+    )
+    after: dict[str, Any] = {"occupied": occupied, "notice_no": cmd.notice_no, "person_id": person}
+    if cmd.leader_post:
+        after["leader_post"] = cmd.leader_post.value
+    await _record_slot(uow, ctx, event, target, cmd.category, on, after, cmd.unit_id)
+
+
 # The routing table: command type → handler and the least role that may issue it.
-# Quota, limits and leader posts are approvals (WIRE-CONTRACT §2): an approver at least.
+# Quota, limits, leader posts and notices are approvals (WIRE-CONTRACT §2): an approver at least.
 COMMANDS: list[CommandRoute] = [
     CommandRoute(SetRegionLimit, set_region_limit, Role.APPROVER),
     CommandRoute(ApproveQuota, approve_quota, Role.APPROVER),
     CommandRoute(TransferQuota, transfer_quota, Role.APPROVER),
     CommandRoute(SetLeaderPosts, set_leader_posts, Role.APPROVER),
+    CommandRoute(IssueQuotaUseNotice, issue_notice, Role.APPROVER),
+    CommandRoute(CancelQuotaUseNotice, cancel_notice, Role.APPROVER),
+    # Internal steps of the roster sagas, sent with the original actor (a clerk enrols people).
+    CommandRoute(OccupySlot, occupy_slot, Role.CLERK),
+    CommandRoute(ReleaseSlot, release_slot, Role.CLERK),
+    CommandRoute(MoveSlot, move_slot, Role.CLERK),
 ]

@@ -1,19 +1,24 @@
-"""The quota unit of work: the shared transaction plus the org projection and the ledger."""
+"""The quota unit of work: the shared transaction plus the org projection, the ledger, the
+quota-use notices and the slots."""
 
 from __future__ import annotations
 
 from typing import Self
 
-from services.quota.adapters.repository import Ledger, OrgProjection
+from services.quota.adapters.repository import Ledger, Notices, OrgProjection, Slots
 from services.runtime.uow import UnitOfWork
 
 
 class QuotaUnitOfWork(UnitOfWork):
     orgs: OrgProjection
     ledger: Ledger
+    notices: Notices
+    slots: Slots
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
         self.orgs = OrgProjection(self.session)
         self.ledger = Ledger(self.session)
+        self.notices = Notices(self.session)
+        self.slots = Slots(self.session)
         return self
