@@ -34,6 +34,7 @@ from services.runtime.messaging import (
     CommandRoute,
     EventConsumer,
     EventRoute,
+    RawMessage,
     command_routes,
     event_routes,
 )
@@ -142,20 +143,25 @@ class ServiceRuntime:
                 description=f"Commands of the {self.name} service",
             )
         ]
-        for sub in definition.event_subscriptions:
-            consumer = EventConsumer(
+        # Every projection of a service shares one consumer (one group member for all its
+        # topics): a member per topic in one group would make them rebalance each other.
+        self.projections = {
+            sub.topic: EventConsumer(
                 routes=event_routes(sub.routes), consumer=f"{self.name}<-{sub.topic}", **common
             )
+            for sub in definition.event_subscriptions
+        }
+        if self.projections:
             self.subscribers.append(
                 subscribe(
                     self.broker,
-                    sub.topic,
+                    list(self.projections),
                     group_id=f"{settings.kafka_group_prefix}-{self.name}-projection",
-                    process=consumer.process_batch,
+                    process=self._project,
                     settings=settings,
                     fetch_max_wait_ms=settings.kafka_event_fetch_max_wait_ms,
                     max_records=settings.kafka_event_batch_size,
-                    description=f"Projection of {sub.topic} kept by {self.name}",
+                    description=f"Projections kept by {self.name}",
                 )
             )
         self.router = Router()
@@ -175,6 +181,10 @@ class ServiceRuntime:
             after_shutdown=[self._after_shutdown],
             logger=logging.getLogger("bianzhi.faststream"),
         )
+
+    async def _project(self, raws: Sequence[RawMessage]) -> None:
+        for raw in raws:
+            await self.projections[raw.topic].process(raw)
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(

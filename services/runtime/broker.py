@@ -145,7 +145,7 @@ async def _parse_any_headers(
 
 def subscribe(
     broker: KafkaBroker,
-    topic: str,
+    topics: str | Sequence[str],
     *,
     group_id: str,
     process: Callable[[Sequence[RawMessage]], Awaitable[None]],
@@ -154,7 +154,7 @@ def subscribe(
     max_records: int,
     description: str = "",
 ) -> Any:
-    """Register a consumer of ``topic`` in ``group_id`` that hands each batch to ``process``.
+    """Register one consumer of ``topics`` in ``group_id`` that hands each batch to ``process``.
 
     A batch is whatever one fetch returned (at most ``max_records``); its offsets are committed
     together once ``process`` has returned, that is once every record in it has been handled.
@@ -165,9 +165,10 @@ def subscribe(
         batch = records if isinstance(records, tuple | list) else (records,)
         await process([RawMessage.from_record(r) for r in batch])
 
-    on_batch.__name__ = f"consume_{topic.replace('.', '_').replace('-', '_')}"
+    names = [topics] if isinstance(topics, str) else list(topics)
+    on_batch.__name__ = "consume_" + "__".join(t.replace(".", "_").replace("-", "_") for t in names)
     return broker.subscriber(
-        topic,
+        *names,
         group_id=group_id,
         batch=True,
         max_records=max_records,

@@ -1,0 +1,295 @@
+"""Loads and saves subscriptions, queues and settles deliveries, keeps org → division."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.envelope import now
+from services.notify.adapters.orm import deliveries, notify_events, org_divisions, subscriptions
+from services.notify.domain.model import DeliveryStatus, Subscription, SubscriptionStatus
+
+
+def _insert_ignoring_duplicates(session: AsyncSession, table: Any, keys: list[str]) -> Any:
+    dialect = session.get_bind().dialect.name
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    return insert_fn(table).on_conflict_do_nothing(index_elements=keys)
+
+
+def _subscription(row: Any) -> Subscription:
+    return Subscription(
+        subscription_id=UUID(row.subscription_id),
+        subscriber=row.subscriber,
+        event_types=tuple(row.event_types),
+        division_code=row.division_code,
+        channel_kind=row.channel_kind,
+        url=row.url,
+        address=row.address,
+        status=SubscriptionStatus(row.status),
+    )
+
+
+class SubscriptionRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, subscription_id: UUID) -> Subscription | None:
+        row = (
+            await self.session.execute(
+                select(subscriptions).where(subscriptions.c.subscription_id == str(subscription_id))
+            )
+        ).one_or_none()
+        return None if row is None else _subscription(row)
+
+    async def add(self, sub: Subscription, *, secret: str | None, created_by: str | None) -> None:
+        await self.session.execute(
+            insert(subscriptions).values(
+                subscription_id=str(sub.subscription_id),
+                subscriber=sub.subscriber,
+                event_types=list(sub.event_types),
+                division_code=sub.division_code,
+                channel_kind=sub.channel_kind,
+                url=sub.url,
+                address=sub.address,
+                secret=secret,
+                status=sub.status.value,
+                created_at=now(),
+                created_by=created_by,
+            )
+        )
+
+    async def remove(self, subscription_id: UUID) -> None:
+        """Mark removed; its deliveries still owed are given up (they are not sent)."""
+        stamp = now()
+        await self.session.execute(
+            update(subscriptions)
+            .where(subscriptions.c.subscription_id == str(subscription_id))
+            .values(status=SubscriptionStatus.REMOVED.value, removed_at=stamp)
+        )
+        await self.session.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.subscription_id == str(subscription_id),
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+            )
+            .values(
+                status=DeliveryStatus.FAILED.value,
+                last_error="subscription removed",
+                next_attempt_at=None,
+                updated_at=stamp,
+            )
+        )
+
+    async def active(self) -> list[Subscription]:
+        rows = await self.session.execute(
+            select(subscriptions).where(subscriptions.c.status == SubscriptionStatus.ACTIVE.value)
+        )
+        return [_subscription(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One delivery taken for an attempt, with what the attempt needs."""
+
+    delivery_id: str
+    subscription_id: str
+    event_id: str
+    event_type: str
+    correlation_id: str | None
+    attempts: int
+    url: str
+    secret: str
+    body: bytes
+
+
+class DeliveryRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.queued = 0
+
+    async def queue(
+        self,
+        *,
+        event_id: str,
+        event_type: str,
+        topic: str,
+        correlation_id: str | None,
+        body: bytes,
+        subscription_ids: Sequence[UUID],
+    ) -> None:
+        """Keep the event and owe it once to each subscription (again: no second row)."""
+        stamp = now()
+        await self.session.execute(
+            _insert_ignoring_duplicates(self.session, notify_events, ["event_id"]).values(
+                event_id=event_id,
+                event_type=event_type,
+                topic=topic,
+                correlation_id=correlation_id,
+                body=body,
+                received_at=stamp,
+            )
+        )
+        await self.session.execute(
+            _insert_ignoring_duplicates(
+                self.session, deliveries, ["subscription_id", "event_id"]
+            ).values(
+                [
+                    {
+                        "delivery_id": str(uuid.uuid4()),
+                        "subscription_id": str(sid),
+                        "event_id": event_id,
+                        "event_type": event_type,
+                        "attempts": 0,
+                        "status": DeliveryStatus.PENDING.value,
+                        "next_attempt_at": stamp,
+                        "created_at": stamp,
+                        "updated_at": stamp,
+                    }
+                    for sid in subscription_ids
+                ]
+            )
+        )
+        self.queued += len(subscription_ids)
+
+    async def claim_due(
+        self, *, limit: int, lease_until: datetime, skip: Iterable[str] = ()
+    ) -> list[Claimed]:
+        """Take up to ``limit`` due webhook deliveries; each stays leased until ``lease_until``
+        (an attempt cut short by a crash is tried again once its lease runs out)."""
+        stamp = now()
+        query = (
+            select(
+                deliveries.c.delivery_id,
+                deliveries.c.subscription_id,
+                deliveries.c.event_id,
+                deliveries.c.event_type,
+                deliveries.c.attempts,
+                subscriptions.c.url,
+                subscriptions.c.secret,
+                notify_events.c.correlation_id,
+                notify_events.c.body,
+            )
+            .join(
+                subscriptions,
+                subscriptions.c.subscription_id == deliveries.c.subscription_id,
+            )
+            .join(notify_events, notify_events.c.event_id == deliveries.c.event_id)
+            .where(
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+                deliveries.c.next_attempt_at <= stamp,
+                subscriptions.c.status == SubscriptionStatus.ACTIVE.value,
+                subscriptions.c.channel_kind == "webhook",
+            )
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.created_at)
+            .limit(limit)
+        )
+        skipped = list(skip)
+        if skipped:
+            query = query.where(deliveries.c.subscription_id.not_in(skipped))
+        if self.session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(of=deliveries, skip_locked=True)
+        rows = (await self.session.execute(query)).all()
+        if not rows:
+            return []
+        await self.session.execute(
+            update(deliveries)
+            .where(deliveries.c.delivery_id.in_([r.delivery_id for r in rows]))
+            .values(next_attempt_at=lease_until, updated_at=stamp)
+        )
+        return [
+            Claimed(
+                delivery_id=r.delivery_id,
+                subscription_id=r.subscription_id,
+                event_id=r.event_id,
+                event_type=r.event_type,
+                correlation_id=r.correlation_id,
+                attempts=r.attempts,
+                url=r.url,
+                secret=r.secret,
+                body=r.body,
+            )
+            for r in rows
+        ]
+
+    async def reschedule(self, delivery_id: str, at: datetime) -> None:
+        await self.session.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.delivery_id == delivery_id,
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+            )
+            .values(next_attempt_at=at, updated_at=now())
+        )
+
+    async def settle(
+        self,
+        delivery_id: str,
+        *,
+        attempts: int,
+        status: DeliveryStatus,
+        status_code: int | None,
+        error: str | None,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        """Record the outcome of attempt number ``attempts``; ``False`` if the delivery was no
+        longer pending at that attempt (settled elsewhere, or its subscription removed)."""
+        stamp = now()
+        result = await self.session.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.delivery_id == delivery_id,
+                deliveries.c.status == DeliveryStatus.PENDING.value,
+                deliveries.c.attempts == attempts - 1,
+            )
+            .values(
+                attempts=attempts,
+                status=status.value,
+                last_status_code=status_code,
+                last_error=error,
+                next_attempt_at=next_attempt_at,
+                delivered_at=stamp if status is DeliveryStatus.DELIVERED else None,
+                updated_at=stamp,
+            )
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+class OrgDivisions:
+    """The org → division projection fed by the orgs events."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def set(self, org_id: UUID, division_code: str) -> None:
+        stamp = now()
+        updated = await self.session.execute(
+            update(org_divisions)
+            .where(org_divisions.c.org_id == str(org_id))
+            .values(division_code=division_code, updated_at=stamp)
+        )
+        if updated.rowcount == 0:  # type: ignore[attr-defined]
+            await self.session.execute(
+                _insert_ignoring_duplicates(self.session, org_divisions, ["org_id"]).values(
+                    org_id=str(org_id), division_code=division_code, updated_at=stamp
+                )
+            )
+
+    async def of(self, org_ids: Iterable[str]) -> dict[str, str]:
+        ids = sorted(set(org_ids))
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(org_divisions.c.org_id, org_divisions.c.division_code).where(
+                org_divisions.c.org_id.in_(ids)
+            )
+        )
+        return {r.org_id: r.division_code for r in rows}
