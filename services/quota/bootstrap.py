@@ -7,6 +7,7 @@ from pathlib import Path
 from contracts.topics import ORGS_EVENTS
 from services.quota.adapters.orm import messaging, metadata
 from services.quota.entrypoints.queries import register_queries
+from services.quota.service_layer.expiry import sweep_expired_notices
 from services.quota.service_layer.handlers import COMMANDS
 from services.quota.service_layer.projection import ORG_EVENTS
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
@@ -31,6 +32,7 @@ def definition() -> ServiceDefinition:
         migrations_dir=Path(__file__).parent / "migrations",
         register_queries=register_queries,
         event_subscriptions=(EventSubscription(ORGS_EVENTS, ORG_EVENTS),),
+        background=(sweep_expired_notices,),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -67,6 +67,9 @@ class ServiceDefinition:
     migrations_dir: Path
     register_queries: Callable[[Router, async_sessionmaker[AsyncSession]], None]
     event_subscriptions: Sequence[EventSubscription] = field(default_factory=tuple)
+    # Long-running work of the service's own (sweeps, timers): each is started once the
+    # service is up and cancelled first at shutdown, before consumers drain.
+    background: Sequence[Callable[[ServiceRuntime], Awaitable[None]]] = field(default_factory=tuple)
 
 
 class ServiceApp(AsgiFastStream):
@@ -164,6 +167,7 @@ class ServiceRuntime:
                     description=f"Projections kept by {self.name}",
                 )
             )
+        self._background: list[asyncio.Task[None]] = []
         self.router = Router()
         definition.register_queries(self.router, self.read_sessions)
         self.app = ServiceApp(
@@ -205,11 +209,20 @@ class ServiceRuntime:
 
     async def _after_startup(self) -> None:
         self.relay.start()
+        self._background = [
+            asyncio.create_task(job(self), name=f"{self.name}-{getattr(job, '__name__', 'job')}")
+            for job in self.definition.background
+        ]
         log.info("service started", database=self.engine.url.render_as_string(hide_password=True))
 
     async def _on_shutdown(self) -> None:
-        # Drain: stop taking messages and let in-flight handlers finish and commit, then
-        # publish what they wrote, then let FastStream close the producer.
+        # Drain: stop the service's own background work, stop taking messages and let
+        # in-flight handlers finish and commit, then publish what they wrote, then let
+        # FastStream close the producer.
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         await asyncio.gather(*(sub.stop() for sub in self.broker.subscribers))
         await self.relay.stop(drain_timeout_s=self.settings.kafka_graceful_timeout_s)
         log.info("service drained")

@@ -9,15 +9,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from services.cli.common import existing_services
 from services.runtime.db import create_engine
 from services.runtime.migrate import upgrade, version_table
 from tests.support.databases import database
 
-SERVICES = [
-    name
-    for name in ("orgs", "quota", "roster", "notify")
-    if importlib.util.find_spec(f"services.{name}.bootstrap") is not None
-]
+SERVICES = existing_services()
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -159,3 +159,24 @@ async def test_expiry_releases_unused_places_and_emits_expired(
     await completed(quota, issue(org_id, 6, valid_until=date(2030, 8, 31)))
     assert tuple(await counts(quota, org_id)) == (6, 0, 6)
     assert len(await events(quota, "QuotaUseNoticeExpired")) == 2
+
+
+async def test_the_periodic_sweep_expires_lapsed_notices(
+    quota, projection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.quota.service_layer import expiry
+
+    org_id = await org(projection)
+    await completed(quota, approve(org_id, 3))
+    lapsing = issue(org_id, 2, valid_until=date(2030, 6, 30))
+    await completed(quota, lapsing)
+    monkeypatch.setattr(handlers, "today", lambda: date(2030, 6, 30))
+    assert await expiry.sweep_once(quota) == []
+    monkeypatch.setattr(handlers, "today", lambda: date(2030, 7, 1))
+    assert await expiry.sweep_once(quota) == [lapsing.notice_no]
+    assert await expiry.sweep_once(quota) == []
+    assert tuple(await counts(quota, org_id)) == (3, 0, 0)
+    (event,) = await events(quota, "QuotaUseNoticeExpired")
+    assert event.source.endswith("/quota")
+    assert event.data["remaining"] == 2
+    assert expiry.sweep_expired_notices in quota.definition.background
