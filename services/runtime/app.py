@@ -26,13 +26,13 @@ from services.runtime.broker import (
     outbox_publisher,
     subscribe,
 )
+from services.runtime.commands import CommandConsumer
 from services.runtime.db import create_engine, is_sqlite, ping, session_factory
+from services.runtime.events import EventConsumer
 from services.runtime.http import Router, json_bytes, send_response
 from services.runtime.logging import configure_logging
 from services.runtime.messaging import (
-    CommandConsumer,
     CommandRoute,
-    EventConsumer,
     EventRoute,
     RawMessage,
     command_routes,

@@ -31,7 +31,8 @@ from services.notify.bootstrap import build
 from services.notify.domain.model import Outcome
 from services.notify.settings import NotifySettings
 from services.runtime.app import ServiceRuntime
-from services.runtime.messaging import EventConsumer, RawMessage, event_routes
+from services.runtime.events import EventConsumer
+from services.runtime.messaging import RawMessage, event_routes
 from tests.component.test_orgs_handlers import (
     COMPLETED,
     REJECTED,

@@ -42,7 +42,8 @@ from services.quota.adapters.orm import (
 )
 from services.quota.bootstrap import build
 from services.runtime.app import ServiceRuntime
-from services.runtime.messaging import EventConsumer, RawMessage, event_routes
+from services.runtime.events import EventConsumer
+from services.runtime.messaging import RawMessage, event_routes
 from tests.component.test_orgs_handlers import (
     COMPLETED,
     REJECTED,

@@ -41,10 +41,10 @@ from services.orgs.service_layer.handlers import register_org
 from services.orgs.service_layer.unit_of_work import OrgsUnitOfWork
 from services.runtime.app import ServiceDefinition, ServiceRuntime, build_runtime
 from services.runtime.db import create_engine
+from services.runtime.events import EventConsumer
 from services.runtime.messaging import (
     CommandHandler,
     CommandRoute,
-    EventConsumer,
     EventRoute,
     RawMessage,
     event_routes,
