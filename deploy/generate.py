@@ -82,9 +82,10 @@ def service_access(
     )
 
 
-# roster and notify are not built yet: their rows follow ARCHITECTURE §1/§4 and WIRE-CONTRACT §1
-# (roster keeps org status and drives sagas through internal quota commands; notify forwards
-# every service's events) and are to be confirmed when those services land.
+# roster is not built yet: its row follows ARCHITECTURE §1/§4 and WIRE-CONTRACT §1 (roster keeps
+# org status and drives sagas through internal quota commands) and is to be confirmed when it
+# lands. notify's row matches services/notify/bootstrap.py (tests/deploy checks every existing
+# service's row against its definition()).
 ACCESS: dict[str, Access] = {
     "orgs": service_access("orgs"),
     "quota": service_access("quota", projections=(events("orgs"),)),

@@ -101,3 +101,19 @@ def service_bootstrap() -> str:
     configs = [o for o in prod() if o["kind"] == "ConfigMap"]
     (bootstrap,) = {c["data"]["BIANZHI_KAFKA_BOOTSTRAP"] for c in configs}
     return bootstrap
+
+
+def test_the_webhook_egress_rule_is_documented_as_it_is() -> None:
+    policy = yaml.safe_load(
+        (ROOT / "deploy/k8s/components/network-policies/notify.yaml").read_text()
+    )
+    (rule,) = [r for r in policy["spec"]["egress"] if any("ipBlock" in p for p in r["to"])]
+    section = DOC.read_text().split("## Webhook egress (notify)", 1)[1].split("\n## ", 1)[0]
+    for port in rule["ports"]:
+        assert f"**{port['port']}**" in section
+    for peer in rule["to"]:
+        block = peer["ipBlock"]
+        assert f"`{block['cidr']}`" in section
+        for cidr in block["except"]:
+            assert f"`{cidr}`" in section, cidr
+    assert "webhook-egress-notify" in (ROOT / "deploy" / "README.md").read_text()

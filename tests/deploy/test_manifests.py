@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 import re
 import sys
 from collections.abc import Iterator
@@ -17,15 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_settings import BaseSettings
 
 from contracts.topics import COMMAND_RESULTS, SERVICES, all_topics, commands, dlq, events
+from services.cli.common import existing_services
 from services.runtime.settings import Settings
 from tests.deploy.render import Resource, build, kubectl_build, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
-DEPLOYED = ("orgs", "quota")  # the services that exist and have base manifests
+# Every service whose code exists is deployed: base/<svc>, its database, policy and scaler.
+DEPLOYED = tuple(existing_services())
+# The services allowed one egress rule to the internet (webhook receivers), and its port.
+INTERNET_EGRESS = {"notify": 443}
 
 sys.path.insert(0, str(ROOT / "deploy"))
 generate = importlib.import_module("generate")
@@ -92,6 +98,28 @@ def configmap_env(objects: list[Resource], container: dict[str, Any]) -> dict[st
     return env
 
 
+def own_settings(svc: str) -> list[type[BaseSettings]]:
+    """The service's own settings classes (``services/<svc>/settings.py``, e.g. NotifySettings
+    with the prefix ``BIANZHI_NOTIFY_``), read besides the runtime's ``Settings``."""
+    name = f"services.{svc}.settings"
+    if importlib.util.find_spec(name) is None:
+        return []
+    module = importlib.import_module(name)
+    return [
+        cls
+        for cls in vars(module).values()
+        if isinstance(cls, type)
+        and issubclass(cls, BaseSettings)
+        and cls is not BaseSettings
+        and cls.__module__ == name
+    ]
+
+
+def setting_names(cls: type[BaseSettings]) -> set[str]:
+    prefix = cls.model_config.get("env_prefix", "")
+    return {f"{prefix}{field}".upper() for field in cls.model_fields}
+
+
 def walk(node: Any) -> Iterator[Any]:
     yield node
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
@@ -100,6 +128,17 @@ def walk(node: Any) -> Iterator[Any]:
 
 
 # --- rendering ------------------------------------------------------------------------------
+
+
+def test_every_existing_service_has_manifests_and_nothing_else_does() -> None:
+    assert set(DEPLOYED) <= set(SERVICES) and {"orgs", "quota", "notify"} <= set(DEPLOYED)
+    bases = {p.name for p in (K8S / "base").iterdir() if p.is_dir()} - {"kafka", "postgres"}
+    assert bases == set(DEPLOYED)
+    for component in ("network-policies", "keda"):
+        files = {p.stem for p in (K8S / "components" / component).glob("*.yaml")}
+        assert files - {"kustomization", "deny-all"} == set(DEPLOYED), component
+    databases = {p.stem for p in (K8S / "base" / "postgres").glob("*.yaml")}
+    assert databases - {"kustomization"} == set(DEPLOYED)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -148,8 +187,12 @@ def test_deployments_have_probes_resources_and_a_drain_long_enough(
         settings = configmap_env(rendered, app)
         graceful = float(settings["BIANZHI_KAFKA_GRACEFUL_TIMEOUT_S"])
         pre_stop = int(app["lifecycle"]["preStop"]["exec"]["command"][-1])
+        # notify's delivery worker lets webhook requests in flight finish, each bounded by this
+        webhooks = float(settings.get("BIANZHI_NOTIFY_WEBHOOK_TIMEOUT_S", 0))
+        if service_of(deployment) == "notify":
+            assert webhooks > 0, "the webhook timeout the grace period covers is explicit"
         # consumers drain, then the relay drains, each up to the graceful timeout
-        assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * graceful > 15
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * graceful + webhooks > 15
 
 
 def test_deployments_are_hardened(rendered: list[Resource]) -> None:
@@ -255,16 +298,20 @@ def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resour
 def test_every_setting_the_manifests_pass_is_read_by_the_services(
     rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fields = {f"BIANZHI_{name.upper()}" for name in Settings.model_fields}
-    urls = {f"BIANZHI_{svc.upper()}_DATABASE_URL" for svc in SERVICES}
+    runtime_fields = setting_names(Settings)
     for deployment in of_kind(rendered, "Deployment"):
+        # its own database only: Settings.database_url(svc) reads BIANZHI_<SVC>_DATABASE_URL
+        urls = {f"BIANZHI_{service_of(deployment).upper()}_DATABASE_URL"}
+        # the runtime's Settings, and the service's own (NotifySettings: BIANZHI_NOTIFY_*)
+        extra = own_settings(service_of(deployment))
+        fields = runtime_fields.union(*(setting_names(cls) for cls in extra))
         for container in containers(deployment):
             explicit = {e["name"]: e for e in container.get("env", [])}
             passed = {**configmap_env(rendered, container), **explicit}
             url_templates = " ".join(explicit[n].get("value", "") for n in urls & set(explicit))
             for name in passed:
                 if name.startswith("BIANZHI_"):
-                    assert name in fields | urls, f"{name} is not a field of Settings"
+                    assert name in fields | urls, f"{name} is not a field of any settings class"
                 else:
                     # helpers only: a secret key spliced into the database URL
                     assert "secretKeyRef" in explicit[name]["valueFrom"], name
@@ -273,6 +320,17 @@ def test_every_setting_the_manifests_pass_is_read_by_the_services(
             for name, value in configmap_env(rendered, container).items():
                 monkeypatch.setenv(name, value)
             Settings()
+            for cls in extra:
+                cls()
+
+
+def test_notify_passes_its_own_settings() -> None:
+    (notify_settings,) = own_settings("notify")
+    assert notify_settings.model_config["env_prefix"] == "BIANZHI_NOTIFY_"
+    configmap = load_yaml(K8S / "base" / "notify" / "configmap.yaml")[0]["data"]
+    assert {n for n in configmap if n.startswith("BIANZHI_NOTIFY_")} <= setting_names(
+        notify_settings
+    )
 
 
 def test_disruption_budgets_never_block_a_drain(rendered: list[Resource]) -> None:
@@ -356,7 +414,7 @@ def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands
             # a saga's internal commands are the one declared exception
             if commands(other) not in generate.ACCESS[svc].produces:
                 assert not can(user, "Write", commands(other))
-    for svc in ("orgs", "quota"):
+    for svc in ("orgs", "quota", "notify"):
         assert not any(can(users[generate.user_name(svc)], "Write", commands(o)) for o in SERVICES)
 
 
@@ -428,14 +486,19 @@ def test_every_allow_rule_names_its_peer_and_port(rendered: list[Resource]) -> N
                 assert rule.get("ports"), policy["metadata"]["name"]
 
 
+def is_ip_rule(rule: dict[str, Any]) -> bool:
+    return any("ipBlock" in peer for peer in rule["to"])
+
+
 @pytest.mark.parametrize("svc", DEPLOYED)
 def test_a_service_may_reach_dns_kafka_and_only_its_own_database(
     svc: str, prod: list[Resource]
 ) -> None:
     policy = named(prod, "NetworkPolicy", f"bianzhi-{svc}")
-    egress = policy["spec"]["egress"]
+    egress = [rule for rule in policy["spec"]["egress"] if not is_ip_rule(rule)]
     ports = sorted(p["port"] for rule in egress for p in rule["ports"])
     assert ports == [53, 53, 5432, 9093]
+    assert all("ipBlock" not in peer for rule in egress for peer in rule["to"])
     databases = [
         peer["podSelector"]["matchLabels"]["cnpg.io/cluster"]
         for rule in egress
@@ -466,3 +529,27 @@ def test_base_has_no_namespace_or_literal_image_tag() -> None:
             for node in walk(doc):
                 if isinstance(node, dict) and "image" in node and isinstance(node["image"], str):
                     assert node["image"] == "bianzhi", path
+
+
+PRIVATE_V4 = {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"}
+PRIVATE_V6 = {"fc00::/7", "fe80::/10", "::1/128"}
+
+
+@pytest.mark.parametrize("svc", DEPLOYED)
+def test_only_notify_reaches_the_internet_on_https_and_never_the_cluster(
+    svc: str, rendered: list[Resource]
+) -> None:
+    policy = named(rendered, "NetworkPolicy", f"bianzhi-{svc}")
+    internet = [rule for rule in policy["spec"]["egress"] if is_ip_rule(rule)]
+    if svc not in INTERNET_EGRESS:
+        assert not internet, f"{svc} has no business on the internet"
+        return
+    (rule,) = internet  # the one outbound internet rule
+    assert rule["ports"] == [{"protocol": "TCP", "port": INTERNET_EGRESS[svc]}]
+    for peer in rule["to"]:
+        assert set(peer) == {"ipBlock"}, "the rule's peers are address ranges only"
+        block = peer["ipBlock"]
+        private = PRIVATE_V6 if ":" in block["cidr"] else PRIVATE_V4
+        if block["cidr"] in ("0.0.0.0/0", "::/0"):
+            # the whole internet, but never the cluster, private networks or cloud metadata
+            assert private <= set(block.get("except", [])), block
