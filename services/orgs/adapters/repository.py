@@ -7,6 +7,8 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Funding, OrgKind, OrgStatus
@@ -20,6 +22,7 @@ class OrgRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self._versions: dict[UUID, int] = {}
+        self._history: list[dict[str, Any]] = []
 
     async def get(self, org_id: UUID) -> Org | None:
         row = (
@@ -72,13 +75,27 @@ class OrgRepository:
                 chain.append(current)
         return chain
 
-    async def add(self, org: Org) -> None:
+    async def add(self, org: Org) -> bool:
+        """Insert a new org; ``False`` (and nothing written) when its id is taken already.
+
+        One statement instead of a look-up and an insert: the primary key decides.
+        """
         stamp = now()
-        await self.session.execute(
-            insert(orgs).values(**_columns(org), created_at=stamp, updated_at=stamp, version=1)
-        )
+        dialect = self.session.get_bind().dialect.name
+        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+        inserted = (
+            await self.session.execute(
+                insert_fn(orgs)
+                .values(**_columns(org), created_at=stamp, updated_at=stamp, version=1)
+                .on_conflict_do_nothing(index_elements=["org_id"])
+                .returning(orgs.c.org_id)
+            )
+        ).scalar_one_or_none()
+        if inserted is None:
+            return False
         self._versions[org.org_id] = 1
         await self._write_units(org)
+        return True
 
     async def save(self, org: Org) -> None:
         """Write back a loaded org; a concurrent change in between is detected by version."""
@@ -118,9 +135,9 @@ class OrgRepository:
         document: dict[str, Any] | None,
         effective_date: date,
     ) -> None:
-        """Append one change to the org's history."""
-        await self.session.execute(
-            insert(org_history).values(
+        """Append one change to the org's history (written with the others at ``flush``)."""
+        self._history.append(
+            dict(
                 org_id=str(org_id),
                 event_id=event.id,
                 event_type=event.type,
@@ -133,6 +150,16 @@ class OrgRepository:
                 data=event.data,
             )
         )
+
+    def discard(self) -> None:
+        """Forget buffered history rows (the transaction is being rolled back)."""
+        self._history = []
+
+    async def flush(self) -> None:
+        """Write the buffered history rows in one statement, in the order they were recorded."""
+        if self._history:
+            rows, self._history = self._history, []
+            await self.session.execute(insert(org_history), rows)
 
 
 class ConcurrentChange(TransientError):

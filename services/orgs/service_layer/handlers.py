@@ -74,12 +74,6 @@ def _effective(effective_date: date | None, document: Document | None) -> date:
 
 async def register_org(cmd: RegisterOrg, uow: OrgsUnitOfWork, ctx: HandlerContext) -> None:
     ctx.require_region(cmd.division_code)
-    if await uow.orgs.get(cmd.org_id) is not None:
-        raise Rejection(
-            ReasonCode.CONFLICT,
-            f"org {cmd.org_id} already exists / 机构标识已存在",
-            {"org_id": str(cmd.org_id)},
-        )
     parent = None
     if cmd.parent_org_id is not None:
         parent = await _load_in_region(uow, ctx, cmd.parent_org_id, role="parent org")
@@ -103,7 +97,12 @@ async def register_org(cmd: RegisterOrg, uow: OrgsUnitOfWork, ctx: HandlerContex
         funding=cmd.funding,
         effective_date=effective,
     )
-    await uow.orgs.add(org)
+    if not await uow.orgs.add(org):
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"org {cmd.org_id} already exists / 机构标识已存在",
+            {"org_id": str(cmd.org_id)},
+        )
     event = ctx.emit(
         OrgRegistered(
             org_id=org.org_id,

@@ -15,3 +15,11 @@ class OrgsUnitOfWork(UnitOfWork):
         await super().__aenter__()
         self.orgs = OrgRepository(self.session)
         return self
+
+    async def commit(self) -> None:
+        await self.orgs.flush()
+        await super().commit()
+
+    async def rollback(self) -> None:
+        self.orgs.discard()
+        await super().rollback()
