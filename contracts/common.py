@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -60,3 +60,20 @@ class Document(BaseModel):
     title: Annotated[str, Field(min_length=1, max_length=300)]
     number: Annotated[str, Field(min_length=1, max_length=100)]
     date: date
+
+
+CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
+
+
+def office_today() -> date:
+    """The offices' calendar day (China Standard Time), whatever the server's time zone."""
+    return datetime.now(CHINA_STANDARD_TIME).date()
+
+
+def effective_date(explicit: date | None, document: Document | None) -> date:
+    """When a change takes effect: as stated, else the approving document's date, else today."""
+    if explicit is not None:
+        return explicit
+    if document is not None:
+        return document.date
+    return office_today()

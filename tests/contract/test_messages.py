@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from contracts.base import Command, Event, model_for, registry
+from contracts.common import Document, effective_date, office_today
 from contracts.envelope import Envelope
 from contracts.notify import EmailChannel, SubscriptionChannel, WebhookChannel
 from contracts.roster import (
@@ -254,3 +256,10 @@ def test_masked_example_matches_the_identifiers_masking() -> None:
 
 def test_enrol_person_example_is_the_enrol_model() -> None:
     assert registry()[EnrolPerson.TYPE] is EnrolPerson
+
+
+def test_a_change_takes_effect_as_stated_else_on_its_document_date() -> None:
+    doc = Document(title="批复", number="冀编〔2026〕1号", date=date(2026, 1, 5))
+    assert effective_date(date(2026, 3, 1), doc) == date(2026, 3, 1)
+    assert effective_date(None, doc) == date(2026, 1, 5)
+    assert effective_date(None, None) == office_today()

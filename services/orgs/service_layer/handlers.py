@@ -6,7 +6,7 @@ from datetime import date
 from uuid import UUID
 
 from contracts.codes import ReasonCode, Role
-from contracts.common import Document
+from contracts.common import Document, effective_date
 from contracts.envelope import Envelope
 from contracts.orgs import (
     AddInternalUnit,
@@ -64,14 +64,6 @@ async def _record(
     )
 
 
-def _effective(effective_date: date | None, document: Document | None) -> date:
-    if effective_date is not None:
-        return effective_date
-    if document is not None:
-        return document.date
-    return date.today()
-
-
 async def register_org(cmd: RegisterOrg, uow: OrgsUnitOfWork, ctx: HandlerContext) -> None:
     ctx.require_region(cmd.division_code)
     parent = None
@@ -83,7 +75,7 @@ async def register_org(cmd: RegisterOrg, uow: OrgsUnitOfWork, ctx: HandlerContex
             f"USCC {cmd.uscc} already belongs to org {holder} / 统一社会信用代码已被占用",
             {"uscc": cmd.uscc, "org_id": str(holder)},
         )
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     org, warnings = model.register(
         org_id=cmd.org_id,
         name=cmd.name,
@@ -128,7 +120,7 @@ async def rename_org(cmd: RenameOrg, uow: OrgsUnitOfWork, ctx: HandlerContext) -
     org = await _load_in_region(uow, ctx, cmd.org_id)
     renamed = model.rename(org, cmd.name, cmd.alt_names)
     await uow.orgs.save(renamed)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         OrgRenamed(
             org_id=org.org_id,
@@ -146,7 +138,7 @@ async def update_functions(cmd: UpdateFunctions, uow: OrgsUnitOfWork, ctx: Handl
     org = await _load_in_region(uow, ctx, cmd.org_id)
     updated = model.update_functions(org, cmd.functions)
     await uow.orgs.save(updated)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         OrgFunctionsUpdated(
             org_id=org.org_id,
@@ -162,7 +154,7 @@ async def add_internal_unit(cmd: AddInternalUnit, uow: OrgsUnitOfWork, ctx: Hand
     org = await _load_in_region(uow, ctx, cmd.org_id)
     updated = model.add_unit(org, cmd.unit_id, cmd.name)
     await uow.orgs.save(updated)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         InternalUnitAdded(
             org_id=org.org_id,
@@ -181,7 +173,7 @@ async def remove_internal_unit(
     org = await _load_in_region(uow, ctx, cmd.org_id)
     updated, unit = model.remove_unit(org, cmd.unit_id)
     await uow.orgs.save(updated)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         InternalUnitRemoved(
             org_id=org.org_id,
@@ -200,7 +192,7 @@ async def move_org(cmd: MoveOrg, uow: OrgsUnitOfWork, ctx: HandlerContext) -> No
     chain = await uow.orgs.ancestors(parent.org_id)
     moved = model.move(org, parent, chain)
     await uow.orgs.save(moved)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         OrgMoved(
             org_id=org.org_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date
 from enum import StrEnum
 from uuid import UUID
 
@@ -20,16 +20,13 @@ from contracts.codes import (
     ReasonCode,
     category_allowed,
 )
+from contracts.common import office_today
 from services.runtime.rules import Rejection
 
 THRESHOLDS_PERCENT: tuple[int, ...] = (90, 100)
 
-CHINA_STANDARD_TIME = timezone(timedelta(hours=8), "CST")
-
-
-def today() -> date:
-    """The office's calendar day (China Standard Time): notices run to the end of it."""
-    return datetime.now(CHINA_STANDARD_TIME).date()
+# The office's calendar day (China Standard Time): notices run to the end of it.
+today = office_today
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from uuid import UUID
 
 from contracts import identifiers
 from contracts.codes import Category, LeaderPost, ReasonCode, Role
-from contracts.common import Document
+from contracts.common import Document, effective_date
 from contracts.envelope import Envelope
 from contracts.quota import (
     ApproveQuota,
@@ -110,10 +110,6 @@ def _emit_thresholds(
         )
 
 
-def _effective(effective_date: date | None, document: Document) -> date:
-    return effective_date if effective_date is not None else document.date
-
-
 def _document(document: Document) -> dict[str, str]:
     return document.model_dump(mode="json")
 
@@ -134,7 +130,7 @@ async def set_region_limit(cmd: SetRegionLimit, uow: QuotaUnitOfWork, ctx: Handl
         descendant_limits=await uow.ledger.limits_below(cmd.division_code, cmd.category),
     )
     await uow.ledger.set_limit(cmd.division_code, cmd.category, cmd.limit)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         RegionLimitSet(
             division_code=cmd.division_code,
@@ -227,7 +223,7 @@ async def transfer_quota(cmd: TransferQuota, uow: QuotaUnitOfWork, ctx: HandlerC
     await uow.ledger.add_approved(target.org_id, cmd.category, cmd.amount)
     from_approved = giving.approved - cmd.amount
     to_approved = receiving.approved + cmd.amount
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         QuotaTransferred(
             from_org_id=source.org_id,
@@ -267,7 +263,7 @@ async def set_leader_posts(cmd: SetLeaderPosts, uow: QuotaUnitOfWork, ctx: Handl
     if not await uow.ledger.set_leader_posts(org.org_id, cmd.unit_id, cmd.principal, cmd.deputy):
         held = await uow.ledger.leader_posts(org.org_id, cmd.unit_id)
         model.check_leader_posts(held or model.LeaderPosts(), cmd.principal, cmd.deputy)
-    effective = _effective(cmd.effective_date, cmd.document)
+    effective = effective_date(cmd.effective_date, cmd.document)
     event = ctx.emit(
         LeaderPostsSet(
             org_id=org.org_id,
