@@ -28,6 +28,8 @@ class ReasonCode(StrEnum):
     LEADER_POSTS_EXCEEDED = "leader_posts_exceeded"
     ALREADY_ENROLLED = "already_enrolled"
     NOT_ENROLLED = "not_enrolled"
+    # Extension: a saga step got no answer in time; the saga compensated and nothing changed.
+    TIMEOUT = "timeout"
 
 
 class Category(StrEnum):

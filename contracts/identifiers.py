@@ -228,6 +228,15 @@ def validate_citizen_id(value: str) -> str:
     return number
 
 
+def compose_citizen_id(address_code: str, birth_date: date, sequence: int) -> str:
+    """The 18-character citizen ID of an address code, a birth date and a three-digit sequence
+    (odd for men, even for women), with its check character. For test and demo data."""
+    if not (len(address_code) == 6 and address_code.isdigit()) or not 0 <= sequence <= 999:
+        raise ValueError("address_code must be 6 digits and sequence 0-999")
+    body = f"{address_code}{birth_date:%Y%m%d}{sequence:03d}"
+    return body + _citizen_check_char(body)
+
+
 def mask_citizen_id(value: str) -> str:
     """Mask a citizen ID for display: first 6 and last 4 characters, 8 stars between.
 

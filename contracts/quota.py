@@ -158,6 +158,10 @@ class ReleaseSlot(QuotaCommand):
     category: Category
     leader_post: LeaderPost | None = None
     unit_id: Uuid | None = None
+    occupy_request_id: Uuid | None = None
+    """A saga's compensation: release only the slot taken by this ``OccupySlot`` request.
+    When that request has not taken effect it is cancelled (it never will), and the release
+    completes with no event; when its slot is already gone, likewise."""
 
 
 class MoveSlot(QuotaCommand):
@@ -299,6 +303,9 @@ class SlotReleased(QuotaEvent):
     leader_post: LeaderPost | None = None
     unit_id: Uuid | None = None
     occupied: int | None = None
+    returned_to_notice: str | None = None
+    """Set when the release undid an occupation (a saga's compensation) and the place went back
+    to this notice's reservation instead of becoming vacant."""
 
 
 class SlotMoved(QuotaEvent):

@@ -121,6 +121,7 @@ class ServiceRuntime:
             read_sessions=self.read_sessions,
         )
         source = f"{settings.source.rstrip('/')}/{self.name}"
+        self.source = source
         common: dict[str, Any] = {
             "service": self.name,
             "uow_factory": self.uow,
@@ -196,6 +197,7 @@ class ServiceRuntime:
             self.definition.tables,
             on_commit=self.relay.wake,
             write_lock=self.write_lock,
+            source=self.source,
         )
 
     async def migrate(self) -> None:

@@ -33,6 +33,7 @@ from services.runtime.messaging import (
     validation_errors,
 )
 from services.runtime.rules import Rejection
+from services.runtime.uow import UnitOfWork
 
 log = structlog.get_logger("bianzhi.commands")
 
@@ -214,11 +215,12 @@ class CommandConsumer(Consumer):
             fresh = await uow.claim_many(self.consumer, list(envs.values()))
             stored = await uow.stored_results([i for i in envs if i not in fresh])
             results: dict[str, Envelope] = {}
+            handled: set[str] = set()
             to_store: list[tuple[Envelope, Envelope, str | None]] = []
             for p in items:
                 env = p.env
                 assert env is not None
-                if env.id in results or env.id not in fresh:
+                if env.id in handled or env.id not in fresh:
                     again = results.get(env.id)
                     if again is None and env.id in stored:
                         again = Envelope.from_bytes(stored[env.id])
@@ -246,8 +248,13 @@ class CommandConsumer(Consumer):
                         raise _SinglesNeeded from None
                     for event_env, topic in ctx.emitted:
                         uow.stage(event_env, topic, event_env.subject)
+                    handled.add(env.id)
+                    if ctx.deferred:
+                        outcomes.append("accepted")
+                        continue
                     result_env = self._completed_envelope(env, p.command, ctx)
                     code = None
+                handled.add(env.id)
                 results[env.id] = result_env
                 to_store.append((env, result_env, code))
                 uow.stage(result_env, COMMAND_RESULTS, env.id)
@@ -262,7 +269,7 @@ class CommandConsumer(Consumer):
             CommandCompleted(
                 command_id=env.id,
                 command_type=env.type,
-                subject=command.subject_value(),
+                subject=ctx.result_subject or command.subject_value(),
                 events=[e.id for e, _ in ctx.emitted],
             ),
         )
@@ -297,14 +304,18 @@ class CommandConsumer(Consumer):
                 else:
                     for event_env, topic in ctx.emitted:
                         uow.stage(event_env, topic, event_env.subject)
-                    result_env = self._completed_envelope(env, command, ctx)
-                    await uow.store_result(env, result_env, None)
-                    uow.stage(result_env, COMMAND_RESULTS, env.id)
+                    if not ctx.deferred:
+                        result_env = self._completed_envelope(env, command, ctx)
+                        await uow.store_result(env, result_env, None)
+                        uow.stage(result_env, COMMAND_RESULTS, env.id)
                     await uow.commit()
         if duplicate:
             return await self._reemit(env)
         if rejection is not None:
             return await self._finish_rejected(env, rejection)
+        if ctx.deferred:
+            log.info("command accepted, saga started", messages=len(ctx.emitted))
+            return "accepted"
         log.info("command completed", events=len(ctx.emitted))
         return "completed"
 
@@ -323,7 +334,8 @@ class CommandConsumer(Consumer):
         return "rejected"
 
     async def _reemit(self, env: Envelope) -> str:
-        """A re-sent command: publish its stored result again, change nothing."""
+        """A re-sent command: publish its stored result again, change nothing. A command
+        whose saga is still running has no result yet; it gets one when the saga ends."""
         async with self.uow_factory() as uow:
             stored = await uow.stored_result(env.id)
             if stored is not None:
@@ -333,11 +345,50 @@ class CommandConsumer(Consumer):
         return "duplicate"
 
     def _result_envelope(self, env: Envelope, result: Message) -> Envelope:
-        return result.envelope(
-            source=self.source,
-            correlationid=env.effective_correlation_id,
-            causationid=env.id,
-            actorid=env.actorid,
-            actorregion=env.actorregion,
-            actorroles=env.actorroles,
+        return result_envelope(env, result, self.source)
+
+
+def result_envelope(command: Envelope, result: Message, source: str) -> Envelope:
+    """The envelope of ``command``'s result: its correlation and actor, caused by it."""
+    return result.envelope(
+        source=source,
+        correlationid=command.effective_correlation_id,
+        causationid=command.id,
+        actorid=command.actorid,
+        actorregion=command.actorregion,
+        actorroles=command.actorroles,
+    )
+
+
+async def finish_command(
+    uow: UnitOfWork,
+    command: Envelope,
+    source: str,
+    *,
+    subject: str | None = None,
+    events: Sequence[Envelope] = (),
+    rejection: Rejection | None = None,
+) -> Envelope:
+    """Write the one result of a command whose saga has ended, in ``uow``'s transaction:
+    ``CommandCompleted`` with ``events``, or ``CommandRejected`` for ``rejection``."""
+    result: Message
+    if rejection is None:
+        result = CommandCompleted(
+            command_id=command.id,
+            command_type=command.type,
+            subject=subject,
+            events=[e.id for e in events],
         )
+    else:
+        result = CommandRejected(
+            command_id=command.id,
+            command_type=command.type,
+            code=rejection.code,
+            message=rejection.message,
+            details=rejection.details,
+        )
+        metrics.COMMANDS_REJECTED.labels(source.rsplit("/", 1)[-1], rejection.code.value).inc()
+    env = result_envelope(command, result, source)
+    await uow.store_result(command, env, rejection.code.value if rejection else None)
+    uow.stage(env, COMMAND_RESULTS, command.id)
+    return env

@@ -56,7 +56,10 @@ class EventConsumer(Consumer):
                         await self.send_to_dlq(raw, f"event data invalid: {exc}")
                         outcome = "dead_lettered"
                     else:
-                        outcome = await self.with_retry(lambda: self._apply(env, route, event))
+                        if route.accept is not None and not route.accept(event):
+                            outcome = "ignored"
+                        else:
+                            outcome = await self.with_retry(lambda: self._apply(env, route, event))
         except Exception as exc:
             log.exception("event could not be applied")
             await self.send_to_dlq(raw, f"{type(exc).__name__}: {exc}")

@@ -78,6 +78,11 @@ class HandlerContext:
     envelope: Envelope
     source: str
     emitted: list[tuple[Envelope, str]] = field(default_factory=list)
+    # A saga's first step: the command's result is written when the saga ends, not now.
+    deferred: bool = False
+    # The ``subject`` of the command's result, when not the command's own subject (a roster
+    # command's subject is a citizen ID number, which results must not carry).
+    result_subject: str | None = None
 
     @property
     def actor_region(self) -> str:
@@ -96,6 +101,27 @@ class HandlerContext:
         )
         self.emitted.append((env, event.TOPIC))
         return env
+
+    def send(self, command: Command, *, id: str) -> Envelope:
+        """Queue an internal command to another service (a saga step), written to the outbox
+        with the handler's transaction. It carries the actor and correlation of the handled
+        message; ``id`` should be derived from the saga so a step sent again is a duplicate."""
+        env = command.envelope(
+            source=self.source,
+            id=id,
+            correlationid=self.envelope.effective_correlation_id,
+            causationid=self.envelope.id,
+            actorid=self.envelope.actorid,
+            actorregion=self.envelope.actorregion,
+            actorroles=self.envelope.actorroles,
+        )
+        self.emitted.append((env, command.TOPIC))
+        return env
+
+    def defer_result(self) -> None:
+        """The command starts a saga: no result now; the saga writes it when it ends
+        (``services.runtime.commands.finish_command``)."""
+        self.deferred = True
 
     def require_region(self, division_code: str, *, what: str = "target") -> None:
         """Refuse unless ``division_code`` lies inside the actor's region (WIRE-CONTRACT §2)."""
@@ -128,6 +154,9 @@ class CommandRoute:
 class EventRoute:
     model: type[Event]
     handler: EventHandler
+    # A cheap filter run before any database work: events it refuses are acknowledged and
+    # ignored (a saga reads only the results of its own steps from the shared results topic).
+    accept: Callable[[Any], bool] | None = None
 
 
 class DeadLetterPublisher(Protocol):

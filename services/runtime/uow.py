@@ -31,8 +31,12 @@ class UnitOfWork:
         *,
         on_commit: Callable[[], None] | None = None,
         write_lock: asyncio.Lock | None = None,
+        source: str = "",
     ) -> None:
         self._sessions = sessions
+        # The CloudEvents ``source`` of what this service writes (for work begun outside a
+        # command handler: saga answers, timers).
+        self.source = source
         self._write_lock = write_lock
         self.tables = tables
         self._on_commit = on_commit

@@ -460,6 +460,21 @@ class Ledger:
             raise RuntimeError(f"ledger out of step: no occupied {category} place of {org_id}")
         return int(row.occupied)
 
+    async def reserve_again(self, org_id: UUID, category: Category) -> None:
+        """Undo ``occupy_reserved``: the occupied place goes back to its notice's reservation."""
+        done = await self.session.execute(
+            update(establishment)
+            .where(*self._est_key(org_id, category), establishment.c.occupied >= 1)
+            .values(
+                occupied=establishment.c.occupied - 1,
+                reserved=establishment.c.reserved + 1,
+                version=establishment.c.version + 1,
+                updated_at=now(),
+            )
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]
+            raise RuntimeError(f"ledger out of step: no occupied {category} place of {org_id}")
+
     async def hold_leader_post(self, org_id: UUID, unit_id: UUID | None, post: LeaderPost) -> bool:
         """Take one ``post`` unless every approved one is held."""
         held, approved = _post_columns(post)
@@ -587,6 +602,23 @@ class Notices:
         ).one_or_none()
         return None if row is None else _notice(row)
 
+    async def give_back(self, notice_no: str) -> Notice | None:
+        """Return one used place to a notice that is still issued (a cancelled occupation);
+        the notice after, or ``None`` when it is closed (its places are no longer reserved)."""
+        row = (
+            await self.session.execute(
+                update(notices)
+                .where(
+                    notices.c.notice_no == notice_no,
+                    notices.c.status == NoticeStatus.ISSUED.value,
+                    notices.c.used >= 1,
+                )
+                .values(used=notices.c.used - 1, version=notices.c.version + 1)
+                .returning(*notices.c)
+            )
+        ).one_or_none()
+        return None if row is None else _notice(row)
+
     async def close(self, notice_no: str, status: NoticeStatus) -> Notice | None:
         """Cancel or expire an issued notice; the notice as it was, or ``None`` if closed."""
         row = (
@@ -694,15 +726,17 @@ class Slots:
         ).returning(slots.c.person_id)  # type: ignore[attr-defined]
         return (await self.session.execute(stmt)).one_or_none() is not None
 
-    async def remove(self, person_id: UUID, org_id: UUID) -> Row[Any] | None:
-        """Take away the slot ``person_id`` holds in ``org_id``; the slot, or ``None``."""
-        return (
-            await self.session.execute(
-                delete(slots)
-                .where(slots.c.person_id == str(person_id), slots.c.org_id == str(org_id))
-                .returning(*slots.c)
-            )
-        ).one_or_none()
+    async def remove(
+        self, person_id: UUID, org_id: UUID, request_id: UUID | None = None
+    ) -> Row[Any] | None:
+        """Take away the slot ``person_id`` holds in ``org_id`` (only the one taken by
+        ``request_id``, when given); the slot, or ``None``."""
+        stmt = delete(slots).where(
+            slots.c.person_id == str(person_id), slots.c.org_id == str(org_id)
+        )
+        if request_id is not None:
+            stmt = stmt.where(slots.c.request_id == str(request_id))
+        return (await self.session.execute(stmt.returning(*slots.c))).one_or_none()
 
 
 def _notice(row: Any) -> Notice:

@@ -7,6 +7,8 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
+import structlog
+
 from contracts import identifiers
 from contracts.codes import Category, LeaderPost, ReasonCode, Role
 from contracts.common import Document, effective_date
@@ -38,6 +40,8 @@ from services.quota.domain import model
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
 from services.runtime.messaging import CommandRoute, HandlerContext
 from services.runtime.rules import Rejection
+
+log = structlog.get_logger("bianzhi.quota.handlers")
 
 # The calendar day the handlers judge notices by; tests replace it to move time.
 today = model.today
@@ -610,10 +614,51 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
     await _record_slot(uow, ctx, event, org, cmd.category, on, after, cmd.unit_id)
 
 
+async def _compensation_needed(uow: QuotaUnitOfWork, ctx: HandlerContext, cmd: ReleaseSlot) -> bool:
+    """For a saga's compensation: whether the occupy request it undoes holds a slot now.
+
+    An occupy request that has not taken effect is cancelled here, in this transaction, by
+    claiming its request_id: if it arrives later it is refused as a conflict.
+    """
+    assert cmd.occupy_request_id is not None
+    if await uow.slots.claim_request(
+        cmd.occupy_request_id,
+        f"cancelled by {ctx.envelope.type}",
+        ctx.envelope.id,
+        cmd.person_id,
+        cmd.org_id,
+    ):
+        log.info(
+            "occupy request cancelled before it took effect", request=str(cmd.occupy_request_id)
+        )
+        return False
+    held = await uow.slots.held_by(cmd.person_id)
+    return held is not None and held.request_id == str(cmd.occupy_request_id)
+
+
 async def release_slot(cmd: ReleaseSlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
     await _claim_request(uow, ctx, cmd.request_id, cmd.person_id, cmd.org_id)
     org = await _load_in_region(uow, ctx, cmd.org_id)
-    slot, occupied = await _vacate(uow, cmd.person_id, org.org_id, cmd.category)
+    if cmd.occupy_request_id is not None and not await _compensation_needed(uow, ctx, cmd):
+        return  # nothing to undo: completed with no event
+    returned_to: str | None = None
+    if cmd.occupy_request_id is None:
+        slot, occupied = await _vacate(uow, cmd.person_id, org.org_id, cmd.category)
+    else:
+        # Undoing an occupation: the place goes back to its notice while the notice is open.
+        slot = await uow.slots.remove(cmd.person_id, org.org_id, cmd.occupy_request_id)
+        assert slot is not None  # _compensation_needed saw it in this transaction
+        category = Category(slot.category)
+        if await uow.notices.give_back(slot.notice_no) is not None:
+            await uow.ledger.reserve_again(org.org_id, category)
+            returned_to = slot.notice_no
+        else:
+            await uow.ledger.vacate(org.org_id, category)
+        if slot.leader_post:
+            await uow.ledger.free_leader_post(
+                org.org_id, unit_of(slot.unit_id), LeaderPost(slot.leader_post)
+            )
+        occupied = (await uow.ledger.establishment(org.org_id, category)).occupied
     leader_post = LeaderPost(slot.leader_post) if slot.leader_post else None
     event = ctx.emit(
         SlotReleased(
@@ -624,12 +669,15 @@ async def release_slot(cmd: ReleaseSlot, uow: QuotaUnitOfWork, ctx: HandlerConte
             leader_post=leader_post,
             unit_id=unit_of(slot.unit_id),
             occupied=occupied,
+            returned_to_notice=returned_to,
         )
     )
     await uow.slots.request_done(cmd.request_id, event)
     after: dict[str, Any] = {"occupied": occupied, "person_id": str(cmd.person_id)}
     if leader_post:
         after["leader_post"] = leader_post.value
+    if returned_to:
+        after["returned_to_notice"] = returned_to
     await _record_slot(uow, ctx, event, org, cmd.category, today(), after, unit_of(slot.unit_id))
 
 

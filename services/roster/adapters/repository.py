@@ -1,0 +1,237 @@
+"""Data access of the roster service. Every state change is a conditional statement: the
+database, not a read in Python, decides whether a person may change state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.codes import OrgKind, OrgStatus
+from contracts.envelope import Envelope, now
+from services.roster.adapters.orm import org_projection, people, person_history, sagas
+
+
+@dataclass(frozen=True)
+class OrgRef:
+    org_id: UUID
+    status: OrgStatus
+    kind: OrgKind | None
+    division_code: str | None
+    name: str | None
+
+
+class OrgProjection:
+    """Orgs as the orgs events describe them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, org_id: UUID) -> OrgRef | None:
+        row = (
+            await self.session.execute(
+                select(org_projection).where(org_projection.c.org_id == str(org_id))
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return OrgRef(
+            org_id=UUID(row.org_id),
+            status=OrgStatus(row.status),
+            kind=OrgKind(row.kind) if row.kind else None,
+            division_code=row.division_code,
+            name=row.name,
+        )
+
+    async def upsert(self, org_id: UUID, **values: Any) -> None:
+        """Change the known fields of an org; an org not seen yet gets a row (a merge or an
+        abolition may be read before the registration)."""
+        values["updated_at"] = now()
+        done = await self.session.execute(
+            update(org_projection).where(org_projection.c.org_id == str(org_id)).values(**values)
+        )
+        if done.rowcount == 0:  # type: ignore[attr-defined]
+            values.setdefault("status", OrgStatus.ACTIVE.value)
+            await self.session.execute(
+                _insert_ignoring_duplicates(
+                    self.session, org_projection, [{"org_id": str(org_id), **values}]
+                )
+            )
+
+    async def set_status(self, org_ids: Iterable[UUID], status: OrgStatus) -> None:
+        for org_id in org_ids:
+            await self.upsert(org_id, status=status.value)
+
+
+def _insert_ignoring_duplicates(
+    session: AsyncSession, table: Any, values: list[dict[str, Any]]
+) -> Any:
+    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return insert_fn(table).values(values).on_conflict_do_nothing()
+
+
+class People:
+    """The people on the roster."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def by_index(self, citizen_index: str) -> Row[Any] | None:
+        return (
+            await self.session.execute(
+                select(people).where(people.c.citizen_index == citizen_index)
+            )
+        ).one_or_none()
+
+    async def get(self, person_id: UUID | str) -> Row[Any] | None:
+        return (
+            await self.session.execute(select(people).where(people.c.person_id == str(person_id)))
+        ).one_or_none()
+
+    async def add(self, values: dict[str, Any]) -> bool:
+        """A new person; ``False`` when the blind index or person id is taken already."""
+        stamp = now()
+        row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
+        stmt = _insert_ignoring_duplicates(self.session, people, [row]).returning(
+            people.c.person_id
+        )
+        return (await self.session.execute(stmt)).one_or_none() is not None
+
+    async def transition(
+        self,
+        person_id: UUID | str,
+        from_status: Iterable[str],
+        *,
+        only_saga: str | None = None,
+        **values: Any,
+    ) -> bool:
+        """Move a person from one of ``from_status`` (and, when given, only while the saga
+        ``only_saga`` drives them) to the given values; ``False`` when the person was not in
+        such a state."""
+        stmt = update(people).where(
+            people.c.person_id == str(person_id), people.c.status.in_(list(from_status))
+        )
+        if only_saga is not None:
+            stmt = stmt.where(people.c.saga_id == only_saga)
+        done = await self.session.execute(
+            stmt.values(**values, updated_at=now(), version=people.c.version + 1)
+        )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
+
+    async def record(
+        self,
+        event: Envelope,
+        *,
+        person_id: UUID | str,
+        org_id: UUID | str,
+        category: str | None,
+        effective_date: date | None,
+        document: dict[str, Any] | None,
+        details: dict[str, Any],
+        command: Envelope | None,
+    ) -> None:
+        await self.session.execute(
+            insert(person_history).values(
+                person_id=str(person_id),
+                event_id=event.id,
+                event_type=event.type,
+                org_id=str(org_id),
+                category=category,
+                effective_date=effective_date,
+                document=document,
+                details=details,
+                command_id=command.id if command else None,
+                actor_id=command.actorid if command else event.actorid,
+                recorded_at=now(),
+            )
+        )
+
+
+class Sagas:
+    """The sagas of the roster: one per enrol, transfer or release command."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def start(
+        self,
+        *,
+        saga_id: str,
+        kind: str,
+        person_id: UUID | str,
+        command: Envelope,
+        step_type: str,
+        payload: dict[str, Any],
+        deadline: datetime,
+    ) -> None:
+        # The command's envelope is kept without its data (it holds the citizen ID): only
+        # its id, type, correlation and actor are needed for the result.
+        redacted = command.model_copy(update={"data": {}})
+        await self.session.execute(
+            insert(sagas).values(
+                saga_id=saga_id,
+                kind=kind,
+                person_id=str(person_id),
+                command_id=command.id,
+                command_envelope=redacted.to_bytes(),
+                step_request_id=saga_id,
+                step_type=step_type,
+                compensation_request_id=None,
+                status="waiting",
+                payload=payload,
+                deadline=deadline,
+                created_at=now(),
+                finished_at=None,
+            )
+        )
+
+    async def by_request(self, request_id: str) -> Row[Any] | None:
+        """The saga whose step or compensation is ``request_id``."""
+        return (
+            await self.session.execute(
+                select(sagas).where(
+                    (sagas.c.step_request_id == request_id)
+                    | (sagas.c.compensation_request_id == request_id)
+                )
+            )
+        ).one_or_none()
+
+    async def finish(self, saga_id: str, from_status: str, status: str, **values: Any) -> bool:
+        """End a saga that is still ``from_status``; ``False`` if another path ended it first."""
+        done = await self.session.execute(
+            update(sagas)
+            .where(sagas.c.saga_id == saga_id, sagas.c.status == from_status)
+            .values(status=status, finished_at=now(), **values)
+        )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
+
+    async def postpone(self, saga_id: str, deadline: datetime) -> None:
+        await self.session.execute(
+            update(sagas)
+            .where(sagas.c.saga_id == saga_id, sagas.c.status == "waiting")
+            .values(deadline=deadline)
+        )
+
+    async def overdue(self, at: datetime, limit: int) -> list[Row[Any]]:
+        return list(
+            (
+                await self.session.execute(
+                    select(sagas)
+                    .where(sagas.c.status == "waiting", sagas.c.deadline < at)
+                    .order_by(sagas.c.deadline)
+                    .limit(limit)
+                )
+            ).all()
+        )
+
+
+def command_envelope(row: Row[Any]) -> Envelope:
+    return Envelope.from_bytes(row.command_envelope)

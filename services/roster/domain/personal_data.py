@@ -1,0 +1,109 @@
+"""Personal data at rest: citizen ID numbers encrypted (AES-256-GCM) and found by a blind index.
+
+One master key yields two keys by HKDF-SHA256: one encrypts, one computes the blind index
+(HMAC-SHA256 of the normalised number), so the database can enforce one person, one row with a
+unique constraint without ever holding the number in clear. A ciphertext is ``v1:<key id>:``
++ nonce (12 bytes) + AES-GCM output, with the key id and the person bound as associated data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+
+
+class PersonalDataKeyError(ValueError):
+    """The personal-data key is missing or malformed."""
+
+
+def _derive(master: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master)
+
+
+class PersonalDataCipher:
+    """Encrypts, decrypts and blind-indexes personal data with keys derived from one master key."""
+
+    def __init__(self, master_key: bytes, key_id: str = "k1") -> None:
+        if len(master_key) != KEY_BYTES:
+            raise PersonalDataKeyError(
+                f"the personal-data key must be {KEY_BYTES} bytes, not {len(master_key)}"
+            )
+        self.key_id = key_id
+        self._aead = AESGCM(_derive(master_key, b"bianzhi roster personal data v1 / encrypt"))
+        self._index_key = _derive(master_key, b"bianzhi roster personal data v1 / blind index")
+        self._prefix = f"v1:{key_id}:".encode()
+
+    def blind_index(self, value: str) -> str:
+        """The keyed hash a number is looked up by (hex, 64 characters)."""
+        return hmac.new(self._index_key, value.strip().upper().encode(), hashlib.sha256).hexdigest()
+
+    def encrypt(self, value: str, *, context: str) -> bytes:
+        """``value`` encrypted; ``context`` (e.g. the person id) must be given again to decrypt."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, value.encode(), self._aad(context))
+        return self._prefix + nonce + sealed
+
+    def decrypt(self, blob: bytes, *, context: str) -> str:
+        if not blob.startswith(self._prefix):
+            raise PersonalDataKeyError("the value was encrypted under another key or format")
+        body = blob[len(self._prefix) :]
+        nonce, sealed = body[:_NONCE_BYTES], body[_NONCE_BYTES:]
+        return self._aead.decrypt(nonce, sealed, self._aad(context)).decode()
+
+    def _aad(self, context: str) -> bytes:
+        return self._prefix + context.encode()
+
+
+def load_master_key(
+    *,
+    value: str | None,
+    path: Path | None,
+    generate_at: Path | None,
+) -> bytes:
+    """The master key from ``value`` (base64), else the file ``path``, else a key generated once
+    into ``generate_at`` (the embedded profile); ``PersonalDataKeyError`` when none applies."""
+    if value:
+        return _decode(value, "BIANZHI_ROSTER_PERSONAL_DATA_KEY")
+    if path is not None:
+        try:
+            return _decode(path.read_text().strip(), str(path))
+        except OSError as exc:
+            raise PersonalDataKeyError(
+                f"cannot read the personal-data key file {path}: {exc}"
+            ) from exc
+    if generate_at is None:
+        raise PersonalDataKeyError(
+            "no personal-data key: set BIANZHI_ROSTER_PERSONAL_DATA_KEY or "
+            "BIANZHI_ROSTER_PERSONAL_DATA_KEY_FILE (32 random bytes, base64)"
+        )
+    if generate_at.exists():
+        return _decode(generate_at.read_text().strip(), str(generate_at))
+    generate_at.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(generate_at, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(base64.b64encode(key).decode() + "\n")
+    return key
+
+
+def _decode(text: str, where: str) -> bytes:
+    try:
+        key = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise PersonalDataKeyError(f"{where}: the personal-data key is not base64") from exc
+    if len(key) != KEY_BYTES:
+        raise PersonalDataKeyError(
+            f"{where}: the personal-data key must be {KEY_BYTES} bytes, not {len(key)}"
+        )
+    return key

@@ -1,0 +1,11 @@
+"""``uvicorn --factory services.roster.entrypoints.app:create_app``."""
+
+from __future__ import annotations
+
+from faststream.asgi import AsgiFastStream
+
+from services.roster.bootstrap import build
+
+
+def create_app() -> AsgiFastStream:
+    return build().app

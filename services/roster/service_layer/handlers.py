@@ -1,0 +1,298 @@
+"""Command handlers of the roster service.
+
+``EnrolPerson``, ``TransferPerson`` and ``ReleasePerson`` start a saga: the handler settles what
+the roster can decide alone (the person, their state), writes the person in an in-between state,
+sends one slot request to quota in the same transaction and defers the command's result.
+``services.roster.service_layer.saga`` ends the saga when quota answers or the step times out.
+``UpdatePerson`` needs no one else and completes at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from contracts import identifiers
+from contracts.codes import ReasonCode, Role
+from contracts.common import office_today
+from contracts.envelope import now
+from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
+from contracts.roster import (
+    EnrolPerson,
+    PersonUpdated,
+    ReleasePerson,
+    TransferPerson,
+    UpdatePerson,
+)
+from services.roster.domain import model
+from services.roster.domain.model import Status
+from services.roster.service_layer.unit_of_work import RosterUnitOfWork
+from services.runtime.messaging import CommandRoute, HandlerContext
+from services.runtime.rules import Rejection
+
+
+def _deadline(uow: RosterUnitOfWork) -> Any:
+    return now() + timedelta(seconds=uow.saga_timeout_s)
+
+
+async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
+    org = await uow.orgs.get(cmd.org_id)
+    if org is not None and org.division_code:
+        ctx.require_region(org.division_code)
+    model.check_org(org, cmd.category)
+    cipher = uow.personal_data
+    index = cipher.blind_index(cmd.citizen_id)
+    saga_id = model.step_id(ctx.envelope.id, "occupy")
+    existing = await uow.people.by_index(index)
+    person_id = str(existing.person_id if existing else (cmd.person_id or uuid.uuid4()))
+    ctx.result_subject = person_id
+    if existing is not None and cmd.person_id is not None and str(cmd.person_id) != person_id:
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"this citizen ID belongs to person {person_id} / 该身份证号已对应其他人员编号",
+            {"person_id": person_id, "given_person_id": str(cmd.person_id)},
+        )
+    values: dict[str, Any] = {
+        "name": cmd.name,
+        "sex": identifiers.citizen_sex(cmd.citizen_id),
+        "birth_date": identifiers.citizen_birth_date(cmd.citizen_id),
+        "ethnicity": cmd.ethnicity,
+        "education": cmd.education,
+        "political_status": cmd.political_status,
+        "phone_enc": cipher.encrypt(cmd.phone, context=person_id) if cmd.phone else None,
+        "status": Status.ENROLLING.value,
+        "org_id": str(cmd.org_id),
+        "category": cmd.category.value,
+        "notice_no": cmd.notice_no,
+        "position": cmd.position,
+        "leader_post": cmd.leader_post.value if cmd.leader_post else None,
+        "unit_id": str(cmd.unit_id) if cmd.unit_id else None,
+        "entry_method": cmd.entry_method.value,
+        "enrolled_on": None,
+        "released_on": None,
+        "release_reason": None,
+        "saga_id": saga_id,
+    }
+    if existing is None:
+        added = await uow.people.add(
+            {
+                "person_id": person_id,
+                "citizen_index": index,
+                "citizen_enc": cipher.encrypt(cmd.citizen_id, context=person_id),
+                "citizen_masked": identifiers.mask_citizen_id(cmd.citizen_id),
+                **values,
+            }
+        )
+        if not added:  # the person id is someone else's, or the same person raced in
+            other = await uow.people.get(person_id)
+            raise Rejection(
+                ReasonCode.CONFLICT,
+                f"person id {person_id} is taken / 人员编号已被占用",
+                {"person_id": person_id, "taken": other is not None},
+            )
+        previous = None
+    else:
+        previous = existing.status
+        if not await uow.people.transition(person_id, model.ENROLLABLE, **values):
+            raise model.already_enrolled(person_id, existing.org_id, existing.status)
+    await uow.sagas.start(
+        saga_id=saga_id,
+        kind="enrol",
+        person_id=person_id,
+        command=ctx.envelope,
+        step_type=OccupySlot.TYPE,
+        payload={
+            "previous_status": previous,
+            "effective_date": cmd.effective_date.isoformat(),
+            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
+        },
+        deadline=_deadline(uow),
+    )
+    ctx.send(
+        OccupySlot(
+            request_id=uuid.UUID(saga_id),
+            person_id=uuid.UUID(person_id),
+            org_id=cmd.org_id,
+            category=cmd.category,
+            notice_no=cmd.notice_no,
+            leader_post=cmd.leader_post,
+            unit_id=cmd.unit_id,
+        ),
+        id=saga_id,
+    )
+    ctx.defer_result()
+
+
+async def _holder(uow: RosterUnitOfWork, ctx: HandlerContext, citizen_id: str) -> Any:
+    """The enrolled person with this citizen ID, settled (not in another saga)."""
+    person = await uow.people.by_index(uow.personal_data.blind_index(citizen_id))
+    if person is None or person.status not in model.HOLDING:
+        raise model.not_enrolled(
+            person.person_id if person else None, person.status if person else None
+        )
+    ctx.result_subject = person.person_id
+    if person.status != Status.ACTIVE:
+        raise model.busy(person.person_id, person.status)
+    org = await uow.orgs.get(uuid.UUID(person.org_id))
+    if org is not None and org.division_code:
+        ctx.require_region(org.division_code, what="the person's org")
+    return person
+
+
+async def transfer_person(cmd: TransferPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
+    person = await _holder(uow, ctx, cmd.citizen_id)
+    if person.org_id == str(cmd.to_org_id):
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            "the person already belongs to this org / 该人员已在目标单位",
+            {"person_id": person.person_id, "org_id": person.org_id},
+        )
+    target = await uow.orgs.get(cmd.to_org_id)
+    if target is not None and target.division_code:
+        ctx.require_region(target.division_code, what="target org")
+    model.check_org(target, cmd.category, role="target org")
+    saga_id = model.step_id(ctx.envelope.id, "move")
+    if not await uow.people.transition(
+        person.person_id, {Status.ACTIVE}, status=Status.TRANSFERRING.value, saga_id=saga_id
+    ):
+        raise model.busy(person.person_id, person.status)
+    await uow.sagas.start(
+        saga_id=saga_id,
+        kind="transfer",
+        person_id=person.person_id,
+        command=ctx.envelope,
+        step_type=MoveSlot.TYPE,
+        payload={
+            "from_org_id": person.org_id,
+            "from_category": person.category,
+            "to_org_id": str(cmd.to_org_id),
+            "category": cmd.category.value,
+            "notice_no": cmd.notice_no,
+            "position": cmd.position,
+            "leader_post": cmd.leader_post.value if cmd.leader_post else None,
+            "unit_id": str(cmd.unit_id) if cmd.unit_id else None,
+            "effective_date": cmd.effective_date.isoformat(),
+            "document": cmd.document.model_dump(mode="json"),
+        },
+        deadline=_deadline(uow),
+    )
+    ctx.send(
+        MoveSlot(
+            request_id=uuid.UUID(saga_id),
+            person_id=uuid.UUID(person.person_id),
+            from_org_id=uuid.UUID(person.org_id),
+            to_org_id=cmd.to_org_id,
+            category=cmd.category,
+            notice_no=cmd.notice_no,
+            leader_post=cmd.leader_post,
+            unit_id=cmd.unit_id,
+        ),
+        id=saga_id,
+    )
+    ctx.defer_result()
+
+
+async def release_person(cmd: ReleasePerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
+    person = await _holder(uow, ctx, cmd.citizen_id)
+    saga_id = model.step_id(ctx.envelope.id, "release")
+    if not await uow.people.transition(
+        person.person_id, {Status.ACTIVE}, status=Status.RELEASING.value, saga_id=saga_id
+    ):
+        raise model.busy(person.person_id, person.status)
+    await uow.sagas.start(
+        saga_id=saga_id,
+        kind="release",
+        person_id=person.person_id,
+        command=ctx.envelope,
+        step_type=ReleaseSlot.TYPE,
+        payload={
+            "reason": cmd.reason.value,
+            "effective_date": cmd.effective_date.isoformat(),
+            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
+            "note": cmd.note,
+        },
+        deadline=_deadline(uow),
+    )
+    ctx.send(
+        ReleaseSlot(
+            request_id=uuid.UUID(saga_id),
+            person_id=uuid.UUID(person.person_id),
+            org_id=uuid.UUID(person.org_id),
+            category=person.category,
+            leader_post=person.leader_post,
+            unit_id=uuid.UUID(person.unit_id) if person.unit_id else None,
+        ),
+        id=saga_id,
+    )
+    ctx.defer_result()
+
+
+_EDITABLE = ("position", "unit_id", "education", "ethnicity", "political_status", "phone")
+
+
+async def update_person(cmd: UpdatePerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
+    person = await _holder(uow, ctx, cmd.citizen_id)
+    changes: dict[str, Any] = {}
+    changed: list[str] = []
+    for name in _EDITABLE:
+        value = getattr(cmd, name)
+        if value is None:
+            continue
+        if name == "phone":
+            old = (
+                uow.personal_data.decrypt(person.phone_enc, context=person.person_id)
+                if person.phone_enc
+                else None
+            )
+            if old != value:
+                changes["phone_enc"] = uow.personal_data.encrypt(value, context=person.person_id)
+                changed.append(name)
+            continue
+        stored = str(value) if name == "unit_id" else value
+        if getattr(person, name) != stored:
+            changes[name] = stored
+            changed.append(name)
+    if not changed:
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            "nothing would change / 信息无变化",
+            {"person_id": person.person_id},
+        )
+    if not await uow.people.transition(person.person_id, {Status.ACTIVE}, **changes):
+        raise model.busy(person.person_id, person.status)
+    on = cmd.effective_date or office_today()
+    event = ctx.emit(
+        PersonUpdated(
+            person_id=uuid.UUID(person.person_id),
+            citizen_id_masked=person.citizen_masked,
+            org_id=uuid.UUID(person.org_id),
+            changed=changed,
+            position=cmd.position if "position" in changed else None,
+            unit_id=cmd.unit_id if "unit_id" in changed else None,
+            education=cmd.education if "education" in changed else None,
+            ethnicity=cmd.ethnicity if "ethnicity" in changed else None,
+            political_status=cmd.political_status if "political_status" in changed else None,
+            effective_date=on,
+        )
+    )
+    await uow.people.record(
+        event,
+        person_id=person.person_id,
+        org_id=person.org_id,
+        category=person.category,
+        effective_date=on,
+        document=None,
+        details={"changed": changed},
+        command=ctx.envelope,
+    )
+
+
+# The routing table: command type → handler and the least role that may issue it. Entering and
+# changing people is a clerk's work (WIRE-CONTRACT §2).
+COMMANDS: list[CommandRoute] = [
+    CommandRoute(EnrolPerson, enrol_person, Role.CLERK),
+    CommandRoute(TransferPerson, transfer_person, Role.CLERK),
+    CommandRoute(ReleasePerson, release_person, Role.CLERK),
+    CommandRoute(UpdatePerson, update_person, Role.CLERK),
+]

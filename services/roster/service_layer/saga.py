@@ -1,0 +1,353 @@
+"""The ends of the roster sagas: quota's answer to a slot request, or the step's timeout.
+
+Quota answers each slot request (sent with the request id as its message id) with one result on
+``bianzhi.command-results.v1``; the roster reads the results of its own requests only. The saga
+row decides, by a conditional update, which of answer and timeout ends the saga: the one that
+comes second changes nothing. An enrolment whose step timed out is refused with ``timeout`` and
+its slot request is cancelled in quota (``ReleaseSlot`` with ``occupy_request_id``), which
+also undoes it if it took effect after all, so a late answer never counts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import date, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import Row
+
+from contracts.base import Event
+from contracts.codes import Category, EntryMethod, LeaderPost, ReasonCode, ReleaseReason
+from contracts.common import Document
+from contracts.envelope import Envelope, now
+from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
+from contracts.results import CommandCompleted, CommandRejected, CommandResult
+from contracts.roster import PersonEnrolled, PersonReleased, PersonTransferred
+from contracts.topics import ROSTER_EVENTS
+from services.roster.adapters.repository import command_envelope
+from services.roster.domain import model
+from services.roster.domain.model import Status
+from services.roster.service_layer.unit_of_work import RosterUnitOfWork
+from services.runtime.commands import finish_command
+from services.runtime.messaging import EventRoute
+from services.runtime.rules import Rejection
+
+log = structlog.get_logger("bianzhi.roster.saga")
+
+STEP_TYPES = frozenset({OccupySlot.TYPE, MoveSlot.TYPE, ReleaseSlot.TYPE})
+SWEEP_BATCH = 100
+
+
+def _ours(result: CommandResult) -> bool:
+    return result.command_type in STEP_TYPES
+
+
+def _emit(uow: RosterUnitOfWork, event: Event, command: Envelope, cause: str) -> Envelope:
+    env = event.envelope(
+        source=uow.source,
+        correlationid=command.effective_correlation_id,
+        causationid=cause,
+        actorid=command.actorid,
+        actorregion=command.actorregion,
+        actorroles=command.actorroles,
+    )
+    uow.stage(env, ROSTER_EVENTS, env.subject)
+    return env
+
+
+async def step_completed(result: CommandCompleted, uow: RosterUnitOfWork, env: Envelope) -> None:
+    saga = await uow.sagas.by_request(result.command_id)
+    if saga is None:
+        return
+    if saga.compensation_request_id == result.command_id:
+        await uow.sagas.finish(saga.saga_id, "timed_out", "compensated")
+        log.info("saga compensated", saga_id=saga.saga_id, kind=saga.kind)
+        return
+    if not await uow.sagas.finish(saga.saga_id, "waiting", "completed"):
+        log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
+        return
+    command = command_envelope(saga)
+    person = await uow.people.get(saga.person_id)
+    assert person is not None
+    if saga.kind == "enrol":
+        event = await _enrolled(uow, saga, person, command, env.id)
+    elif saga.kind == "transfer":
+        event = await _transferred(uow, saga, person, command, env.id)
+    else:
+        event = await _released(uow, saga, person, command, env.id)
+    await finish_command(uow, command, uow.source, subject=saga.person_id, events=[event])
+    log.info("saga completed", saga_id=saga.saga_id, kind=saga.kind, command_id=command.id)
+
+
+async def _enrolled(
+    uow: RosterUnitOfWork, saga: Row[Any], person: Row[Any], command: Envelope, cause: str
+) -> Envelope:
+    payload = saga.payload or {}
+    on = date.fromisoformat(payload["effective_date"])
+    await uow.people.transition(
+        saga.person_id,
+        {Status.ENROLLING},
+        only_saga=saga.saga_id,
+        status=Status.ACTIVE.value,
+        enrolled_on=on,
+    )
+    document = payload.get("document")
+    event = _emit(
+        uow,
+        PersonEnrolled(
+            person_id=uuid.UUID(person.person_id),
+            citizen_id_masked=person.citizen_masked,
+            name=person.name,
+            org_id=uuid.UUID(person.org_id),
+            category=Category(person.category),
+            notice_no=person.notice_no,
+            position=person.position,
+            leader_post=LeaderPost(person.leader_post) if person.leader_post else None,
+            unit_id=uuid.UUID(person.unit_id) if person.unit_id else None,
+            entry_method=EntryMethod(person.entry_method),
+            effective_date=on,
+            document=Document.model_validate(document) if document else None,
+            sex=person.sex,
+            ethnicity=person.ethnicity,
+            education=person.education,
+            political_status=person.political_status,
+        ),
+        command,
+        cause,
+    )
+    await uow.people.record(
+        event,
+        person_id=person.person_id,
+        org_id=person.org_id,
+        category=person.category,
+        effective_date=on,
+        document=document,
+        details={"notice_no": person.notice_no, "entry_method": person.entry_method},
+        command=command,
+    )
+    return event
+
+
+async def _transferred(
+    uow: RosterUnitOfWork, saga: Row[Any], person: Row[Any], command: Envelope, cause: str
+) -> Envelope:
+    p = saga.payload
+    on = date.fromisoformat(p["effective_date"])
+    await uow.people.transition(
+        saga.person_id,
+        {Status.TRANSFERRING},
+        only_saga=saga.saga_id,
+        status=Status.ACTIVE.value,
+        org_id=p["to_org_id"],
+        category=p["category"],
+        notice_no=p["notice_no"],
+        position=p["position"] if p["position"] is not None else person.position,
+        leader_post=p["leader_post"],
+        unit_id=p["unit_id"],
+    )
+    event = _emit(
+        uow,
+        PersonTransferred(
+            person_id=uuid.UUID(person.person_id),
+            citizen_id_masked=person.citizen_masked,
+            from_org_id=uuid.UUID(p["from_org_id"]),
+            to_org_id=uuid.UUID(p["to_org_id"]),
+            from_category=Category(p["from_category"]),
+            category=Category(p["category"]),
+            notice_no=p["notice_no"],
+            position=p["position"],
+            leader_post=LeaderPost(p["leader_post"]) if p["leader_post"] else None,
+            unit_id=uuid.UUID(p["unit_id"]) if p["unit_id"] else None,
+            effective_date=on,
+            document=Document.model_validate(p["document"]),
+        ),
+        command,
+        cause,
+    )
+    await uow.people.record(
+        event,
+        person_id=person.person_id,
+        org_id=p["to_org_id"],
+        category=p["category"],
+        effective_date=on,
+        document=p["document"],
+        details={"from_org_id": p["from_org_id"], "notice_no": p["notice_no"]},
+        command=command,
+    )
+    return event
+
+
+async def _released(
+    uow: RosterUnitOfWork, saga: Row[Any], person: Row[Any], command: Envelope, cause: str
+) -> Envelope:
+    p = saga.payload
+    on = date.fromisoformat(p["effective_date"])
+    await uow.people.transition(
+        saga.person_id,
+        {Status.RELEASING},
+        only_saga=saga.saga_id,
+        status=Status.RELEASED.value,
+        released_on=on,
+        release_reason=p["reason"],
+    )
+    event = _emit(
+        uow,
+        PersonReleased(
+            person_id=uuid.UUID(person.person_id),
+            citizen_id_masked=person.citizen_masked,
+            org_id=uuid.UUID(person.org_id),
+            category=Category(person.category),
+            reason=ReleaseReason(p["reason"]),
+            effective_date=on,
+            document=Document.model_validate(p["document"]) if p["document"] else None,
+        ),
+        command,
+        cause,
+    )
+    await uow.people.record(
+        event,
+        person_id=person.person_id,
+        org_id=person.org_id,
+        category=person.category,
+        effective_date=on,
+        document=p["document"],
+        details={"reason": p["reason"], "note": p.get("note")},
+        command=command,
+    )
+    return event
+
+
+async def step_rejected(result: CommandRejected, uow: RosterUnitOfWork, env: Envelope) -> None:
+    saga = await uow.sagas.by_request(result.command_id)
+    if saga is None:
+        return
+    if saga.compensation_request_id == result.command_id:
+        # The compensation could not run (the org is gone from quota's view, say): an operator
+        # must look. The enrolment itself was refused already.
+        log.error(
+            "saga compensation refused by quota",
+            saga_id=saga.saga_id,
+            code=result.code.value,
+            reason=result.message,
+        )
+        await uow.sagas.finish(saga.saga_id, "timed_out", "compensation_failed")
+        return
+    if not await uow.sagas.finish(saga.saga_id, "waiting", "rejected"):
+        log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
+        return
+    await _undo_in_roster(uow, saga)
+    command = command_envelope(saga)
+    await finish_command(
+        uow,
+        command,
+        uow.source,
+        rejection=Rejection(result.code, result.message, result.details),
+    )
+    log.warning(
+        "saga refused by quota", saga_id=saga.saga_id, kind=saga.kind, code=result.code.value
+    )
+
+
+async def _undo_in_roster(uow: RosterUnitOfWork, saga: Row[Any]) -> None:
+    """Put the person back where they stood before the saga."""
+    if saga.kind == "enrol":
+        previous = (saga.payload or {}).get("previous_status") or Status.FAILED.value
+        await uow.people.transition(
+            saga.person_id, {Status.ENROLLING}, only_saga=saga.saga_id, status=previous
+        )
+    else:
+        busy = Status.TRANSFERRING if saga.kind == "transfer" else Status.RELEASING
+        await uow.people.transition(
+            saga.person_id, {busy}, only_saga=saga.saga_id, status=Status.ACTIVE.value
+        )
+
+
+async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
+    """End an overdue saga: refuse its command with ``timeout`` and cancel its step in quota.
+
+    Transfers and releases are single atomic steps in quota; they are cancelled the same way
+    only for an enrolment (the step whose effect can be undone by releasing the slot it took).
+    For the others the saga keeps waiting: quota's answer is final and will arrive.
+    """
+    if saga.kind != "enrol":
+        await uow.sagas.postpone(saga.saga_id, now() + timedelta(seconds=uow.saga_timeout_s))
+        log.warning(
+            "saga step overdue, still waiting for quota",
+            saga_id=saga.saga_id,
+            kind=saga.kind,
+            step=saga.step_type,
+            since=saga.created_at.isoformat(),
+        )
+        return False
+    compensation = model.step_id(saga.command_id, "compensate")
+    if not await uow.sagas.finish(
+        saga.saga_id, "waiting", "timed_out", compensation_request_id=compensation
+    ):
+        return False
+    person = await uow.people.get(saga.person_id)
+    assert person is not None
+    await _undo_in_roster(uow, saga)
+    command = command_envelope(saga)
+    release = ReleaseSlot(
+        request_id=uuid.UUID(compensation),
+        person_id=uuid.UUID(person.person_id),
+        org_id=uuid.UUID(person.org_id),
+        category=Category(person.category),
+        leader_post=LeaderPost(person.leader_post) if person.leader_post else None,
+        unit_id=uuid.UUID(person.unit_id) if person.unit_id else None,
+        occupy_request_id=uuid.UUID(saga.step_request_id),
+    )
+    step = release.envelope(
+        source=uow.source,
+        id=compensation,
+        correlationid=command.effective_correlation_id,
+        causationid=command.id,
+        actorid=command.actorid,
+        actorregion=command.actorregion,
+        actorroles=command.actorroles,
+    )
+    uow.stage(step, ReleaseSlot.TOPIC, step.subject)
+    await finish_command(
+        uow,
+        command,
+        uow.source,
+        rejection=Rejection(
+            ReasonCode.TIMEOUT,
+            "quota did not answer in time; nothing was changed / 编制核验超时，未作变更",
+            {"person_id": saga.person_id, "step": saga.step_type, "saga_id": saga.saga_id},
+        ),
+    )
+    log.warning("saga timed out, compensating", saga_id=saga.saga_id, command_id=command.id)
+    return True
+
+
+async def sweep_once(uow_factory: Any, *, at: Any = None) -> int:
+    """Time out every overdue saga step; how many were ended."""
+    ended = 0
+    async with uow_factory() as uow:
+        due = await uow.sagas.overdue(at or now(), SWEEP_BATCH)
+        for saga in due:
+            if await time_out(uow, saga):
+                ended += 1
+        await uow.commit()
+    return ended
+
+
+async def sweep_overdue_sagas(runtime: Any) -> None:
+    """The background task: look for overdue saga steps every few seconds."""
+    interval = runtime.definition.uow_class.saga_sweep_interval_s
+    while True:
+        try:
+            await sweep_once(runtime.uow)
+        except Exception as exc:  # the next sweep tries again
+            log.warning("saga timeout sweep failed", error=repr(exc))
+        await asyncio.sleep(interval)
+
+
+# The results of the roster's own slot requests, read from bianzhi.command-results.v1.
+RESULT_ROUTES: list[EventRoute] = [
+    EventRoute(CommandCompleted, step_completed, accept=_ours),
+    EventRoute(CommandRejected, step_rejected, accept=_ours),
+]

@@ -1,0 +1,233 @@
+"""The roster sagas end to end: orgs, quota and roster services on the real broker, each with a
+database of its own (SQLite and PostgreSQL), driven only by commands on the topics.
+
+Also the personal-data boundary: after a full enrol / update / transfer / release scenario no
+topic but the roster's own command topic, and no log line, holds a full citizen ID number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+
+from contracts.codes import Category, EntryMethod, ReleaseReason
+from contracts.common import Document
+from contracts.identifiers import compose_citizen_id, mask_citizen_id
+from contracts.quota import ApproveQuota, IssueQuotaUseNotice
+from contracts.roster import EnrolPerson, ReleasePerson, TransferPerson, UpdatePerson
+from contracts.topics import ROSTER_COMMANDS, all_topics
+from services.quota.bootstrap import build as build_quota
+from services.roster.bootstrap import build as build_roster
+from services.runtime.app import ServiceRuntime
+from tests.conftest import service_settings, wait_for
+from tests.support.builders import register_org
+from tests.support.databases import database
+from tests.support.kafka import CommandClient, read_topic
+from tests.support.lifecycle import running
+
+pytestmark = pytest.mark.broker
+
+COMPLETED = "bianzhi.CommandCompleted.v1"
+REJECTED = "bianzhi.CommandRejected.v1"
+DOC = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
+CLERK = {"actorid": "wang.fang", "actorregion": "130100", "actorroles": "clerk"}
+KEY = "q3mC3Zl0bdkq0mW9V6sZf1tq8yQk7oJX0mZB2xqg1XU="
+
+
+@pytest.fixture
+async def services(
+    orgs_service: ServiceRuntime,
+    topics: str,
+    db_backend: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[tuple[ServiceRuntime, ServiceRuntime]]:
+    async with (
+        database(db_backend, tmp_path, "quota") as quota_url,
+        database(db_backend, tmp_path, "roster") as roster_url,
+    ):
+        monkeypatch.setenv("BIANZHI_QUOTA_DATABASE_URL", quota_url)
+        monkeypatch.setenv("BIANZHI_ROSTER_DATABASE_URL", roster_url)
+        monkeypatch.setenv("BIANZHI_ROSTER_PERSONAL_DATA_KEY", KEY)
+        settings = service_settings(tmp_path, topics, log_level="INFO")
+        quota = build_quota(settings)
+        roster = build_roster(settings)
+        async with running(quota.app), running(roster.app):
+            yield quota, roster
+
+
+def http(service: ServiceRuntime) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app), base_url="http://t")
+
+
+async def done(client: CommandClient, command_id: str) -> dict[str, object]:
+    res = await client.result(command_id, timeout=30)
+    assert res.type == COMPLETED, res.data
+    return res.data
+
+
+@pytest.fixture
+def service_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every log line of the services built after this fixture, in a file of the test's.
+
+    The services bind ``sys.stderr`` when they configure logging, so it is replaced first;
+    the file stays open after the test for loggers still draining.
+    """
+    path = tmp_path / "services.log"
+    stream = path.open("a", encoding="utf-8", buffering=1)
+    monkeypatch.setattr(sys, "stderr", stream)
+    yield path
+    stream.flush()
+
+
+async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_id(
+    service_logs: Path,  # first: the services' loggers then write into it
+    services: tuple[ServiceRuntime, ServiceRuntime],
+    client: CommandClient,
+) -> None:
+    quota, roster = services
+    first, second = register_org(), register_org(name="石家庄市长安区教育局")
+    for org in (first, second):
+        await done(client, await client.send(org))
+    async with http(quota) as quota_api, http(roster) as roster_api:
+
+        async def projected() -> bool:
+            for org in (first, second):
+                if (await quota_api.get(f"/orgs/{org.org_id}/establishment")).status_code != 200:
+                    return False
+            return True
+
+        await wait_for(projected, timeout=20)
+        notices: dict[uuid.UUID, str] = {}
+        for org in (first, second):
+            await done(
+                client,
+                await client.send(
+                    ApproveQuota(
+                        org_id=org.org_id,
+                        category=Category.ADMIN,
+                        approved=5,
+                        document=DOC,
+                        effective_date=DOC.date,
+                    )
+                ),
+            )
+            notice = IssueQuotaUseNotice(
+                notice_no=f"长编用〔2026〕{uuid.uuid4().hex[:6]}号",
+                org_id=org.org_id,
+                category=Category.ADMIN,
+                count=3,
+                valid_until=date(2099, 1, 1),
+                document=DOC,
+            )
+            await done(client, await client.send(notice))
+            notices[org.org_id] = notice.notice_no
+
+        numbers = [compose_citizen_id("130102", date(1990, 5, 1 + i), 11 + i) for i in range(3)]
+        enrolled: list[str] = []
+        for i, number in enumerate(numbers):
+            cmd = EnrolPerson(
+                citizen_id=number,
+                name=["张伟", "王芳", "李娜"][i],
+                org_id=first.org_id,
+                category=Category.ADMIN,
+                notice_no=notices[first.org_id],
+                entry_method=EntryMethod.EXAM,
+                effective_date=date(2026, 3, 1),
+                phone="13800138000",
+            )
+            data = await done(client, await client.send(cmd, **CLERK))
+            enrolled.append(str(data["subject"]))
+        refused = await client.result(
+            await client.send(
+                EnrolPerson(
+                    citizen_id=numbers[0],
+                    name="张伟",
+                    org_id=second.org_id,
+                    category=Category.ADMIN,
+                    notice_no=notices[second.org_id],
+                    entry_method=EntryMethod.TRANSFER_IN,
+                    effective_date=date(2026, 3, 1),
+                ),
+                **CLERK,
+            ),
+            timeout=30,
+        )
+        assert (refused.type, refused.data["code"]) == (REJECTED, "already_enrolled")
+
+        await done(
+            client,
+            await client.send(UpdatePerson(citizen_id=numbers[0], position="副科长"), **CLERK),
+        )
+        await done(
+            client,
+            await client.send(
+                TransferPerson(
+                    citizen_id=numbers[1],
+                    to_org_id=second.org_id,
+                    category=Category.ADMIN,
+                    notice_no=notices[second.org_id],
+                    effective_date=date(2026, 6, 1),
+                    document=DOC,
+                ),
+                **CLERK,
+            ),
+        )
+        await done(
+            client,
+            await client.send(
+                ReleasePerson(
+                    citizen_id=numbers[2],
+                    reason=ReleaseReason.RETIRED,
+                    effective_date=date(2026, 12, 31),
+                ),
+                **CLERK,
+            ),
+        )
+
+        first_est = (await quota_api.get(f"/orgs/{first.org_id}/establishment")).json()
+        second_est = (await quota_api.get(f"/orgs/{second.org_id}/establishment")).json()
+        assert [(c["approved"], c["occupied"], c["reserved"]) for c in first_est["categories"]] == [
+            (5, 1, 0)
+        ]
+        assert [
+            (c["approved"], c["occupied"], c["reserved"]) for c in second_est["categories"]
+        ] == [(5, 1, 2)]
+        people_first = (await roster_api.get(f"/orgs/{first.org_id}/people")).json()
+        people_second = (await roster_api.get(f"/orgs/{second.org_id}/people")).json()
+        assert [p["person_id"] for p in people_first["people"]] == [enrolled[0]]
+        assert [p["person_id"] for p in people_second["people"]] == [enrolled[1]]
+        assert people_first["people"][0]["position"] == "副科长"
+        person = (await roster_api.get(f"/people/{enrolled[2]}")).json()
+        assert person["status"] == "released"
+        counts = (await roster_api.get("/counts")).json()["orgs"]
+        assert counts == {
+            str(first.org_id): {"admin": {"held": 1, "enrolling": 0}},
+            str(second.org_id): {"admin": {"held": 1, "enrolling": 0}},
+        }
+
+    async def all_events_out() -> bool:
+        records = await read_topic(client.bootstrap, "bianzhi.roster.events.v1")
+        return len(records) == 6  # 3 enrolled, 1 updated, 1 transferred, 1 released
+
+    await wait_for(all_events_out, timeout=20)
+    seen: list[str] = []
+    for topic in all_topics():
+        if topic == ROSTER_COMMANDS:  # the front-ends' own commands carry the numbers
+            continue
+        for record in await read_topic(client.bootstrap, topic):
+            seen.append(f"{record.key!r} {record.value.decode()} {record.headers!r}")
+    logs = await asyncio.to_thread(service_logs.read_text, encoding="utf-8")
+    text = "\n".join(seen) + logs
+    assert len(seen) > 30 and "PersonTransferred" in text
+    assert "saga completed" in logs  # the services' log lines were captured
+    for number in numbers:
+        assert number not in text, f"a full citizen ID appears in a topic or log: {number}"
+        assert mask_citizen_id(number) in text
