@@ -82,16 +82,17 @@ def service_access(
     )
 
 
-# roster is not built yet: its row follows ARCHITECTURE §1/§4 and WIRE-CONTRACT §1 (roster keeps
-# org status and drives sagas through internal quota commands) and is to be confirmed when it
-# lands. notify's row matches services/notify/bootstrap.py (tests/deploy checks every existing
-# service's row against its definition()).
+# Each service's row matches its services/<svc>/bootstrap.py (tests/deploy checks every existing
+# service's row against its definition() and the commands its code sends). roster projects the
+# orgs events and reads quota's answers to its slot requests from the command results, both in
+# its projection group; it sends those requests (OccupySlot, MoveSlot, ReleaseSlot) to quota's
+# command topic, the one saga exception to "no service writes another's commands".
 ACCESS: dict[str, Access] = {
     "orgs": service_access("orgs"),
     "quota": service_access("quota", projections=(events("orgs"),)),
     "roster": service_access(
         "roster",
-        projections=(events("orgs"), events("quota")),
+        projections=(events("orgs"), COMMAND_RESULTS),
         extra_writes=(commands("quota"),),
     ),
     "notify": service_access(

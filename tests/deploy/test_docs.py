@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import importlib
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import pytest
 import yaml
 
 from services.cli.common import resolve_command_type
 from services.cli.main import build_parser
 from services.cli.send import build_envelope, load_data
 from tests.deploy.render import Resource, kubectl_build
+from tests.deploy.test_manifests import HAND_MADE_SECRETS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "deploy.md"
@@ -117,3 +121,52 @@ def test_the_webhook_egress_rule_is_documented_as_it_is() -> None:
         for cidr in block["except"]:
             assert f"`{cidr}`" in section, cidr
     assert "webhook-egress-notify" in (ROOT / "deploy" / "README.md").read_text()
+
+
+def shell_block_with(text: str) -> str:
+    """The one ```sh block of docs/deploy.md that contains ``text``, continuation lines joined."""
+    blocks = re.findall(r"^```sh\n(.*?)^```", DOC.read_text(), re.MULTILINE | re.DOTALL)
+    (block,) = [b for b in blocks if text in b]
+    return block.replace("\\\n", " ")
+
+
+@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
+def test_a_hand_made_secret_is_created_and_backed_up_as_documented(secret: str) -> None:
+    _, key, _ = HAND_MADE_SECRETS[secret]
+    block = shell_block_with(f"create secret generic {secret}")
+    (create,) = [line for line in block.splitlines() if f"create secret generic {secret}" in line]
+    (namespace,) = [o for o in prod() if o["kind"] == "Namespace"]
+    words = shlex.split(create)
+    assert words[:3] == ["kubectl", "-n", namespace["metadata"]["name"]]
+    assert any(w.startswith(f"--from-file={key}=") for w in words), "the key the pod mounts"
+    text = " ".join(DOC.read_text().split())
+    assert "**Back it up**" in text and "unreadable" in text
+
+
+def test_the_documented_personal_data_key_is_one_the_roster_accepts(tmp_path: Path) -> None:
+    from services.roster.domain.personal_data import load_master_key
+
+    secret = "bianzhi-roster-personal-data-key"
+    block = shell_block_with(f"create secret generic {secret}")
+    # run the documented steps that make the key file (everything but kubectl) in a scratch dir
+    steps = [line for line in block.splitlines() if line and not line.startswith("kubectl")]
+    done = subprocess.run(
+        ["sh", "-euc", "\n".join(steps)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.split() == ["32"], "the documented check prints the key's length"
+    (create,) = [line for line in block.splitlines() if secret in line]
+    (source,) = [w for w in shlex.split(create) if w.startswith("--from-file=")]
+    path = tmp_path / source.split("=", 2)[2]
+    assert path.stat().st_mode & 0o077 == 0, "the file is made private (umask 077)"
+    key = load_master_key(value=None, path=path, generate_at=None)
+    assert len(key) == 32
+    # and two runs make two different keys: nothing is fixed in the documentation
+    subprocess.run(
+        ["sh", "-euc", "\n".join(steps)], cwd=tmp_path, check=True, timeout=30, capture_output=True
+    )
+    assert load_master_key(value=None, path=path, generate_at=None) != key

@@ -7,6 +7,7 @@ two print the same objects and validates the built-in kinds against the Kubernet
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import importlib
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from pydantic_settings import BaseSettings
 
+from contracts.base import Message
 from contracts.topics import COMMAND_RESULTS, SERVICES, all_topics, commands, dlq, events
 from services.cli.common import existing_services
 from services.runtime.settings import Settings
@@ -32,6 +34,15 @@ OVERLAYS = ("dev", "prod")
 DEPLOYED = tuple(existing_services())
 # The services allowed one egress rule to the internet (webhook receivers), and its port.
 INTERNET_EGRESS = {"notify": 443}
+# Secrets no operator makes: the cluster's administrator creates them once (docs/deploy.md says
+# how) and backs them up. Secret name -> (service, the key it holds, the setting naming its file).
+HAND_MADE_SECRETS: dict[str, tuple[str, str, str]] = {
+    "bianzhi-roster-personal-data-key": (
+        "roster",
+        "key",
+        "BIANZHI_ROSTER_PERSONAL_DATA_KEY_FILE",
+    ),
+}
 
 sys.path.insert(0, str(ROOT / "deploy"))
 generate = importlib.import_module("generate")
@@ -261,7 +272,7 @@ def secrets_made_by_operators(objects: list[Resource]) -> set[str]:
 def test_secrets_are_referenced_only_from_what_the_operators_make(
     rendered: list[Resource],
 ) -> None:
-    allowed = secrets_made_by_operators(rendered)
+    allowed = secrets_made_by_operators(rendered) | set(HAND_MADE_SECRETS)
     for obj in rendered:
         for node in walk(obj):
             if isinstance(node, dict) and "secretKeyRef" in node:
@@ -293,6 +304,36 @@ def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resour
             e["valueFrom"]["secretKeyRef"]["name"] for e in app["env"] if "valueFrom" in e
         }
         assert db_secrets == {f"bianzhi-{svc}-db-app"}
+
+
+@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
+def test_a_hand_made_key_is_a_read_only_file_never_a_value(
+    secret: str, rendered: list[Resource]
+) -> None:
+    svc, key, setting = HAND_MADE_SECRETS[secret]
+    deployment = named(rendered, "Deployment", f"bianzhi-{svc}")
+    pod = deployment["spec"]["template"]["spec"]
+    app = main_container(deployment)
+    # the setting names a file in a read-only mount of exactly that Secret key
+    path = Path(configmap_env(rendered, app)[setting])
+    mounts = {m["mountPath"]: m for m in app["volumeMounts"]}
+    mount = mounts[str(path.parent)]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    assert volume["secretName"] == secret
+    assert volume["items"] == [{"key": key, "path": path.name}]
+    # a missing Secret keeps the pod from starting instead of letting it start without its key
+    assert not volume.get("optional", False)
+    assert volume["defaultMode"] & 0o007 == 0, "not readable by other users"
+    # the key itself is never passed as a value, in a ConfigMap or an env variable
+    value_setting = setting.removesuffix("_FILE")
+    for container in containers(deployment):
+        passed = {**configmap_env(rendered, container)}
+        passed |= {e["name"]: e for e in container.get("env", [])}
+        assert value_setting not in passed, container["name"]
+    # only the container that reads the key mounts it (migrations do not)
+    for container in pod["initContainers"]:
+        assert mount["name"] not in {m["name"] for m in container["volumeMounts"]}
 
 
 def test_every_setting_the_manifests_pass_is_read_by_the_services(
@@ -418,6 +459,50 @@ def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands
         assert not any(can(users[generate.user_name(svc)], "Write", commands(o)) for o in SERVICES)
 
 
+def _resolve(node: ast.expr, namespace: dict[str, Any]) -> Any:
+    """What a name or dotted name of a module refers to (None when it is not a global)."""
+    if isinstance(node, ast.Name):
+        return namespace.get(node.id)
+    if isinstance(node, ast.Attribute):
+        return getattr(_resolve(node.value, namespace), node.attr, None)
+    return None
+
+
+def messages_built_by(svc: str) -> dict[str, set[str]]:
+    """Topic -> the message classes of the contract that the code of ``services/<svc>``
+    constructs (``OccupySlot(...)``, ``PersonEnrolled(...)``): every message a service sends
+    is built in its own code and goes to its class's ``TOPIC`` (results and dead letters are
+    the runtime's, and are covered separately)."""
+    built: dict[str, set[str]] = {}
+    package = ROOT / "services" / svc
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(ROOT).with_suffix("")
+        if "migrations" in relative.parts:  # Alembic scripts, run by Alembic only
+            continue
+        module = importlib.import_module(".".join(relative.parts).removesuffix(".__init__"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            target = _resolve(node.func, vars(module))
+            if isinstance(target, type) and issubclass(target, Message) and target.TOPIC:
+                built.setdefault(target.TOPIC, set()).add(target.__name__)
+    return built
+
+
+def test_the_message_scan_sees_what_a_service_sends() -> None:
+    """The derivation below can fail: it finds orgs' events and roster's slot requests, and
+    nothing of another service's events anywhere."""
+    assert "OrgRegistered" in messages_built_by("orgs")[events("orgs")]
+    if "roster" in DEPLOYED:
+        assert {"OccupySlot", "MoveSlot", "ReleaseSlot"} <= messages_built_by("roster")[
+            commands("quota")
+        ]
+    for svc in DEPLOYED:
+        built = messages_built_by(svc)
+        assert events(svc) in built, svc
+        assert not {events(o) for o in SERVICES if o != svc} & set(built), svc
+
+
 @pytest.mark.parametrize("svc", DEPLOYED)
 def test_service_acls_are_exactly_what_the_service_consumes_and_produces(
     svc: str, prod: list[Resource]
@@ -427,10 +512,18 @@ def test_service_acls_are_exactly_what_the_service_consumes_and_produces(
     consumed = {(commands(svc), f"{prefix}-{svc}")} | {
         (sub.topic, f"{prefix}-{svc}-projection") for sub in definition.event_subscriptions
     }
-    produced = {events(svc), COMMAND_RESULTS} | {dlq(topic) for topic, _ in consumed}
-    expected = {("topic", t, "literal"): {"Read", "Describe"} for t, _ in consumed}
-    expected |= {("group", g, "literal"): {"Read"} for _, g in consumed}
-    expected |= {("topic", t, "literal"): {"Write", "Describe"} for t in produced}
+    # its events and command results, any other service's commands it sends (a saga's steps,
+    # e.g. roster's slot requests to quota), and the dead letters of what it consumes
+    produced = {events(svc), COMMAND_RESULTS} | set(messages_built_by(svc))
+    produced |= {dlq(topic) for topic, _ in consumed}
+    expected: dict[tuple[str, str, str], set[str]] = {}
+    for topic, group in consumed:
+        expected.setdefault(("topic", topic, "literal"), set()).update({"Read", "Describe"})
+        expected.setdefault(("group", group, "literal"), set()).add("Read")
+    # a topic both read and written (roster reads quota's answers from the command results it
+    # also writes to) holds both sets of operations
+    for topic in produced:
+        expected.setdefault(("topic", topic, "literal"), set()).update({"Write", "Describe"})
     user = named(prod, "KafkaUser", generate.user_name(svc))
     assert permissions(user) == expected
 
