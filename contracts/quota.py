@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contracts.base import Command, Event, type_name
 from contracts.codes import INSTITUTIONAL_CATEGORIES, Category, Funding, LeaderPost, ReasonCode
@@ -193,6 +193,43 @@ class MoveSlot(QuotaCommand):
         return self
 
 
+class MergeEstablishments(QuotaCommand):
+    """Internal (orgs saga, 机构合并): move every source org's establishment — approved,
+    occupied and reserved places per category, slots, open notices, leader posts held — to the
+    target in one transaction, and close the sources. Answered by ``EstablishmentsMerged`` or a
+    rejection (``category_not_allowed``, ``region_limit_exceeded``, ``org_not_active``, …)."""
+
+    TYPE: ClassVar[str] = type_name("quota", "MergeEstablishments")
+    SUBJECT: ClassVar[str] = "target_org_id"
+
+    request_id: Uuid
+    source_org_ids: Annotated[list[Uuid], Field(min_length=1, max_length=50)]
+    target_org_id: Uuid
+    document: Document
+    effective_date: date | None = None
+
+    @model_validator(mode="after")
+    def _target_not_a_source(self) -> MergeEstablishments:
+        if self.target_org_id in self.source_org_ids:
+            raise ValueError("the target org cannot be one of the sources")
+        if len(set(self.source_org_ids)) != len(self.source_org_ids):
+            raise ValueError("source_org_ids repeat an org")
+        return self
+
+
+class CloseEstablishment(QuotaCommand):
+    """Internal (orgs saga, 机构撤销): close an org's establishment, refused with
+    ``org_not_empty`` while it holds approved, occupied or reserved places, open notices or
+    leader posts held. Answered by ``EstablishmentClosed`` or that rejection."""
+
+    TYPE: ClassVar[str] = type_name("quota", "CloseEstablishment")
+
+    request_id: Uuid
+    org_id: Uuid
+    document: Document
+    effective_date: date | None = None
+
+
 # --- events -------------------------------------------------------------------------------
 
 
@@ -338,6 +375,47 @@ class SlotRequestRejected(QuotaEvent):
     code: ReasonCode
     message: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class MergedCategory(BaseModel):
+    """What one category of the sources brought to the target in a merge."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    category: Category
+    approved: int
+    occupied: int
+    reserved: int
+    target_approved: int
+    target_occupied: int
+    target_reserved: int
+
+
+class EstablishmentsMerged(QuotaEvent):
+    """The sources' establishment now belongs to the target (机构合并); the sources are closed."""
+
+    TYPE: ClassVar[str] = type_name("quota", "EstablishmentsMerged")
+    SUBJECT: ClassVar[str] = "target_org_id"
+
+    request_id: Uuid
+    source_org_ids: list[Uuid]
+    target_org_id: Uuid
+    categories: list[MergedCategory] = Field(default_factory=list)
+    slots_moved: int = 0
+    notices_moved: list[str] = Field(default_factory=list)
+    document: Document
+    effective_date: date
+
+
+class EstablishmentClosed(QuotaEvent):
+    """An empty org's establishment is closed (机构撤销): nothing may be approved or occupied."""
+
+    TYPE: ClassVar[str] = type_name("quota", "EstablishmentClosed")
+
+    request_id: Uuid
+    org_id: Uuid
+    document: Document
+    effective_date: date
 
 
 class OverQuotaDetected(QuotaEvent):

@@ -174,6 +174,9 @@ class PersonTransferred(RosterEvent):
     unit_id: Uuid | None = None
     effective_date: date
     document: Document
+    by_merge: bool = False
+    """Set when the person moved because their org was merged into ``to_org_id`` (机构合并);
+    no notice was used then, and ``notice_no`` is the merge document's number."""
 
 
 class PersonReleased(RosterEvent):

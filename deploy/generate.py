@@ -86,9 +86,12 @@ def service_access(
 # service's row against its definition() and the commands its code sends). roster projects the
 # orgs events and reads quota's answers to its slot requests from the command results, both in
 # its projection group; it sends those requests (OccupySlot, MoveSlot, ReleaseSlot) to quota's
-# command topic, the one saga exception to "no service writes another's commands".
+# command topic. orgs does the same for its merge and abolish sagas (MergeEstablishments,
+# CloseEstablishment). These sagas are the only writers of another service's commands.
 ACCESS: dict[str, Access] = {
-    "orgs": service_access("orgs"),
+    "orgs": service_access(
+        "orgs", projections=(COMMAND_RESULTS,), extra_writes=(commands("quota"),)
+    ),
     "quota": service_access("quota", projections=(events("orgs"),)),
     "roster": service_access(
         "roster",

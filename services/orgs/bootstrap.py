@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from contracts.topics import COMMAND_RESULTS
 from services.orgs.adapters.orm import messaging, metadata
 from services.orgs.entrypoints.queries import register_queries
 from services.orgs.service_layer.handlers import COMMANDS
+from services.orgs.service_layer.sagas import RESULT_ROUTES, SAGA_COMMANDS
 from services.orgs.service_layer.unit_of_work import OrgsUnitOfWork
-from services.runtime.app import ServiceDefinition, ServiceRuntime, build_runtime
+from services.runtime.app import (
+    EventSubscription,
+    ServiceDefinition,
+    ServiceRuntime,
+    build_runtime,
+)
 from services.runtime.settings import Settings
 
 SERVICE = "orgs"
@@ -20,9 +27,11 @@ def definition() -> ServiceDefinition:
         metadata=metadata,
         tables=messaging,
         uow_class=OrgsUnitOfWork,
-        command_routes=COMMANDS,
+        command_routes=[*COMMANDS, *SAGA_COMMANDS],
         migrations_dir=Path(__file__).parent / "migrations",
         register_queries=register_queries,
+        # Quota's answers to the merge and abolish sagas' steps.
+        event_subscriptions=(EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),),
     )
 
 

@@ -9,6 +9,7 @@ from services.quota.adapters.orm import messaging, metadata
 from services.quota.entrypoints.queries import register_queries
 from services.quota.service_layer.expiry import sweep_expired_notices
 from services.quota.service_layer.handlers import COMMANDS
+from services.quota.service_layer.merging import MERGE_COMMANDS
 from services.quota.service_layer.projection import ORG_EVENTS
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
 from services.runtime.app import (
@@ -28,7 +29,7 @@ def definition() -> ServiceDefinition:
         metadata=metadata,
         tables=messaging,
         uow_class=QuotaUnitOfWork,
-        command_routes=COMMANDS,
+        command_routes=[*COMMANDS, *MERGE_COMMANDS],
         migrations_dir=Path(__file__).parent / "migrations",
         register_queries=register_queries,
         event_subscriptions=(EventSubscription(ORGS_EVENTS, ORG_EVENTS),),

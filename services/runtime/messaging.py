@@ -139,6 +139,21 @@ class HandlerContext:
             )
 
 
+def emit_caused(uow: UnitOfWork, event: Event, command: Envelope, cause: str) -> Envelope:
+    """Stage ``event`` for the outbox on behalf of ``command`` (its correlation and actor), as
+    caused by the message ``cause``: how a saga writes the events of a command it ends."""
+    env = event.envelope(
+        source=uow.source,
+        correlationid=command.effective_correlation_id,
+        causationid=cause,
+        actorid=command.actorid,
+        actorregion=command.actorregion,
+        actorroles=command.actorroles,
+    )
+    uow.stage(env, event.TOPIC, env.subject)
+    return env
+
+
 CommandHandler = Callable[[Any, Any, HandlerContext], Awaitable[None]]
 EventHandler = Callable[[Any, Any, Envelope], Awaitable[None]]
 

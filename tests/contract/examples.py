@@ -122,6 +122,18 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "category": "admin",
         "notice_no": NOTICE,
     },
+    "bianzhi.quota.MergeEstablishments.v1": {
+        "request_id": REQUEST,
+        "source_org_ids": [ORG_B],
+        "target_org_id": ORG_A,
+        "document": DOCUMENT,
+        "effective_date": "2026-04-01",
+    },
+    "bianzhi.quota.CloseEstablishment.v1": {
+        "request_id": REQUEST,
+        "org_id": ORG_B,
+        "document": DOCUMENT,
+    },
     # roster
     "bianzhi.roster.EnrolPerson.v1": {
         "citizen_id": CITIZEN_ID,
@@ -332,6 +344,32 @@ EVENT_EXAMPLES: dict[str, dict[str, Any]] = {
         "code": "no_vacancy",
         "message": "编制已满 / no vacancy",
         "details": {"approved": 30, "occupied": 30},
+    },
+    "bianzhi.quota.EstablishmentsMerged.v1": {
+        "request_id": REQUEST,
+        "source_org_ids": [ORG_B],
+        "target_org_id": ORG_A,
+        "categories": [
+            {
+                "category": "admin",
+                "approved": 5,
+                "occupied": 2,
+                "reserved": 2,
+                "target_approved": 8,
+                "target_occupied": 3,
+                "target_reserved": 2,
+            }
+        ],
+        "slots_moved": 2,
+        "notices_moved": [NOTICE],
+        "document": DOCUMENT,
+        "effective_date": "2026-04-01",
+    },
+    "bianzhi.quota.EstablishmentClosed.v1": {
+        "request_id": REQUEST,
+        "org_id": ORG_B,
+        "document": DOCUMENT,
+        "effective_date": "2026-04-01",
     },
     "bianzhi.quota.OverQuotaDetected.v1": {
         "org_id": ORG_A,

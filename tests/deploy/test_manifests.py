@@ -455,8 +455,13 @@ def test_each_service_reads_its_commands_writes_its_events_and_no_other_commands
             # a saga's internal commands are the one declared exception
             if commands(other) not in generate.ACCESS[svc].produces:
                 assert not can(user, "Write", commands(other))
-    for svc in ("orgs", "quota", "notify"):
+    # Only the saga owners write another service's commands: orgs (merge, abolish) and roster
+    # (enrol, transfer, release), both to quota alone.
+    for svc in ("quota", "notify"):
         assert not any(can(users[generate.user_name(svc)], "Write", commands(o)) for o in SERVICES)
+    for svc in ("orgs", "roster"):
+        written = {o for o in SERVICES if can(users[generate.user_name(svc)], "Write", commands(o))}
+        assert written == {"quota"}, written
 
 
 def _resolve(node: ast.expr, namespace: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -70,6 +71,32 @@ org_history = Table(
     Column("actor_region", String(12), nullable=True),
     Column("data", JSON, nullable=False),
     Index("ix_org_history_org", "org_id", "seq"),
+)
+
+# Merges and abolitions wait for quota (their sagas): the command (its envelope), the step sent
+# and what to apply when quota agrees.
+org_sagas = Table(
+    "org_sagas",
+    metadata,
+    Column("saga_id", String(36), primary_key=True),
+    Column("kind", String(16), nullable=False),  # merge | abolish
+    Column("command_id", String(200), nullable=False),
+    Column("command_envelope", LargeBinary, nullable=False),
+    Column("org_ids", JSON, nullable=False),
+    Column("payload", JSON, nullable=False),
+    # waiting | completed | rejected
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index("ix_org_sagas_status", "status", "created_at"),
+)
+
+# An org takes part in at most one merge or abolition at a time: the primary key decides.
+org_saga_locks = Table(
+    "org_saga_locks",
+    metadata,
+    Column("org_id", String(36), primary_key=True),
+    Column("saga_id", String(36), nullable=False),
 )
 
 messaging = messaging_tables(metadata)

@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Self
 
 from services.orgs.adapters.repository import OrgRepository
+from services.orgs.adapters.sagas import OrgSagas
 from services.runtime.uow import UnitOfWork
 
 
 class OrgsUnitOfWork(UnitOfWork):
     orgs: OrgRepository
+    sagas: OrgSagas
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
         self.orgs = OrgRepository(self.session)
+        self.sagas = OrgSagas(self.session)
         return self
 
     async def commit(self) -> None:

@@ -126,6 +126,28 @@ class People:
         )
         return bool(done.rowcount)  # type: ignore[attr-defined]
 
+    async def move_org(self, from_org_ids: Iterable[UUID], to_org_id: UUID) -> list[Row[Any]]:
+        """Move everyone holding (or about to hold) a slot of these orgs to ``to_org_id``; the
+        people as they were before the move."""
+        ids = [str(o) for o in from_org_ids]
+        holding = ("enrolling", "active", "transferring", "releasing")
+        before = list(
+            (
+                await self.session.execute(
+                    select(people)
+                    .where(people.c.org_id.in_(ids), people.c.status.in_(holding))
+                    .order_by(people.c.person_id)
+                )
+            ).all()
+        )
+        if before:
+            await self.session.execute(
+                update(people)
+                .where(people.c.org_id.in_(ids), people.c.status.in_(holding))
+                .values(org_id=str(to_org_id), updated_at=now(), version=people.c.version + 1)
+            )
+        return before
+
     async def record(
         self,
         event: Envelope,

@@ -18,20 +18,18 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Row
 
-from contracts.base import Event
 from contracts.codes import Category, EntryMethod, LeaderPost, ReasonCode, ReleaseReason
 from contracts.common import Document
 from contracts.envelope import Envelope, now
 from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
 from contracts.results import CommandCompleted, CommandRejected, CommandResult
 from contracts.roster import PersonEnrolled, PersonReleased, PersonTransferred
-from contracts.topics import ROSTER_EVENTS
 from services.roster.adapters.repository import command_envelope
 from services.roster.domain import model
 from services.roster.domain.model import Status
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.commands import finish_command
-from services.runtime.messaging import EventRoute
+from services.runtime.messaging import EventRoute, emit_caused
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.roster.saga")
@@ -42,19 +40,6 @@ SWEEP_BATCH = 100
 
 def _ours(result: CommandResult) -> bool:
     return result.command_type in STEP_TYPES
-
-
-def _emit(uow: RosterUnitOfWork, event: Event, command: Envelope, cause: str) -> Envelope:
-    env = event.envelope(
-        source=uow.source,
-        correlationid=command.effective_correlation_id,
-        causationid=cause,
-        actorid=command.actorid,
-        actorregion=command.actorregion,
-        actorroles=command.actorroles,
-    )
-    uow.stage(env, ROSTER_EVENTS, env.subject)
-    return env
 
 
 async def step_completed(result: CommandCompleted, uow: RosterUnitOfWork, env: Envelope) -> None:
@@ -94,7 +79,7 @@ async def _enrolled(
         enrolled_on=on,
     )
     document = payload.get("document")
-    event = _emit(
+    event = emit_caused(
         uow,
         PersonEnrolled(
             person_id=uuid.UUID(person.person_id),
@@ -147,7 +132,7 @@ async def _transferred(
         leader_post=p["leader_post"],
         unit_id=p["unit_id"],
     )
-    event = _emit(
+    event = emit_caused(
         uow,
         PersonTransferred(
             person_id=uuid.UUID(person.person_id),
@@ -192,7 +177,7 @@ async def _released(
         released_on=on,
         release_reason=p["reason"],
     )
-    event = _emit(
+    event = emit_caused(
         uow,
         PersonReleased(
             person_id=uuid.UUID(person.person_id),

@@ -1,0 +1,102 @@
+"""The orgs sagas (merge, abolish) and the locks that keep an org in one of them at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.codes import OrgStatus
+from contracts.envelope import Envelope, now
+from services.orgs.adapters.orm import org_saga_locks, org_sagas, orgs
+
+
+class OrgSagas:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def lock(self, org_ids: Sequence[UUID], saga_id: str) -> list[str]:
+        """Take every org for ``saga_id``; the ids already taken by another saga (then
+        nothing of this call is kept: the caller refuses and rolls back)."""
+        dialect = self.session.get_bind().dialect.name
+        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+        taken = (
+            await self.session.execute(
+                insert_fn(org_saga_locks)
+                .values([{"org_id": str(o), "saga_id": saga_id} for o in org_ids])
+                .on_conflict_do_nothing(index_elements=["org_id"])
+                .returning(org_saga_locks.c.org_id)
+            )
+        ).scalars()
+        got = set(taken)
+        return sorted(str(o) for o in org_ids if str(o) not in got)
+
+    async def start(
+        self,
+        *,
+        saga_id: str,
+        kind: str,
+        command: Envelope,
+        org_ids: Sequence[UUID],
+        payload: dict[str, Any],
+    ) -> None:
+        await self.session.execute(
+            insert(org_sagas).values(
+                saga_id=saga_id,
+                kind=kind,
+                command_id=command.id,
+                command_envelope=command.to_bytes(),
+                org_ids=[str(o) for o in org_ids],
+                payload=payload,
+                status="waiting",
+                created_at=now(),
+                finished_at=None,
+            )
+        )
+
+    async def get(self, saga_id: str) -> Row[Any] | None:
+        return (
+            await self.session.execute(select(org_sagas).where(org_sagas.c.saga_id == saga_id))
+        ).one_or_none()
+
+    async def finish(self, saga_id: str, status: str) -> bool:
+        """End a waiting saga and free its orgs; ``False`` if it had ended already."""
+        done = await self.session.execute(
+            update(org_sagas)
+            .where(org_sagas.c.saga_id == saga_id, org_sagas.c.status == "waiting")
+            .values(status=status, finished_at=now())
+        )
+        if not done.rowcount:  # type: ignore[attr-defined]
+            return False
+        await self.session.execute(
+            delete(org_saga_locks).where(org_saga_locks.c.saga_id == saga_id)
+        )
+        return True
+
+    async def active_children(self, org_ids: Sequence[UUID]) -> list[str]:
+        """Active orgs whose parent is one of ``org_ids``."""
+        rows = await self.session.execute(
+            select(orgs.c.org_id)
+            .where(
+                orgs.c.parent_org_id.in_([str(o) for o in org_ids]),
+                orgs.c.status == OrgStatus.ACTIVE.value,
+            )
+            .order_by(orgs.c.org_id)
+            .limit(20)
+        )
+        return list(rows.scalars())
+
+    async def waiting(self) -> int:
+        return int(
+            (
+                await self.session.execute(
+                    select(func.count()).where(org_sagas.c.status == "waiting")
+                )
+            ).scalar_one()
+        )
