@@ -207,11 +207,16 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         assert people_first["people"][0]["position"] == "副科长"
         person = (await roster_api.get(f"/people/{enrolled[2]}")).json()
         assert person["status"] == "released"
-        counts = (await roster_api.get("/counts")).json()["orgs"]
-        assert counts == {
-            str(first.org_id): {"admin": {"held": 1, "enrolling": 0}},
-            str(second.org_id): {"admin": {"held": 1, "enrolling": 0}},
-        }
+        counts = (await roster_api.get("/counts", params={"division_code": "130100"})).json()
+        assert sorted(
+            (o["org_id"], o["division_code"], o["categories"]) for o in counts["orgs"]
+        ) == sorted(
+            (str(org.org_id), "130102", {"admin": {"held": 1, "enrolling": 0}})
+            for org in (first, second)
+        )
+        assert counts["totals"] == {"admin": {"held": 2, "enrolling": 0}}
+        elsewhere = (await roster_api.get("/counts", params={"division_code": "130200"})).json()
+        assert elsewhere == {"orgs": [], "totals": {}}
 
     async def all_events_out() -> bool:
         records = await read_topic(client.bootstrap, "bianzhi.roster.events.v1")

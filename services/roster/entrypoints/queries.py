@@ -8,7 +8,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.roster.adapters.orm import people, person_history, sagas
+from contracts import identifiers
+from services.roster.adapters.orm import org_projection, people, person_history, sagas
 from services.roster.domain.model import HOLDING, Status
 from services.runtime.http import HttpError, Request, Router
 
@@ -108,24 +109,53 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
 
     @router.get("/counts")
     async def counts(request: Request) -> tuple[int, Any]:
-        """People per org and category: ``held`` (settled in a slot or changing) and
-        ``enrolling`` (waiting for quota) — what `bianzhi check` compares with quota."""
-        org_id = request.arg("org_id")
-        stmt = select(people.c.org_id, people.c.category, people.c.status, func.count()).where(
-            people.c.status.in_([s.value for s in HOLDING])
+        """People per org and category — ``held`` (settled in a slot, or changing) and
+        ``enrolling`` (waiting for quota) — with each org's division, for one org
+        (``org_id``), the orgs of a division and all below it (``division_code``), or all.
+        What `bianzhi check` compares with quota's occupied counts."""
+        stmt = (
+            select(
+                people.c.org_id,
+                org_projection.c.division_code,
+                people.c.category,
+                people.c.status,
+                func.count(),
+            )
+            .select_from(
+                people.outerjoin(org_projection, org_projection.c.org_id == people.c.org_id)
+            )
+            .where(people.c.status.in_([s.value for s in HOLDING]))
         )
-        if org_id:
+        if org_id := request.arg("org_id"):
             try:
                 stmt = stmt.where(people.c.org_id == str(uuid.UUID(org_id)))
             except ValueError:
                 raise HttpError(400, "invalid_query", "org_id must be a UUID") from None
-        stmt = stmt.group_by(people.c.org_id, people.c.category, people.c.status)
-        out: dict[str, dict[str, dict[str, int]]] = {}
+        if division := request.arg("division_code"):
+            try:
+                identifiers.validate_division_code(division)
+            except identifiers.IdentifierError as exc:
+                raise HttpError(400, "invalid_query", str(exc)) from None
+            stmt = stmt.where(
+                org_projection.c.division_code.like(identifiers.division_prefix(division) + "%")
+            )
+        stmt = stmt.group_by(
+            people.c.org_id, org_projection.c.division_code, people.c.category, people.c.status
+        )
+        orgs: dict[str, dict[str, Any]] = {}
+        totals: dict[str, dict[str, int]] = {}
         async with sessions() as session:
-            for org, category, status, n in (await session.execute(stmt)).all():
-                entry = out.setdefault(org, {}).setdefault(category, {"held": 0, "enrolling": 0})
-                entry["enrolling" if status == Status.ENROLLING else "held"] += n
-        return 200, {"orgs": out}
+            for org, division_code, category, status, n in (await session.execute(stmt)).all():
+                entry = orgs.setdefault(
+                    org, {"org_id": org, "division_code": division_code, "categories": {}}
+                )
+                kind = "enrolling" if status == Status.ENROLLING else "held"
+                for bucket in (
+                    entry["categories"].setdefault(category, {"held": 0, "enrolling": 0}),
+                    totals.setdefault(category, {"held": 0, "enrolling": 0}),
+                ):
+                    bucket[kind] += n
+        return 200, {"orgs": sorted(orgs.values(), key=lambda o: o["org_id"]), "totals": totals}
 
     @router.get("/sagas")
     async def saga_list(request: Request) -> tuple[int, Any]:
