@@ -7,9 +7,10 @@ Approved quota per org and category (核定编制), region limits (编制总量�
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from enum import StrEnum
+from typing import Any
 from uuid import UUID
 
 from contracts.codes import (
@@ -369,3 +370,182 @@ def leader_posts_exceeded(posts: LeaderPosts, post: LeaderPost) -> Rejection:
             "deputy_held": posts.deputy_held,
         },
     )
+
+
+# --- replaying the ledger (history queries and rebuilds) -------------------------------------
+
+
+@dataclass
+class Tally:
+    """Approved, occupied and reserved places of one org and category, as a replay sums them."""
+
+    approved: int = 0
+    occupied: int = 0
+    reserved: int = 0
+
+    @property
+    def vacant(self) -> int:
+        return max(self.approved - self.occupied - self.reserved, 0)
+
+
+@dataclass
+class PostTally:
+    """Approved and held leader posts of one org or internal unit, as a replay sums them."""
+
+    principal: int = 0
+    deputy: int = 0
+    principal_held: int = 0
+    deputy_held: int = 0
+
+
+@dataclass(frozen=True)
+class Holding:
+    """The slot a person holds, as a replay follows it: org, category, unit and leader post."""
+
+    org_id: str
+    category: str
+    unit_id: str
+    leader_post: str | None
+
+
+@dataclass
+class Replay:
+    """Counts rebuilt by applying changes one by one (台账回放).
+
+    Every change is a difference: approving a new total adds ``approved − previous``, a transfer
+    moves ``amount``, a notice reserves its count, a slot turns a reserved place into an occupied
+    one. Sums of differences do not depend on the order of changes of different orgs, so the
+    replay of everything agrees with the live counts; only which slot a person holds is followed
+    in order. Keys are strings: ``(org_id, category)``, ``(org_id, unit_id or "")``,
+    ``(division_code, category)``.
+    """
+
+    establishment: dict[tuple[str, str], Tally] = field(default_factory=dict)
+    posts: dict[tuple[str, str], PostTally] = field(default_factory=dict)
+    limits: dict[tuple[str, str], int] = field(default_factory=dict)
+    holdings: dict[str, Holding] = field(default_factory=dict)
+    notices_used: dict[str, int] = field(default_factory=dict)
+
+    def tally(self, org_id: str, category: str) -> Tally:
+        return self.establishment.setdefault((org_id, category), Tally())
+
+    def post_tally(self, org_id: str, unit_id: str | None) -> PostTally:
+        return self.posts.setdefault((org_id, unit_id or ""), PostTally())
+
+    def change_limit(self, division_code: str, category: str, delta: int) -> None:
+        key = (division_code, category)
+        self.limits[key] = self.limits.get(key, 0) + delta
+
+    def change_approved(self, org_id: str, category: str, delta: int) -> None:
+        self.tally(org_id, category).approved += delta
+
+    def change_posts(
+        self, org_id: str, unit_id: str | None, principal_delta: int, deputy_delta: int
+    ) -> None:
+        posts = self.post_tally(org_id, unit_id)
+        posts.principal += principal_delta
+        posts.deputy += deputy_delta
+
+    def reserve(self, org_id: str, category: str, count: int) -> None:
+        self.tally(org_id, category).reserved += count
+
+    def occupy(
+        self,
+        person_id: str,
+        org_id: str,
+        category: str,
+        unit_id: str | None,
+        leader_post: str | None,
+        notice_no: str | None,
+    ) -> None:
+        """One reserved place of ``org_id`` becomes the slot ``person_id`` holds."""
+        tally = self.tally(org_id, category)
+        tally.reserved -= 1
+        tally.occupied += 1
+        if notice_no is not None:
+            self.notices_used[notice_no] = self.notices_used.get(notice_no, 0) + 1
+        holding = Holding(org_id, category, unit_id or "", leader_post)
+        self.holdings[person_id] = holding
+        self._hold_post(holding, 1)
+
+    def vacate(
+        self,
+        person_id: str,
+        org_id: str,
+        category: str | None,
+        unit_id: str | None = None,
+        leader_post: str | None = None,
+    ) -> None:
+        """``person_id`` leaves the slot held in ``org_id``; what is not given is taken from the
+        slot the replay saw them take."""
+        seen = self.holdings.pop(person_id, None)
+        if seen is not None and seen.org_id == org_id:
+            holding = Holding(
+                org_id,
+                category or seen.category,
+                unit_id if unit_id is not None else seen.unit_id,
+                leader_post if leader_post is not None else seen.leader_post,
+            )
+        else:
+            holding = Holding(org_id, category or "", unit_id or "", leader_post)
+        self.tally(org_id, holding.category).occupied -= 1
+        self._hold_post(holding, -1)
+
+    def return_to_notice(self, org_id: str, category: str, notice_no: str) -> None:
+        """A cancelled occupation gave its place back to the notice it came from: the place
+        vacated by ``vacate`` is reserved again and the notice has one more place left."""
+        self.reserve(org_id, category, 1)
+        self.notices_used[notice_no] = self.notices_used.get(notice_no, 0) - 1
+
+    def _hold_post(self, holding: Holding, delta: int) -> None:
+        if holding.leader_post is None:
+            return
+        posts = self.post_tally(holding.org_id, holding.unit_id)
+        if holding.leader_post == LeaderPost.PRINCIPAL.value:
+            posts.principal_held += delta
+        else:
+            posts.deputy_held += delta
+
+    def apply_ledger(self, row: Mapping[str, Any]) -> None:
+        """Apply one row of the ledger history (``quota_ledger``)."""
+        kind = _short_type(row["event_type"])
+        before: Mapping[str, Any] = row["before"] or {}
+        after: Mapping[str, Any] = row["after"] or {}
+        org_id, category = row["org_id"], row["category"]
+        if kind == "RegionLimitSet":
+            delta = after["limit"] - before.get("limit", 0)
+            self.change_limit(row["division_code"], category, delta)
+        elif kind in ("QuotaApproved", "QuotaTransferred"):
+            self.change_approved(org_id, category, after["approved"] - before.get("approved", 0))
+        elif kind == "LeaderPostsSet":
+            self.change_posts(
+                org_id,
+                row["unit_id"],
+                after["principal"] - before.get("principal", 0),
+                after["deputy"] - before.get("deputy", 0),
+            )
+        elif kind == "QuotaUseNoticeIssued":
+            self.reserve(org_id, category, after.get("notice_remaining", 0))
+        elif kind in ("QuotaUseNoticeCancelled", "QuotaUseNoticeExpired"):
+            self.reserve(org_id, category, -after.get("released", 0))
+        elif kind in ("SlotReleased",) or (kind == "SlotMoved" and "moved_to" in after):
+            self.vacate(
+                after["person_id"], org_id, category, row["unit_id"] or "", after.get("leader_post")
+            )
+            if after.get("returned_to_notice"):
+                self.return_to_notice(org_id, category, after["returned_to_notice"])
+        elif kind in ("SlotOccupied", "SlotMoved"):
+            self.occupy(
+                after["person_id"],
+                org_id,
+                category,
+                row["unit_id"],
+                after.get("leader_post"),
+                after.get("notice_no"),
+            )
+
+
+def _short_type(event_type: str) -> str:
+    """``bianzhi.quota.QuotaApproved.v1`` → ``QuotaApproved``."""
+    parts = event_type.split(".")
+    return parts[-2] if len(parts) >= 2 else event_type

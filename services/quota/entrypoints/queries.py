@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
@@ -14,9 +15,10 @@ from services.quota.adapters.orm import (
     leader_posts,
     notices,
     org_projection,
+    quota_ledger,
     region_limits,
 )
-from services.quota.domain.model import today
+from services.quota.domain.model import Replay, today
 from services.runtime.http import HttpError, Request, Router
 
 
@@ -45,10 +47,138 @@ def _division_arg(code: str | None) -> str:
     return code
 
 
+_LEDGER_COLUMNS = (
+    quota_ledger.c.seq,
+    quota_ledger.c.event_type,
+    quota_ledger.c.org_id,
+    quota_ledger.c.unit_id,
+    quota_ledger.c.division_code,
+    quota_ledger.c.category,
+    quota_ledger.c.before,
+    quota_ledger.c.after,
+)
+
+
+async def _replay(
+    session: AsyncSession, as_of: date, *conditions: Any
+) -> tuple[Replay, dict[str, str]]:
+    """Replay the ledger rows matching ``conditions`` that took effect on or before ``as_of``;
+    the replay and, per org, the division recorded with its last change by then."""
+    rows = await session.execute(
+        select(*_LEDGER_COLUMNS)
+        .where(quota_ledger.c.effective_date <= as_of, *conditions)
+        .order_by(quota_ledger.c.effective_date, quota_ledger.c.seq)
+    )
+    replay = Replay()
+    divisions: dict[str, str] = {}
+    for row in rows.mappings():
+        replay.apply_ledger(row)
+        if row["org_id"] is not None and row["division_code"] is not None:
+            divisions[row["org_id"]] = row["division_code"]
+    return replay, divisions
+
+
+async def _org_as_of(session: AsyncSession, org: Any, as_of: date) -> dict[str, Any]:
+    """An org's establishment in effect on ``as_of`` (see ``register_queries``)."""
+    replay, _ = await _replay(session, as_of, quota_ledger.c.org_id == org.org_id)
+    funding = dict(
+        (
+            await session.execute(
+                select(establishment.c.category, establishment.c.funding).where(
+                    establishment.c.org_id == org.org_id
+                )
+            )
+        ).all()
+    )
+    return {
+        "categories": [
+            {
+                "category": category,
+                "funding": funding.get(category),
+                **_counts(t.approved, t.occupied, t.reserved),
+            }
+            for (_, category), t in sorted(replay.establishment.items())
+        ],
+        "leader_posts": [
+            {
+                "unit_id": unit_id or None,
+                "principal": p.principal,
+                "deputy": p.deputy,
+                "principal_held": p.principal_held,
+                "deputy_held": p.deputy_held,
+            }
+            for (_, unit_id), p in sorted(replay.posts.items())
+        ],
+    }
+
+
+async def _division_as_of(session: AsyncSession, code: str, as_of: date) -> dict[str, Any]:
+    """A division's roll-up in effect on ``as_of`` (see ``register_queries``)."""
+    prefix = division_prefix(code)
+    inside = quota_ledger.c.division_code.like(f"{prefix}%")
+    orgs_seen_inside = (
+        select(quota_ledger.c.org_id).where(inside, quota_ledger.c.org_id.is_not(None)).distinct()
+    )
+    replay, divisions = await _replay(
+        session,
+        as_of,
+        or_(
+            quota_ledger.c.org_id.in_(orgs_seen_inside),
+            and_(quota_ledger.c.org_id.is_(None), inside),
+        ),
+    )
+    members = {org for org, division in divisions.items() if division.startswith(prefix)}
+    sums: dict[str, list[int]] = {}
+    for (org_id, category), t in replay.establishment.items():
+        if org_id in members:
+            total = sums.setdefault(category, [0, 0, 0, 0])
+            total[0] += t.approved
+            total[1] += t.occupied
+            total[2] += t.reserved
+            total[3] += 1
+    own = {cat: value for (div, cat), value in replay.limits.items() if div == code}
+    categories = []
+    for category in sorted(set(sums) | set(own)):
+        approved, occupied, reserved, orgs = sums.get(category, [0, 0, 0, 0])
+        limit = own.get(category)
+        categories.append(
+            {
+                "category": category,
+                **_counts(approved, occupied, reserved),
+                "orgs": orgs,
+                "limit": limit,
+                "headroom": None if limit is None else limit - approved,
+            }
+        )
+    return {
+        "categories": categories,
+        "limits_inside": [
+            {"division_code": div, "category": cat, "limit": value}
+            for (div, cat), value in sorted(replay.limits.items())
+            if div != code and div.startswith(prefix)
+        ],
+    }
+
+
 def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """The quota queries.
+
+    ``as_of=YYYY-MM-DD`` on the establishment queries answers from the ledger history: the
+    counts in effect at the end of that day are the sum of every recorded change whose effective
+    date (生效日期) is on or before it, each change counted as the difference it made when it was
+    recorded (a new approved total adds ``approved − previous``, a transfer moves its amount, a
+    quota-use notice reserves its places from its document date, slots and releases count from
+    the day they happened). When changes are entered in the order of their effective dates this
+    is exactly the ``after`` of the last change on or before the date; a change entered later
+    with an earlier effective date counts from that earlier date, and the answer for any date
+    on or after the last effective date equals the live counts. In a division, an org counts
+    where its last change on or before the date placed it; limits are those in effect then.
+    """
+
     @router.get("/orgs/{org_id}/establishment")
     async def org_establishment(request: Request) -> tuple[int, Any]:
         org_id = str(request.uuid_param("org_id"))
+        as_of = request.date_arg("as_of")
         async with sessions() as session:
             org = (
                 await session.execute(
@@ -57,6 +187,16 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             ).one_or_none()
             if org is None or org.kind is None:
                 raise HttpError(404, "not_found", f"org {org_id} is not known")
+            if as_of is not None:
+                return 200, {
+                    "org_id": org_id,
+                    "name": org.name,
+                    "kind": org.kind,
+                    "division_code": org.division_code,
+                    "status": org.status,
+                    "as_of": as_of.isoformat(),
+                    **await _org_as_of(session, org, as_of),
+                }
             rows = (
                 await session.execute(
                     select(establishment)
@@ -91,6 +231,17 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
     @router.get("/divisions/{code}/establishment")
     async def division_establishment(request: Request) -> tuple[int, Any]:
         code = _division_arg(request.params["code"])
+        as_of = request.date_arg("as_of")
+        division = identifiers.division(code)
+        if as_of is not None:
+            async with sessions() as session:
+                history = await _division_as_of(session, code, as_of)
+            return 200, {
+                "division_code": code,
+                "division_name": division.name if division else None,
+                "as_of": as_of.isoformat(),
+                **history,
+            }
         inside = org_projection.c.division_code.like(f"{division_prefix(code)}%")
         async with sessions() as session:
             sums = (
@@ -152,7 +303,6 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                     "headroom": None if limit is None else limit - counts["approved"],
                 }
             )
-        division = identifiers.division(code)
         return 200, {
             "division_code": code,
             "division_name": division.name if division else None,
@@ -163,9 +313,7 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             ],
         }
 
-    @router.get("/notices/{notice_no}")
-    async def notice(request: Request) -> tuple[int, Any]:
-        notice_no = request.params["notice_no"]
+    async def _notice(notice_no: str) -> dict[str, Any]:
         async with sessions() as session:
             row = (
                 await session.execute(select(notices).where(notices.c.notice_no == notice_no))
@@ -175,7 +323,7 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         status = row.status
         if status == "issued" and row.valid_until < today():
             status = "expired"  # lapsed; its places are released by the next expiry sweep
-        return 200, {
+        return {
             "notice_no": row.notice_no,
             "org_id": row.org_id,
             "category": row.category,
@@ -188,6 +336,19 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             "issued_at": row.issued_at.isoformat(),
             "closed_at": row.closed_at.isoformat() if row.closed_at else None,
         }
+
+    @router.get("/notices/{notice_no}")
+    async def notice(request: Request) -> tuple[int, Any]:
+        return 200, await _notice(request.params["notice_no"])
+
+    @router.get("/notices")
+    async def notice_by_number(request: Request) -> tuple[int, Any]:
+        """``GET /notices?notice_no=…``: the same notice, for numbers with ``/`` in them (a path
+        segment cannot carry one: the server decodes ``%2F`` before routing)."""
+        notice_no = request.arg("notice_no")
+        if not notice_no:
+            raise HttpError(400, "invalid_query", "notice_no is required")
+        return 200, await _notice(notice_no)
 
     @router.get("/over-quota")
     async def over_quota(request: Request) -> tuple[int, Any]:
