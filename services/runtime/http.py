@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 from uuid import UUID
 
 import structlog
@@ -122,7 +122,10 @@ class Router:
         return register
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
+        # Match the path as sent, so that an encoded "/" (%2F) inside a parameter (a notice
+        # number such as 冀编用〔2026〕1/2号) stays inside it; decode each parameter after.
+        raw: bytes | None = scope.get("raw_path")
+        path = raw.decode("latin-1") if raw else scope["path"]
         for regex, handler in self._routes:
             match = regex.match(path)
             if match is None:
@@ -130,9 +133,12 @@ class Router:
             if scope["method"] not in ("GET", "HEAD"):
                 await send_response(send, 405, json_bytes({"error": "method_not_allowed"}))
                 return
+            params = match.groupdict()
+            if raw:
+                params = {k: unquote(v) for k, v in params.items()}
             request = Request(
-                path=path,
-                params=match.groupdict(),
+                path=scope["path"],
+                params=params,
                 query=parse_qs(scope.get("query_string", b"").decode()),
             )
             try:

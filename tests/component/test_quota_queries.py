@@ -276,3 +276,6 @@ async def test_a_notice_number_with_a_slash_is_found_by_query(
     missing = await get(quota, "/notices", 404, notice_no="冀编用〔2026〕12/4号")
     assert missing["error"] == "not_found"
     assert (await get(quota, "/notices", 400))["error"] == "invalid_query"
+    # The path form works too when the "/" is sent encoded (%2F), as clients send it.
+    by_path = await get(quota, f"/notices/{quote('冀编用〔2026〕12/3号', safe='')}")
+    assert by_path == body
