@@ -8,6 +8,9 @@ topic but the roster's own command topic, and no log line, holds a full citizen 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from contracts.codes import Category, EntryMethod, ReleaseReason
 from contracts.common import Document
@@ -23,10 +27,13 @@ from contracts.identifiers import compose_citizen_id, mask_citizen_id
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice
 from contracts.roster import EnrolPerson, ReleasePerson, TransferPerson, UpdatePerson
 from contracts.topics import ROSTER_COMMANDS, all_topics
+from services.cli.main import main
 from services.quota.bootstrap import build as build_quota
+from services.roster.adapters.orm import people
 from services.roster.bootstrap import build as build_roster
 from services.runtime.app import ServiceRuntime
 from tests.conftest import service_settings, wait_for
+from tests.integration.test_report_cli import serve
 from tests.support.builders import register_org
 from tests.support.databases import database
 from tests.support.kafka import CommandClient, read_topic
@@ -61,6 +68,14 @@ async def services(
         roster = build_roster(settings)
         async with running(quota.app), running(roster.app):
             yield quota, roster
+
+
+async def check(argv: list[str]) -> tuple[int, dict[str, object]]:
+    """Run `bianzhi check` (it blocks on HTTP, so in a thread); its status and JSON report."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = await asyncio.to_thread(main, argv)
+    return status, json.loads(out.getvalue())
 
 
 def http(service: ServiceRuntime) -> httpx.AsyncClient:
@@ -211,10 +226,10 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         assert sorted(
             (o["org_id"], o["division_code"], o["categories"]) for o in counts["orgs"]
         ) == sorted(
-            (str(org.org_id), "130102", {"admin": {"held": 1, "enrolling": 0}})
+            (str(org.org_id), "130102", {"admin": {"held": 1, "changing": 0, "enrolling": 0}})
             for org in (first, second)
         )
-        assert counts["totals"] == {"admin": {"held": 2, "enrolling": 0}}
+        assert counts["totals"] == {"admin": {"held": 2, "changing": 0, "enrolling": 0}}
         elsewhere = (await roster_api.get("/counts", params={"division_code": "130200"})).json()
         assert elsewhere == {"orgs": [], "totals": {}}
 
@@ -223,6 +238,24 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         return len(records) == 6  # 3 enrolled, 1 updated, 1 transferred, 1 released
 
     await wait_for(all_events_out, timeout=20)
+
+    # The reconciliation (督查) agrees with what happened, and notices a roster gone wrong.
+    async with serve(quota.app) as quota_url, serve(roster.app) as roster_url:
+        argv = ["check", "--division", "130100", "--quota-url", quota_url]
+        argv += ["--roster-url", roster_url, "--format", "json"]
+        status, report = await check(argv)
+        assert status == 0 and report["clean"], report
+        assert (report["orgs_checked"], report["people"], report["occupied"]) == (2, 2, 2)
+        async with roster.sessions() as session:
+            await session.execute(
+                update(people).where(people.c.person_id == enrolled[0]).values(status="released")
+            )
+            await session.commit()
+        status, report = await check(argv)
+        assert status == 1 and not report["clean"]
+        assert [
+            (m["org_id"], m["quota_occupied"], m["roster_held"]) for m in report["mismatches"]
+        ] == [(str(first.org_id), 1, 0)]
     seen: list[str] = []
     for topic in all_topics():
         if topic == ROSTER_COMMANDS:  # the front-ends' own commands carry the numbers

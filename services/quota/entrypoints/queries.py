@@ -350,6 +350,54 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             raise HttpError(400, "invalid_query", "notice_no is required")
         return 200, await _notice(notice_no)
 
+    @router.get("/occupancy")
+    async def occupancy(request: Request) -> tuple[int, Any]:
+        """Every org of a division (and below) that holds anything: per category approved,
+        occupied and reserved. What `bianzhi check` compares with the roster's counts."""
+        prefix = division_prefix(_division_arg(request.arg("division_code")))
+        async with sessions() as session:
+            rows = (
+                await session.execute(
+                    select(
+                        org_projection.c.org_id,
+                        org_projection.c.division_code,
+                        org_projection.c.status,
+                        establishment.c.category,
+                        establishment.c.approved,
+                        establishment.c.occupied,
+                        establishment.c.reserved,
+                    )
+                    .join(establishment, establishment.c.org_id == org_projection.c.org_id)
+                    .where(
+                        org_projection.c.division_code.like(f"{prefix}%"),
+                        (
+                            establishment.c.approved
+                            + establishment.c.occupied
+                            + establishment.c.reserved
+                        )
+                        > 0,
+                    )
+                    .order_by(org_projection.c.org_id, establishment.c.category)
+                )
+            ).all()
+        orgs: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            entry = orgs.setdefault(
+                r.org_id,
+                {
+                    "org_id": r.org_id,
+                    "division_code": r.division_code,
+                    "status": r.status,
+                    "categories": {},
+                },
+            )
+            entry["categories"][r.category] = {
+                "approved": r.approved,
+                "occupied": r.occupied,
+                "reserved": r.reserved,
+            }
+        return 200, {"orgs": list(orgs.values())}
+
     @router.get("/over-quota")
     async def over_quota(request: Request) -> tuple[int, Any]:
         conditions = []

@@ -36,6 +36,10 @@ def _person(row: Any) -> dict[str, Any]:
     }
 
 
+def _zero() -> dict[str, int]:
+    return {"held": 0, "changing": 0, "enrolling": 0}
+
+
 def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession]) -> None:
     @router.get("/orgs/{org_id}/people")
     async def org_people(request: Request) -> tuple[int, Any]:
@@ -109,8 +113,9 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
 
     @router.get("/counts")
     async def counts(request: Request) -> tuple[int, Any]:
-        """People per org and category — ``held`` (settled in a slot, or changing) and
-        ``enrolling`` (waiting for quota) — with each org's division, for one org
+        """People per org and category — ``held`` (in a slot; ``changing`` of them are being
+        transferred or released) and ``enrolling`` (waiting for quota) — with each org's
+        division, for one org
         (``org_id``), the orgs of a division and all below it (``division_code``), or all.
         What `bianzhi check` compares with quota's occupied counts."""
         stmt = (
@@ -149,12 +154,16 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 entry = orgs.setdefault(
                     org, {"org_id": org, "division_code": division_code, "categories": {}}
                 )
-                kind = "enrolling" if status == Status.ENROLLING else "held"
                 for bucket in (
-                    entry["categories"].setdefault(category, {"held": 0, "enrolling": 0}),
-                    totals.setdefault(category, {"held": 0, "enrolling": 0}),
+                    entry["categories"].setdefault(category, _zero()),
+                    totals.setdefault(category, _zero()),
                 ):
-                    bucket[kind] += n
+                    if status == Status.ENROLLING:
+                        bucket["enrolling"] += n
+                        continue
+                    bucket["held"] += n
+                    if status in (Status.TRANSFERRING, Status.RELEASING):
+                        bucket["changing"] += n
         return 200, {"orgs": sorted(orgs.values(), key=lambda o: o["org_id"]), "totals": totals}
 
     @router.get("/sagas")
