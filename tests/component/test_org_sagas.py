@@ -28,6 +28,7 @@ from contracts.topics import ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS
 from services.orgs.bootstrap import build as build_orgs
 from services.quota.adapters.orm import establishment, leader_posts, notices, slots
 from services.quota.bootstrap import build as build_quota
+from services.quota.service_layer.rebuild import compare, live_counts, outbox_events, rebuild
 from services.roster.adapters.orm import people
 from services.roster.bootstrap import build as build_roster
 from services.runtime.app import ServiceRuntime
@@ -245,6 +246,10 @@ async def test_a_merge_moves_places_people_notices_and_leader_posts_together(
     )
     await enrol(w, target, source_notice)
     assert await counts(w, target) == (8, 4, 1)
+    # Replaying quota's events from the start, the merge included, rebuilds every count.
+    async with w.runtimes["quota"].sessions() as session:
+        rebuilt = rebuild(await outbox_events(session))
+        assert compare(rebuilt, await live_counts(session)) == []
 
 
 async def test_a_merge_quota_refuses_changes_nothing_and_frees_the_orgs(wiring: Wiring) -> None:

@@ -497,6 +497,33 @@ class Replay:
         self.reserve(org_id, category, 1)
         self.notices_used[notice_no] = self.notices_used.get(notice_no, 0) - 1
 
+    def merge(self, sources: set[str], target: str) -> None:
+        """Everything the sources hold now belongs to the target (机构合并): places per category,
+        the slots of their people, internal units' leader posts; the posts held at a source's
+        own level join the target's own level (whose approved counts stay as they were)."""
+        for (org_id, category), tally in list(self.establishment.items()):
+            if org_id in sources:
+                into = self.tally(target, category)
+                into.approved += tally.approved
+                into.occupied += tally.occupied
+                into.reserved += tally.reserved
+                self.establishment[(org_id, category)] = Tally()
+        for person_id, holding in list(self.holdings.items()):
+            if holding.org_id in sources:
+                self.holdings[person_id] = Holding(
+                    target, holding.category, holding.unit_id, holding.leader_post
+                )
+        for (org_id, unit_id), posts in list(self.posts.items()):
+            if org_id not in sources:
+                continue
+            del self.posts[(org_id, unit_id)]
+            if unit_id:
+                self.posts[(target, unit_id)] = posts
+            elif posts.principal_held or posts.deputy_held:
+                own = self.post_tally(target, None)
+                own.principal_held += posts.principal_held
+                own.deputy_held += posts.deputy_held
+
     def _hold_post(self, holding: Holding, delta: int) -> None:
         if holding.leader_post is None:
             return
@@ -528,6 +555,12 @@ class Replay:
             self.reserve(org_id, category, after.get("notice_remaining", 0))
         elif kind in ("QuotaUseNoticeCancelled", "QuotaUseNoticeExpired"):
             self.reserve(org_id, category, -after.get("released", 0))
+        elif kind == "EstablishmentsMerged":
+            # One row per org and category, each with the counts before and after the merge.
+            tally = self.tally(org_id, category)
+            for name in ("approved", "occupied", "reserved"):
+                delta = after.get(name, 0) - before.get(name, 0)
+                setattr(tally, name, getattr(tally, name) + delta)
         elif kind in ("SlotReleased",) or (kind == "SlotMoved" and "moved_to" in after):
             self.vacate(
                 after["person_id"], org_id, category, row["unit_id"] or "", after.get("leader_post")

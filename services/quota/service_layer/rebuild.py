@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.envelope import Envelope
 from contracts.quota import (
+    EstablishmentsMerged,
     LeaderPostsSet,
     QuotaApproved,
     QuotaTransferred,
@@ -149,6 +150,15 @@ class EventReplay(Replay):
             event.notice_no,
         )
 
+    def _merged(self, data: dict[str, Any]) -> None:
+        event = EstablishmentsMerged.model_validate(data)
+        target = str(event.target_org_id)
+        self.merge({str(o) for o in event.source_org_ids}, target)
+        for notice_no in event.notices_moved:
+            if notice_no in self.notice_counts:
+                _, category, count = self.notice_counts[notice_no]
+                self.notice_counts[notice_no] = (target, category, count)
+
 
 _HANDLERS = {
     RegionLimitSet.TYPE: EventReplay._limit_set,
@@ -161,6 +171,7 @@ _HANDLERS = {
     SlotOccupied.TYPE: EventReplay._slot_occupied,
     SlotReleased.TYPE: EventReplay._slot_released,
     SlotMoved.TYPE: EventReplay._slot_moved,
+    EstablishmentsMerged.TYPE: EventReplay._merged,
 }
 
 
