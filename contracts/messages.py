@@ -1,5 +1,5 @@
 """Imports every message module so the type registry is complete."""
 
-from contracts import notify, orgs, quota, results, roster
+from contracts import audit, notify, orgs, quota, results, roster
 
-__all__ = ["notify", "orgs", "quota", "results", "roster"]
+__all__ = ["audit", "notify", "orgs", "quota", "results", "roster"]

@@ -445,3 +445,19 @@ EVENT_EXAMPLES: dict[str, dict[str, Any]] = {
         "error": "HTTP 503 from https://hr.example.gov.cn/hooks/bianzhi",
     },
 }
+
+# audit (contracts/audit.py): each service's signed checkpoint of its audit chain head
+AUDIT_HEAD = "9c56cc51b374c3ba189210d5b6d4bf57790d351c96c47c02190ecf1e430635ab"
+EVENT_EXAMPLES.update(
+    {
+        f"bianzhi.{service}.AuditCheckpoint.v1": {
+            "service": service,
+            "head_seq": 1000,
+            "head_hash": AUDIT_HEAD,
+            "at": "2026-11-25T09:30:00+00:00",
+            "kid": f"{service}-audit-2026",
+            "signature": "c2lnbmF0dXJlIG9mIHRoZSBjaGVja3BvaW50",
+        }
+        for service in ("orgs", "quota", "roster", "notify")
+    }
+)
