@@ -14,7 +14,19 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from services.cli import audit, check, keys, migrate, replay, report, send, tail, up
+from services.cli import (
+    audit,
+    check,
+    demo,
+    importer,
+    keys,
+    migrate,
+    replay,
+    report,
+    send,
+    tail,
+    up,
+)
 from services.cli.common import CliError, configure_cli_logging
 
 EXIT_USAGE = 2
@@ -37,7 +49,7 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
     )
-    for module in (up, send, tail, replay, migrate, report, check, keys, audit):
+    for module in (up, send, tail, replay, migrate, report, check, keys, audit, importer, demo):
         module.register(commands)
     return parser
 

@@ -60,12 +60,13 @@ ACTOR = {"actorid": "zhang.wei", "actorregion": "130100", "actorroles": "admin"}
 
 
 def service_routes(service: str) -> dict[str, CommandRoute]:
-    """The real routing table of ``service`` (empty where the service has none yet)."""
+    """The real routing table of ``service``, as its composition root declares it (empty
+    where the service has none yet)."""
     try:
-        handlers = importlib.import_module(f"services.{service}.service_layer.handlers")
+        bootstrap = importlib.import_module(f"services.{service}.bootstrap")
     except ModuleNotFoundError:
         return {}
-    return command_routes(handlers.COMMANDS)
+    return command_routes(bootstrap.definition().command_routes)
 
 
 def never_called(*_args: Any) -> Any:
