@@ -188,8 +188,15 @@ class ServiceRuntime:
         )
 
     async def _project(self, raws: Sequence[RawMessage]) -> None:
+        # One fetch may hold records of several topics: each topic's run in one batch, in order.
+        run: list[RawMessage] = []
         for raw in raws:
-            await self.projections[raw.topic].process(raw)
+            if run and raw.topic != run[0].topic:
+                await self.projections[run[0].topic].process_batch(run)
+                run = []
+            run.append(raw)
+        if run:
+            await self.projections[run[0].topic].process_batch(run)
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(

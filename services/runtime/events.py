@@ -29,8 +29,102 @@ class EventConsumer(Consumer):
         self.routes = routes
 
     async def process_batch(self, raws: Sequence[RawMessage]) -> None:
+        """Apply one fetch in one transaction (one inbox statement, one commit); events that
+        cannot be read are dead-lettered, those of no interest acknowledged. When the batch
+        cannot be applied as one (a handler fails for good), each event is applied alone, so a
+        single bad event is retried and dead-lettered by itself."""
+        started = time.perf_counter()
+        wanted: list[tuple[RawMessage, Envelope, EventRoute, Event]] = []
         for raw in raws:
-            await self.process(raw)
+            item = await self._read(raw)
+            if item is not None:
+                wanted.append(item)
+        if len(wanted) < 2:
+            for raw, env, route, event in wanted:
+                await self._apply_one(raw, env, route, event)
+            return
+        try:
+            outcomes = await self.with_retry(lambda: self._apply_batch(wanted))
+        except Exception:
+            log.exception("event batch could not be applied as one; applying one by one")
+            for raw, env, route, event in wanted:
+                await self._apply_one(raw, env, route, event)
+            return
+        elapsed = time.perf_counter() - started
+        for (_, env, _, _), outcome in zip(wanted, outcomes, strict=True):
+            metrics.MESSAGES_HANDLED.labels(self.service, env.type, outcome).inc()
+            metrics.HANDLER_LATENCY.labels(self.service, env.type).observe(elapsed)
+
+    async def _read(self, raw: RawMessage) -> tuple[RawMessage, Envelope, EventRoute, Event] | None:
+        """The envelope, route and event of a record to apply; ``None`` (after dead-lettering
+        or ignoring it) for one that is unreadable or of no interest here."""
+        try:
+            env = Envelope.from_bytes(raw.value or b"")
+        except (ValidationError, ValueError) as exc:
+            await self.send_to_dlq(raw, f"not a CloudEvents envelope: {exc}")
+            metrics.MESSAGES_HANDLED.labels(self.service, "unknown", "dead_lettered").inc()
+            return None
+        route = self.routes.get(env.type)
+        if route is None:
+            metrics.MESSAGES_HANDLED.labels(self.service, env.type, "ignored").inc()
+            return None
+        try:
+            event = route.model.model_validate(env.data)
+        except ValidationError as exc:
+            structlog.contextvars.bind_contextvars(message_id=env.id, type=env.type)
+            try:
+                await self.send_to_dlq(raw, f"event data invalid: {exc}")
+            finally:
+                structlog.contextvars.unbind_contextvars("message_id", "type")
+            metrics.MESSAGES_HANDLED.labels(self.service, env.type, "dead_lettered").inc()
+            return None
+        if route.accept is not None and not route.accept(event):
+            metrics.MESSAGES_HANDLED.labels(self.service, env.type, "ignored").inc()
+            return None
+        return raw, env, route, event
+
+    async def _apply_batch(
+        self, items: list[tuple[RawMessage, Envelope, EventRoute, Event]]
+    ) -> list[str]:
+        outcomes: list[str] = []
+        async with self.uow_factory() as uow:
+            fresh = await uow.claim_many(self.consumer, [env for _, env, _, _ in items])
+            done: set[str] = set()
+            for _, env, route, event in items:
+                if env.id not in fresh or env.id in done:
+                    outcomes.append("duplicate")
+                    continue
+                done.add(env.id)
+                structlog.contextvars.bind_contextvars(
+                    correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
+                )
+                try:
+                    await route.handler(event, uow, env)
+                finally:
+                    structlog.contextvars.unbind_contextvars("correlation_id", "message_id", "type")
+                outcomes.append("applied")
+            await uow.commit()
+        return outcomes
+
+    async def _apply_one(
+        self, raw: RawMessage, env: Envelope, route: EventRoute, event: Event
+    ) -> None:
+        started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(
+            correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
+        )
+        try:
+            outcome = await self.with_retry(lambda: self._apply(env, route, event))
+        except Exception as exc:
+            log.exception("event could not be applied")
+            await self.send_to_dlq(raw, f"{type(exc).__name__}: {exc}")
+            outcome = "dead_lettered"
+        finally:
+            structlog.contextvars.unbind_contextvars("correlation_id", "message_id", "type")
+        metrics.MESSAGES_HANDLED.labels(self.service, env.type, outcome).inc()
+        metrics.HANDLER_LATENCY.labels(self.service, env.type).observe(
+            time.perf_counter() - started
+        )
 
     async def process(self, raw: RawMessage) -> None:
         started = time.perf_counter()

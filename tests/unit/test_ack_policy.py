@@ -71,7 +71,7 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
         kafka_heartbeat_interval_ms=1000,
         kafka_command_fetch_max_wait_ms=25,
     )
-    (sub,) = subscribers_of(build(settings))
+    (sub,) = [s for s in subscribers_of(build(settings)) if s.topic_names == [ORGS_COMMANDS]]
     args = sub._connection_args
     assert (args["session_timeout_ms"], args["heartbeat_interval_ms"]) == (3000, 1000)
     assert args["fetch_max_wait_ms"] == 25
