@@ -193,6 +193,22 @@ class MoveSlot(QuotaCommand):
         return self
 
 
+class CancelSlotRequest(QuotaCommand):
+    """Internal (roster saga): a step that got no answer in time is cancelled or confirmed.
+
+    Keyed by the org the step was keyed by, so it arrives after it. When the step
+    ``cancels_request_id`` has not taken effect it never will (completed, no event); when it
+    has, the cancel is refused with ``conflict`` and ``details.outcome`` = ``"completed"``, and
+    the saga goes on as if the step had answered."""
+
+    TYPE: ClassVar[str] = type_name("quota", "CancelSlotRequest")
+
+    request_id: Uuid
+    cancels_request_id: Uuid
+    person_id: Uuid
+    org_id: Uuid
+
+
 class MergeEstablishments(QuotaCommand):
     """Internal (orgs saga, 机构合并): move every source org's establishment — approved,
     occupied and reserved places per category, slots, open notices, leader posts held — to the

@@ -589,3 +589,69 @@ async def test_no_message_or_query_carries_a_full_citizen_id(platform: Platform)
     for number in numbers:
         assert number not in text
         assert mask_citizen_id(number) in text
+
+
+async def _transfer_set_up(platform: Platform) -> tuple[str, uuid.UUID, uuid.UUID, TransferPerson]:
+    source = await platform.org()
+    target = await platform.org()
+    number = citizen()
+    await platform.send(enrol(number, source, await platform.notice(source, 1)))
+    move = TransferPerson(
+        citizen_id=number,
+        to_org_id=target,
+        category=Category.ADMIN,
+        notice_no=await platform.notice(target, 1),
+        effective_date=date(2026, 6, 1),
+        document=DOC,
+    )
+    return number, source, target, move
+
+
+async def test_an_overdue_transfer_that_never_reached_quota_is_cancelled(
+    platform: Platform,
+) -> None:
+    _, source, target, move = await _transfer_set_up(platform)
+    cmd = await platform.send(move, pump=False)
+    (step,) = await platform._uncarried(platform.roster, QUOTA_COMMANDS)  # held up on the way
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
+    assert await platform.results(platform.roster, cmd.id) == []  # waits for the cancel's answer
+    await platform.pump()  # the cancel reaches quota first and is answered
+    res = await platform.result(platform.roster, cmd.id)
+    assert (res.type, res.data["code"]) == (REJECTED, "timeout")
+    (enrolled,) = await platform.events("PersonEnrolled")
+    row = await platform.person(enrolled.data["person_id"])
+    assert (row.status, row.org_id) == ("active", str(source))
+    # The held-up step arrives at last and is refused; nothing moved.
+    await platform.quota.command_consumer.process(
+        raw(QUOTA_COMMANDS, Envelope.from_bytes(step.value))
+    )
+    await platform.pump()
+    assert await platform.counts(source) == (5, 1, 0) and await platform.counts(target) == (5, 0, 1)
+    assert len(await platform.results(platform.roster, cmd.id)) == 1
+    assert await platform.events("PersonTransferred") == []
+
+
+async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: Platform) -> None:
+    number, source, _, _ = await _transfer_set_up(platform)
+    release = ReleasePerson(
+        citizen_id=number, reason=ReleaseReason.RESIGNED, effective_date=date(2026, 7, 1)
+    )
+    cmd = await platform.send(release, pump=False)
+    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
+        await platform.quota.command_consumer.process(
+            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+        )
+    answer = await platform._uncarried(platform.quota, COMMAND_RESULTS)  # not yet delivered
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
+    await platform.pump()
+    res = await platform.result(platform.roster, cmd.id)
+    assert res.type == COMPLETED, res.data
+    assert len(await platform.events("PersonReleased")) == 1
+    # The step's own answer, late, changes nothing.
+    for row in answer:
+        await platform.roster_results.process(raw(COMMAND_RESULTS, Envelope.from_bytes(row.value)))
+    assert len(await platform.results(platform.roster, cmd.id)) == 1
+    assert len(await platform.events("PersonReleased")) == 1
+    assert await platform.counts(source) == (5, 0, 0)

@@ -122,6 +122,12 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "category": "admin",
         "notice_no": NOTICE,
     },
+    "bianzhi.quota.CancelSlotRequest.v1": {
+        "request_id": "c1a8b7e2-5d3f-4a61-9e0b-2f7c6d5e4a31",
+        "cancels_request_id": REQUEST,
+        "person_id": PERSON,
+        "org_id": ORG_B,
+    },
     "bianzhi.quota.MergeEstablishments.v1": {
         "request_id": REQUEST,
         "source_org_ids": [ORG_B],

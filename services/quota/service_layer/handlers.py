@@ -16,6 +16,7 @@ from contracts.envelope import Envelope
 from contracts.quota import (
     ApproveQuota,
     CancelQuotaUseNotice,
+    CancelSlotRequest,
     IssueQuotaUseNotice,
     LeaderPostsSet,
     MoveSlot,
@@ -730,6 +731,40 @@ async def move_slot(cmd: MoveSlot, uow: QuotaUnitOfWork, ctx: HandlerContext) ->
     await _record_slot(uow, ctx, event, target, cmd.category, on, after, cmd.unit_id)
 
 
+async def cancel_slot_request(
+    cmd: CancelSlotRequest, uow: QuotaUnitOfWork, ctx: HandlerContext
+) -> None:
+    """Cancel a slot request that has not taken effect (it never will); refuse with the
+    outcome when it has."""
+    org = await _load_in_region(uow, ctx, cmd.org_id)
+    if await uow.slots.claim_request(
+        cmd.cancels_request_id,
+        f"cancelled by {ctx.envelope.type}",
+        ctx.envelope.id,
+        cmd.person_id,
+        org.org_id,
+    ):
+        log.info(
+            "slot request cancelled before it took effect", request=str(cmd.cancels_request_id)
+        )
+        return
+    first = await uow.slots.request(cmd.cancels_request_id)
+    assert first is not None
+    if first.request_type.startswith("cancelled"):
+        return  # cancelled before: the same answer
+    raise Rejection(
+        ReasonCode.CONFLICT,
+        f"slot request {cmd.cancels_request_id} already took effect / 该占编请求已办结",
+        {
+            "outcome": "completed",
+            "request_id": str(cmd.cancels_request_id),
+            "request_type": first.request_type,
+            "event_id": first.event_id,
+            "event_type": first.event_type,
+        },
+    )
+
+
 # The routing table: command type → handler and the least role that may issue it.
 # Quota, limits, leader posts and notices are approvals (WIRE-CONTRACT §2): an approver at least.
 COMMANDS: list[CommandRoute] = [
@@ -743,4 +778,5 @@ COMMANDS: list[CommandRoute] = [
     CommandRoute(OccupySlot, occupy_slot, Role.CLERK),
     CommandRoute(ReleaseSlot, release_slot, Role.CLERK),
     CommandRoute(MoveSlot, move_slot, Role.CLERK),
+    CommandRoute(CancelSlotRequest, cancel_slot_request, Role.CLERK),
 ]

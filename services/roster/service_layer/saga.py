@@ -5,14 +5,16 @@ Quota answers each slot request (sent with the request id as its message id) wit
 row decides, by a conditional update, which of answer and timeout ends the saga: the one that
 comes second changes nothing. An enrolment whose step timed out is refused with ``timeout`` and
 its slot request is cancelled in quota (``ReleaseSlot`` with ``occupy_request_id``), which
-also undoes it if it took effect after all, so a late answer never counts twice.
+also undoes it if it took effect after all, so a late answer never counts twice. An overdue
+transfer or release is cancelled in quota if it has not taken effect (``CancelSlotRequest``)
+and ends on that answer: ``timeout`` when cancelled, completed when it had taken effect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 import structlog
@@ -21,7 +23,7 @@ from sqlalchemy.engine import Row
 from contracts.codes import Category, EntryMethod, LeaderPost, ReasonCode, ReleaseReason
 from contracts.common import Document
 from contracts.envelope import Envelope, now
-from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
+from contracts.quota import CancelSlotRequest, MoveSlot, OccupySlot, ReleaseSlot
 from contracts.results import CommandCompleted, CommandRejected, CommandResult
 from contracts.roster import PersonEnrolled, PersonReleased, PersonTransferred
 from services.roster.adapters.repository import command_envelope
@@ -34,7 +36,7 @@ from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.roster.saga")
 
-STEP_TYPES = frozenset({OccupySlot.TYPE, MoveSlot.TYPE, ReleaseSlot.TYPE})
+STEP_TYPES = frozenset({OccupySlot.TYPE, MoveSlot.TYPE, ReleaseSlot.TYPE, CancelSlotRequest.TYPE})
 SWEEP_BATCH = 100
 
 
@@ -47,12 +49,23 @@ async def step_completed(result: CommandCompleted, uow: RosterUnitOfWork, env: E
     if saga is None:
         return
     if saga.compensation_request_id == result.command_id:
-        await uow.sagas.finish(saga.saga_id, "timed_out", "compensated")
-        log.info("saga compensated", saga_id=saga.saga_id, kind=saga.kind)
+        if saga.kind == "enrol":
+            await uow.sagas.finish(saga.saga_id, "timed_out", "compensated")
+            log.info("saga compensated", saga_id=saga.saga_id, kind=saga.kind)
+        elif await uow.sagas.finish(saga.saga_id, "cancelling", "timed_out"):
+            # The step was cancelled before it took effect: nothing changed anywhere.
+            await _undo_in_roster(uow, saga)
+            await finish_command(uow, command_envelope(saga), uow.source, rejection=_timeout(saga))
+            log.warning("saga timed out, its step cancelled", saga_id=saga.saga_id)
         return
     if not await uow.sagas.finish(saga.saga_id, "waiting", "completed"):
         log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
         return
+    await _succeeded(uow, saga, env)
+
+
+async def _succeeded(uow: RosterUnitOfWork, saga: Row[Any], env: Envelope) -> None:
+    """Apply a step that took effect in quota and complete the saga's command."""
     command = command_envelope(saga)
     person = await uow.people.get(saga.person_id)
     assert person is not None
@@ -209,6 +222,16 @@ async def step_rejected(result: CommandRejected, uow: RosterUnitOfWork, env: Env
     if saga is None:
         return
     if saga.compensation_request_id == result.command_id:
+        if (
+            saga.kind != "enrol"
+            and result.code is ReasonCode.CONFLICT
+            and result.details.get("outcome") == "completed"
+            and await uow.sagas.finish(saga.saga_id, "cancelling", "completed")
+        ):
+            # Too late to cancel: the step had taken effect, so the saga ends as it would have.
+            log.info("overdue step had taken effect", saga_id=saga.saga_id, kind=saga.kind)
+            await _succeeded(uow, saga, env)
+            return
         # The compensation could not run (the org is gone from quota's view, say): an operator
         # must look. The enrolment itself was refused already.
         log.error(
@@ -217,7 +240,7 @@ async def step_rejected(result: CommandRejected, uow: RosterUnitOfWork, env: Env
             code=result.code.value,
             reason=result.message,
         )
-        await uow.sagas.finish(saga.saga_id, "timed_out", "compensation_failed")
+        await uow.sagas.finish(saga.saga_id, saga.status, "compensation_failed")
         return
     if not await uow.sagas.finish(saga.saga_id, "waiting", "rejected"):
         log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
@@ -252,20 +275,39 @@ async def _undo_in_roster(uow: RosterUnitOfWork, saga: Row[Any]) -> None:
 async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
     """End an overdue saga: refuse its command with ``timeout`` and cancel its step in quota.
 
-    Transfers and releases are single atomic steps in quota; they are cancelled the same way
-    only for an enrolment (the step whose effect can be undone by releasing the slot it took).
-    For the others the saga keeps waiting: quota's answer is final and will arrive.
+    A transfer or release is one atomic step in quota: it is cancelled if it has not taken
+    effect (``CancelSlotRequest``, keyed like the step so it arrives after it), and the saga
+    ends on quota's answer to that: refused with ``timeout`` when cancelled, completed as
+    usual when the step had taken effect after all.
     """
     if saga.kind != "enrol":
-        await uow.sagas.postpone(saga.saga_id, now() + timedelta(seconds=uow.saga_timeout_s))
-        log.warning(
-            "saga step overdue, still waiting for quota",
-            saga_id=saga.saga_id,
-            kind=saga.kind,
-            step=saga.step_type,
-            since=saga.created_at.isoformat(),
+        cancel = model.step_id(saga.command_id, "cancel")
+        if not await uow.sagas.finish(
+            saga.saga_id, "waiting", "cancelling", compensation_request_id=cancel
+        ):
+            return False
+        person = await uow.people.get(saga.person_id)
+        assert person is not None
+        payload = saga.payload or {}
+        keyed_by = payload["to_org_id"] if saga.kind == "transfer" else person.org_id
+        command = command_envelope(saga)
+        step = CancelSlotRequest(
+            request_id=uuid.UUID(cancel),
+            cancels_request_id=uuid.UUID(saga.step_request_id),
+            person_id=uuid.UUID(person.person_id),
+            org_id=uuid.UUID(keyed_by),
+        ).envelope(
+            source=uow.source,
+            id=cancel,
+            correlationid=command.effective_correlation_id,
+            causationid=command.id,
+            actorid=command.actorid,
+            actorregion=command.actorregion,
+            actorroles=command.actorroles,
         )
-        return False
+        uow.stage(step, CancelSlotRequest.TOPIC, step.subject)
+        log.warning("saga step overdue, cancelling it", saga_id=saga.saga_id, kind=saga.kind)
+        return True
     compensation = model.step_id(saga.command_id, "compensate")
     if not await uow.sagas.finish(
         saga.saga_id, "waiting", "timed_out", compensation_request_id=compensation
@@ -294,18 +336,17 @@ async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
         actorroles=command.actorroles,
     )
     uow.stage(step, ReleaseSlot.TOPIC, step.subject)
-    await finish_command(
-        uow,
-        command,
-        uow.source,
-        rejection=Rejection(
-            ReasonCode.TIMEOUT,
-            "quota did not answer in time; nothing was changed / 编制核验超时，未作变更",
-            {"person_id": saga.person_id, "step": saga.step_type, "saga_id": saga.saga_id},
-        ),
-    )
+    await finish_command(uow, command, uow.source, rejection=_timeout(saga))
     log.warning("saga timed out, compensating", saga_id=saga.saga_id, command_id=command.id)
     return True
+
+
+def _timeout(saga: Row[Any]) -> Rejection:
+    return Rejection(
+        ReasonCode.TIMEOUT,
+        "quota did not answer in time; nothing was changed / 编制核验超时，未作变更",
+        {"person_id": saga.person_id, "step": saga.step_type, "saga_id": saga.saga_id},
+    )
 
 
 async def sweep_once(uow_factory: Any, *, at: Any = None) -> int:
