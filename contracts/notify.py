@@ -111,6 +111,15 @@ class Unsubscribe(NotifyCommand):
     subscription_id: Uuid
 
 
+class ResendDelivery(NotifyCommand):
+    """Deliver one settled (failed or delivered) delivery again, from its first attempt."""
+
+    TYPE: ClassVar[str] = type_name("notify", "ResendDelivery")
+    SUBJECT: ClassVar[str] = "delivery_id"
+
+    delivery_id: Uuid
+
+
 # --- events -------------------------------------------------------------------------------
 
 
@@ -131,6 +140,20 @@ class SubscriptionRemoved(NotifyEvent):
     subscriber: str | None = None
 
 
+class DeliveryResent(NotifyEvent):
+    """An operator asked for a settled delivery to be made again."""
+
+    TYPE: ClassVar[str] = type_name("notify", "DeliveryResent")
+
+    subscription_id: Uuid
+    delivery_id: Uuid
+    event_id: str
+    event_type: str
+    previous_status: str
+    previous_attempts: int
+    resends: int
+
+
 class NotificationDelivered(NotifyEvent):
     TYPE: ClassVar[str] = type_name("notify", "NotificationDelivered")
 
@@ -138,6 +161,8 @@ class NotificationDelivered(NotifyEvent):
     event_id: str
     event_type: str
     attempts: int
+    delivery_id: Uuid | None = None
+    channel: str | None = None
 
 
 class NotificationFailed(NotifyEvent):
@@ -150,3 +175,7 @@ class NotificationFailed(NotifyEvent):
     event_type: str
     attempts: int
     error: str
+    delivery_id: Uuid | None = None
+    channel: str | None = None
+    # The last answer: an HTTP status (webhook) or an SMTP reply code (e-mail), if any.
+    status_code: int | None = None

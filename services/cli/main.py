@@ -17,6 +17,7 @@ from typing import NoReturn
 from services.cli import (
     audit,
     check,
+    deliveries,
     demo,
     importer,
     keys,
@@ -49,7 +50,20 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
     )
-    for module in (up, send, tail, replay, migrate, report, check, keys, audit, importer, demo):
+    for module in (
+        up,
+        send,
+        tail,
+        replay,
+        migrate,
+        keys,
+        report,
+        check,
+        audit,
+        importer,
+        demo,
+        deliveries,
+    ):
         module.register(commands)
     return parser
 

@@ -1,14 +1,19 @@
 """The composition root of the notify service; nothing connects at import time.
 
-Besides what the runtime runs for every service, notify runs its delivery worker: started after
-the broker connects and stopped on shutdown, through the FastStream app's hooks.
+Besides what the runtime runs for every service, notify runs its delivery worker as a
+background job of the service (``ServiceDefinition.background``): started once the service is
+up, and stopped first at shutdown — its attempts in flight settle — before the consumers drain
+and the relay publishes what they wrote.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.notify.adapters.mail import MailSender
 from services.notify.adapters.orm import messaging, metadata
+from services.notify.adapters.secrets import SecretBox, load_key
 from services.notify.adapters.webhook import WebhookSender
 from services.notify.entrypoints.queries import register_queries
 from services.notify.service_layer import fanout
@@ -22,12 +27,18 @@ from services.runtime.app import (
     ServiceRuntime,
     build_runtime,
 )
+from services.runtime.db import is_sqlite
 from services.runtime.settings import Settings
 
 SERVICE = "notify"
 
+BackgroundJob = Callable[[ServiceRuntime], Awaitable[None]]
 
-def definition(uow_class: type[NotifyUnitOfWork] = NotifyUnitOfWork) -> ServiceDefinition:
+
+def definition(
+    uow_class: type[NotifyUnitOfWork] = NotifyUnitOfWork,
+    background: tuple[BackgroundJob, ...] = (),
+) -> ServiceDefinition:
     return ServiceDefinition(
         name=SERVICE,
         metadata=metadata,
@@ -39,6 +50,7 @@ def definition(uow_class: type[NotifyUnitOfWork] = NotifyUnitOfWork) -> ServiceD
         event_subscriptions=tuple(
             EventSubscription(topic, fanout.routes_for(topic)) for topic in fanout.FOLLOWED_TOPICS
         ),
+        background=background,
     )
 
 
@@ -46,27 +58,36 @@ def build(
     settings: Settings | None = None, notify_settings: NotifySettings | None = None
 ) -> ServiceRuntime:
     """The runtime, with its delivery worker as ``runtime.worker``."""
+    settings = settings or Settings()
     notify_settings = notify_settings or NotifySettings()
     waker = Waker()
-    runtime = build_runtime(definition(NotifyUnitOfWork.bound_to(waker)), settings)
+    worker: DeliveryWorker | None = None
+
+    async def deliver_notifications(runtime: ServiceRuntime) -> None:
+        assert worker is not None
+        await worker.serve()
+
+    uow_class = NotifyUnitOfWork.bound_to(waker)
+    runtime = build_runtime(definition(uow_class, (deliver_notifications,)), settings)
+    # After build_runtime, which configures logging: making the embedded key is logged.
+    uow_class.box = SecretBox(
+        load_key(
+            notify_settings,
+            data_dir=settings.data_dir,
+            embedded=is_sqlite(settings.database_url(SERVICE)),
+        )
+    )
     worker = DeliveryWorker(
         uow_factory=runtime.uow,  # type: ignore[arg-type]
         sender=WebhookSender(
             timeout_s=notify_settings.webhook_timeout_s,
             max_connections=notify_settings.concurrency,
         ),
+        mailer=MailSender(notify_settings),
         settings=notify_settings,
         source=f"{runtime.settings.source.rstrip('/')}/{SERVICE}",
+        service=SERVICE,
     )
     waker.callback = worker.wake
     runtime.worker = worker  # type: ignore[attr-defined]
-
-    async def start_worker() -> None:
-        await worker.start()
-
-    async def stop_worker() -> None:
-        await worker.stop()
-
-    runtime.app.after_startup(start_worker)
-    runtime.app.on_shutdown(stop_worker)
     return runtime

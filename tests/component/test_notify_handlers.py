@@ -5,6 +5,7 @@ so what notify would publish stays in the outbox, where it is checked."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import uuid
@@ -26,6 +27,7 @@ from contracts.orgs import OrgRegistered, OrgRenamed
 from contracts.quota import QuotaApproved
 from contracts.topics import NOTIFY_EVENTS, ORGS_EVENTS, QUOTA_EVENTS
 from services.notify.adapters.orm import deliveries, subscriptions
+from services.notify.adapters.secrets import SecretBox, SecretKeyError
 from services.notify.adapters.webhook import Attempt
 from services.notify.bootstrap import build
 from services.notify.domain.model import Outcome
@@ -48,6 +50,7 @@ from tests.conftest import service_settings
 
 ADMIN = {"actorid": "wang.fang", "actorregion": "130100", "actorroles": "admin"}
 SECRET = "whsec-0123456789abcdef"
+KEY = base64.b64encode(bytes(range(32))).decode()
 DOC = Document(title="关于设立机构的批复", number="冀编〔2026〕1号", date=date(2026, 1, 5))
 _offsets = itertools.count()
 
@@ -59,7 +62,9 @@ async def notify(
     monkeypatch.setenv("BIANZHI_NOTIFY_DATABASE_URL", db_url)
     rt = build(
         service_settings(tmp_path, "localhost:1"),
-        NotifySettings(max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.002),
+        NotifySettings(
+            max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.002, secrets_key=KEY
+        ),
     )
     rt.command_consumer.dead_letter = DeadLetters()
     await rt.migrate()
@@ -189,7 +194,13 @@ async def test_subscribe_stores_the_secret_and_announces_the_subscription_withou
                 select(subscriptions).where(subscriptions.c.subscription_id == str(sid))
             )
         ).one()
-    assert (row.status, row.channel_kind, row.secret) == ("active", "webhook", SECRET)
+    assert (row.status, row.channel_kind) == ("active", "webhook")
+    # Sealed at rest (AES-GCM, bound to the subscription), and it opens with the key.
+    assert row.secret.startswith("aesgcm1:") and SECRET not in row.secret
+    box = SecretBox(base64.b64decode(KEY))
+    assert box.open(row.secret, subscription_id=str(sid)) == SECRET
+    with pytest.raises(SecretKeyError):
+        box.open(row.secret, subscription_id=str(uuid.uuid4()))
     (created,) = await outbox(notify, topic=NOTIFY_EVENTS)
     assert created.key == str(sid)
     assert created.message_type == "bianzhi.notify.SubscriptionCreated.v1"

@@ -193,6 +193,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         },
     },
     "bianzhi.notify.Unsubscribe.v1": {"subscription_id": SUBSCRIPTION},
+    "bianzhi.notify.ResendDelivery.v1": {"delivery_id": "d3b1c6f0-2a4e-4f8b-9c1d-7e5a3b2c1d09"},
 }
 
 EVENT_EXAMPLES: dict[str, dict[str, Any]] = {
@@ -449,6 +450,15 @@ EVENT_EXAMPLES: dict[str, dict[str, Any]] = {
         "event_type": "bianzhi.roster.PersonEnrolled.v1",
         "attempts": 8,
         "error": "HTTP 503 from https://hr.example.gov.cn/hooks/bianzhi",
+    },
+    "bianzhi.notify.DeliveryResent.v1": {
+        "subscription_id": SUBSCRIPTION,
+        "delivery_id": "d3b1c6f0-2a4e-4f8b-9c1d-7e5a3b2c1d09",
+        "event_id": EVENT_ID,
+        "event_type": "bianzhi.roster.PersonEnrolled.v1",
+        "previous_status": "failed",
+        "previous_attempts": 8,
+        "resends": 1,
     },
 }
 

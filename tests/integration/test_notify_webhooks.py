@@ -8,6 +8,7 @@ and then never again."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.broker
 COMPLETED = "bianzhi.CommandCompleted.v1"
 ADMIN = {"actorid": "wang.fang", "actorregion": "130100", "actorroles": "admin"}
 SECRET = "whsec-integration-0123456789"
+KEY = base64.b64encode(bytes(range(32, 64))).decode()
 DOC = Document(title="关于设立机构的批复", number="冀编〔2026〕1号", date=date(2026, 1, 5))
 
 
@@ -138,6 +140,7 @@ async def notify_service(
                 backoff_initial_s=0.1,
                 backoff_max_s=0.4,
                 poll_interval_s=0.05,
+                secrets_key=KEY,
             ),
         )
         async with running(runtime.app):

@@ -123,3 +123,27 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
         delays = [backoff_s(attempts, 2.0, 60.0, rng) for _ in range(200)]
         assert all(step / 2 <= d <= step for d in delays)
         assert max(delays) - min(delays) > step / 4  # jittered, not a fixed schedule
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_type", "expected"),
+    [
+        ("bianzhi.quota.OverQuotaDetected.v1", True),
+        ("bianzhi.quota.RegionLimitReached.v1", True),
+        ("bianzhi.quota.QuotaUseNoticeExpired.v1", True),
+        ("bianzhi.quota.QuotaApproved.v1", False),
+        ("bianzhi.roster.PersonEnrolled.v1", False),
+    ],
+)
+def test_alerts_are_matched_by_their_alert_names(event_type: str, expected: bool) -> None:
+    assert type_matches(["bianzhi.alerts.*"], event_type) is expected
+    assert type_matches([event_type], event_type)  # and by their own type, as ever
+
+
+def test_one_alert_may_be_chosen_by_its_alert_name() -> None:
+    patterns = ["bianzhi.alerts.OverQuotaDetected.v1"]
+    assert type_matches(patterns, "bianzhi.quota.OverQuotaDetected.v1")
+    assert not type_matches(patterns, "bianzhi.quota.RegionLimitReached.v1")

@@ -1,10 +1,11 @@
-"""Loads and saves subscriptions, queues and settles deliveries, keeps org → division."""
+"""Loads and saves subscriptions (secrets sealed), queues, settles and logs deliveries, keeps
+the org projection."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -15,7 +16,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.envelope import now
-from services.notify.adapters.orm import deliveries, notify_events, org_divisions, subscriptions
+from services.notify.adapters.orm import (
+    deliveries,
+    delivery_attempts,
+    notify_events,
+    org_divisions,
+    subscriptions,
+)
+from services.notify.adapters.secrets import SecretBox, is_sealed
 from services.notify.domain.model import DeliveryStatus, Subscription, SubscriptionStatus
 
 
@@ -39,8 +47,14 @@ def _subscription(row: Any) -> Subscription:
 
 
 class SubscriptionRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, box: SecretBox | None = None) -> None:
         self.session = session
+        self.box = box
+
+    def _seal(self, secret: str, subscription_id: str) -> str:
+        if self.box is None:
+            raise RuntimeError("no secrets key: this unit of work cannot store secrets")
+        return self.box.seal(secret, subscription_id=subscription_id)
 
     async def get(self, subscription_id: UUID) -> Subscription | None:
         row = (
@@ -60,7 +74,7 @@ class SubscriptionRepository:
                 channel_kind=sub.channel_kind,
                 url=sub.url,
                 address=sub.address,
-                secret=secret,
+                secret=None if secret is None else self._seal(secret, str(sub.subscription_id)),
                 status=sub.status.value,
                 created_at=now(),
                 created_by=created_by,
@@ -95,6 +109,27 @@ class SubscriptionRepository:
         )
         return [_subscription(r) for r in rows]
 
+    async def seal_plaintext_secrets(self) -> int:
+        """Seal secrets stored before encryption existed; how many were sealed."""
+        rows = (
+            await self.session.execute(
+                select(subscriptions.c.subscription_id, subscriptions.c.secret).where(
+                    subscriptions.c.secret.is_not(None)
+                )
+            )
+        ).all()
+        sealed = 0
+        for row in rows:
+            if is_sealed(row.secret):
+                continue
+            await self.session.execute(
+                update(subscriptions)
+                .where(subscriptions.c.subscription_id == row.subscription_id)
+                .values(secret=self._seal(row.secret, row.subscription_id))
+            )
+            sealed += 1
+        return sealed
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -102,18 +137,52 @@ class Claimed:
 
     delivery_id: str
     subscription_id: str
+    subscriber: str
     event_id: str
     event_type: str
+    topic: str
     correlation_id: str | None
     attempts: int
-    url: str
-    secret: str
+    resends: int
+    channel_kind: str
+    url: str | None
+    secret: str | None = field(repr=False)
+    address: str | None
     body: bytes
+    # Names of the orgs the event names, as far as notify knows them (for e-mails).
+    org_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt, for the delivery log."""
+
+    row: Claimed
+    attempt: int
+    outcome: str
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """One delivery, for an operator's command."""
+
+    delivery_id: str
+    subscription_id: str
+    event_id: str
+    event_type: str
+    status: str
+    attempts: int
+    resends: int
 
 
 class DeliveryRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, box: SecretBox | None = None) -> None:
         self.session = session
+        self.box = box
         self.queued = 0
 
     async def queue(
@@ -163,8 +232,8 @@ class DeliveryRepository:
     async def claim_due(
         self, *, limit: int, lease_until: datetime, skip: Iterable[str] = ()
     ) -> list[Claimed]:
-        """Take up to ``limit`` due webhook deliveries; each stays leased until ``lease_until``
-        (an attempt cut short by a crash is tried again once its lease runs out)."""
+        """Take up to ``limit`` due deliveries; each stays leased until ``lease_until`` (an
+        attempt cut short by a crash is tried again once its lease runs out)."""
         stamp = now()
         query = (
             select(
@@ -173,8 +242,13 @@ class DeliveryRepository:
                 deliveries.c.event_id,
                 deliveries.c.event_type,
                 deliveries.c.attempts,
+                deliveries.c.resends,
+                subscriptions.c.subscriber,
+                subscriptions.c.channel_kind,
                 subscriptions.c.url,
                 subscriptions.c.secret,
+                subscriptions.c.address,
+                notify_events.c.topic,
                 notify_events.c.correlation_id,
                 notify_events.c.body,
             )
@@ -187,7 +261,6 @@ class DeliveryRepository:
                 deliveries.c.status == DeliveryStatus.PENDING.value,
                 deliveries.c.next_attempt_at <= stamp,
                 subscriptions.c.status == SubscriptionStatus.ACTIVE.value,
-                subscriptions.c.channel_kind == "webhook",
             )
             .order_by(deliveries.c.next_attempt_at, deliveries.c.created_at)
             .limit(limit)
@@ -209,16 +282,96 @@ class DeliveryRepository:
             Claimed(
                 delivery_id=r.delivery_id,
                 subscription_id=r.subscription_id,
+                subscriber=r.subscriber,
                 event_id=r.event_id,
                 event_type=r.event_type,
+                topic=r.topic,
                 correlation_id=r.correlation_id,
                 attempts=r.attempts,
+                resends=r.resends,
+                channel_kind=r.channel_kind,
                 url=r.url,
-                secret=r.secret,
+                secret=self._open(r.secret, r.subscription_id),
+                address=r.address,
                 body=r.body,
             )
             for r in rows
         ]
+
+    def _open(self, stored: str | None, subscription_id: str) -> str | None:
+        if stored is None:
+            return None
+        if self.box is None:
+            raise RuntimeError("no secrets key: this unit of work cannot open secrets")
+        return self.box.open(stored, subscription_id=subscription_id)
+
+    async def record_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Keep attempts in the delivery log."""
+        if not records:
+            return
+        await self.session.execute(
+            insert(delivery_attempts),
+            [
+                {
+                    "attempt_id": str(uuid.uuid4()),
+                    "delivery_id": r.row.delivery_id,
+                    "subscription_id": r.row.subscription_id,
+                    "event_id": r.row.event_id,
+                    "attempt": r.attempt,
+                    "resend": r.row.resends,
+                    "channel_kind": r.row.channel_kind,
+                    "outcome": r.outcome,
+                    "status_code": r.status_code,
+                    "error": r.error,
+                    "duration_ms": r.duration_ms,
+                    "started_at": r.started_at,
+                }
+                for r in records
+            ],
+        )
+
+    async def get(self, delivery_id: str) -> DeliveryRecord | None:
+        row = (
+            await self.session.execute(
+                select(deliveries).where(deliveries.c.delivery_id == delivery_id)
+            )
+        ).one_or_none()
+        if row is None:
+            return None
+        return DeliveryRecord(
+            delivery_id=row.delivery_id,
+            subscription_id=row.subscription_id,
+            event_id=row.event_id,
+            event_type=row.event_type,
+            status=row.status,
+            attempts=row.attempts,
+            resends=row.resends,
+        )
+
+    async def resend(self, delivery_id: str) -> bool:
+        """Owe a settled delivery again, from its first attempt; ``False`` if it is pending."""
+        stamp = now()
+        result = await self.session.execute(
+            update(deliveries)
+            .where(
+                deliveries.c.delivery_id == delivery_id,
+                deliveries.c.status != DeliveryStatus.PENDING.value,
+            )
+            .values(
+                status=DeliveryStatus.PENDING.value,
+                attempts=0,
+                resends=deliveries.c.resends + 1,
+                last_status_code=None,
+                last_error=None,
+                next_attempt_at=stamp,
+                delivered_at=None,
+                updated_at=stamp,
+            )
+        )
+        changed = bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        if changed:
+            self.queued += 1
+        return changed
 
     async def reschedule(self, delivery_id: str, at: datetime) -> None:
         await self.session.execute(
@@ -269,19 +422,39 @@ class OrgDivisions:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def set(self, org_id: UUID, division_code: str) -> None:
+    async def set(self, org_id: UUID, division_code: str, name: str | None = None) -> None:
         stamp = now()
+        values: dict[str, Any] = {"division_code": division_code, "updated_at": stamp}
+        if name is not None:
+            values["name"] = name
         updated = await self.session.execute(
-            update(org_divisions)
-            .where(org_divisions.c.org_id == str(org_id))
-            .values(division_code=division_code, updated_at=stamp)
+            update(org_divisions).where(org_divisions.c.org_id == str(org_id)).values(**values)
         )
         if updated.rowcount == 0:  # type: ignore[attr-defined]
             await self.session.execute(
                 _insert_ignoring_duplicates(self.session, org_divisions, ["org_id"]).values(
-                    org_id=str(org_id), division_code=division_code, updated_at=stamp
+                    org_id=str(org_id), **values
                 )
             )
+
+    async def rename(self, org_id: UUID, name: str) -> None:
+        """Keep the new name of an org notify knows (one it has not seen stays unknown)."""
+        await self.session.execute(
+            update(org_divisions)
+            .where(org_divisions.c.org_id == str(org_id))
+            .values(name=name, updated_at=now())
+        )
+
+    async def names(self, org_ids: Iterable[str]) -> dict[str, str]:
+        ids = sorted(set(org_ids))
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(org_divisions.c.org_id, org_divisions.c.name).where(
+                org_divisions.c.org_id.in_(ids), org_divisions.c.name.is_not(None)
+            )
+        )
+        return {r.org_id: r.name for r in rows}
 
     async def of(self, org_ids: Iterable[str]) -> dict[str, str]:
         ids = sorted(set(org_ids))

@@ -38,9 +38,26 @@ class Subscription:
     status: SubscriptionStatus
 
 
+# Alerts (预警) for staffing offices. Each is also known as ``bianzhi.alerts.<Name>.v<n>``, so
+# an office subscribes to every alert, present and future, with ``bianzhi.alerts.*``.
+ALERT_TYPES: dict[str, str] = {
+    "bianzhi.quota.OverQuotaDetected.v1": "bianzhi.alerts.OverQuotaDetected.v1",
+    "bianzhi.quota.RegionLimitReached.v1": "bianzhi.alerts.RegionLimitReached.v1",
+    "bianzhi.quota.QuotaUseNoticeExpired.v1": "bianzhi.alerts.QuotaUseNoticeExpired.v1",
+}
+
+
+def is_alert(event_type: str) -> bool:
+    return event_type in ALERT_TYPES
+
+
 def type_matches(patterns: Iterable[str], event_type: str) -> bool:
-    """Whether ``event_type`` matches any pattern (``*`` is any run of characters, case counts)."""
-    return any(fnmatchcase(event_type, pattern) for pattern in patterns)
+    """Whether ``event_type`` (or, for an alert, its ``bianzhi.alerts.…`` name) matches any
+    pattern (``*`` is any run of characters, case counts)."""
+    names = [event_type]
+    if alias := ALERT_TYPES.get(event_type):
+        names.append(alias)
+    return any(fnmatchcase(name, pattern) for pattern in patterns for name in names)
 
 
 def division_matches(subscription_division: str, event_divisions: Iterable[str]) -> bool:

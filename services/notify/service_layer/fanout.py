@@ -1,7 +1,7 @@
 """Fan-out: every event of the topics notify follows is matched against the active
 subscriptions, and a pending delivery is queued per match, in the transaction that records the
-event in the inbox. Notify also keeps org → division from the orgs events, to place events that
-only name an org.
+event in the inbox. Notify also keeps org → division (and the org's name, for e-mails) from the
+orgs events, to place events that only name an org.
 
 Where an event concerns:
 - ``data.division_code`` when the event carries one;
@@ -17,7 +17,7 @@ from typing import Any
 
 from contracts.base import Event, registry
 from contracts.envelope import Envelope
-from contracts.orgs import OrgMoved, OrgRegistered
+from contracts.orgs import OrgMoved, OrgRegistered, OrgRenamed
 from contracts.topics import ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS
 from services.notify.domain import model
 from services.notify.service_layer.unit_of_work import NotifyUnitOfWork
@@ -62,8 +62,12 @@ async def fan_out(topic: str, uow: NotifyUnitOfWork, env: Envelope) -> int:
 
 def _fan_out_handler(topic: str) -> EventHandler:
     async def handle(event: Event, uow: NotifyUnitOfWork, env: Envelope) -> None:
-        if isinstance(event, OrgRegistered | OrgMoved):
+        if isinstance(event, OrgRegistered):
+            await uow.orgs.set(event.org_id, event.division_code, event.name)
+        elif isinstance(event, OrgMoved):
             await uow.orgs.set(event.org_id, event.division_code)
+        elif isinstance(event, OrgRenamed):
+            await uow.orgs.rename(event.org_id, event.name)
         await fan_out(topic, uow, env)
 
     return handle

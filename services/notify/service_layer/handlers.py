@@ -6,6 +6,8 @@ from uuid import UUID
 
 from contracts.codes import ReasonCode, Role
 from contracts.notify import (
+    DeliveryResent,
+    ResendDelivery,
     Subscribe,
     SubscriptionChannel,
     SubscriptionCreated,
@@ -78,8 +80,45 @@ async def unsubscribe(cmd: Unsubscribe, uow: NotifyUnitOfWork, ctx: HandlerConte
     ctx.emit(SubscriptionRemoved(subscription_id=sub.subscription_id, subscriber=sub.subscriber))
 
 
-# The routing table: managing subscriptions is for admins (WIRE-CONTRACT §2).
+async def resend_delivery(cmd: ResendDelivery, uow: NotifyUnitOfWork, ctx: HandlerContext) -> None:
+    delivery = await uow.deliveries.get(str(cmd.delivery_id))
+    if delivery is None:
+        raise Rejection(
+            ReasonCode.NOT_FOUND,
+            f"delivery {cmd.delivery_id} does not exist / 投递记录不存在",
+            {"delivery_id": str(cmd.delivery_id)},
+        )
+    sub = await _load(uow, UUID(delivery.subscription_id))
+    ctx.require_region(sub.division_code, what="subscription")
+    if sub.status is model.SubscriptionStatus.REMOVED:
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"subscription {sub.subscription_id} was removed; its deliveries are not resent / "
+            "订阅已取消，不能重新投递",
+            {"subscription_id": str(sub.subscription_id), "delivery_id": str(cmd.delivery_id)},
+        )
+    if not await uow.deliveries.resend(delivery.delivery_id):
+        raise Rejection(
+            ReasonCode.CONFLICT,
+            f"delivery {cmd.delivery_id} is still being attempted / 该投递仍在进行中",
+            {"delivery_id": str(cmd.delivery_id), "status": delivery.status},
+        )
+    ctx.emit(
+        DeliveryResent(
+            subscription_id=sub.subscription_id,
+            delivery_id=cmd.delivery_id,
+            event_id=delivery.event_id,
+            event_type=delivery.event_type,
+            previous_status=delivery.status,
+            previous_attempts=delivery.attempts,
+            resends=delivery.resends + 1,
+        )
+    )
+
+
+# The routing table: managing subscriptions and deliveries is for admins (WIRE-CONTRACT §2).
 COMMANDS: list[CommandRoute] = [
     CommandRoute(Subscribe, subscribe, Role.ADMIN),
     CommandRoute(Unsubscribe, unsubscribe, Role.ADMIN),
+    CommandRoute(ResendDelivery, resend_delivery, Role.ADMIN),
 ]

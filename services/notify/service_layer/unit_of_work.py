@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
+from contracts.envelope import now
 from services.notify.adapters.repository import (
     DeliveryRepository,
     OrgDivisions,
     SubscriptionRepository,
 )
+from services.notify.adapters.secrets import SecretBox
 from services.runtime.uow import UnitOfWork
 
 
@@ -28,13 +31,15 @@ class NotifyUnitOfWork(UnitOfWork):
     subscriptions: SubscriptionRepository
     deliveries: DeliveryRepository
     orgs: OrgDivisions
-    # Set on the per-runtime subclass made by ``bound_to``; called after a commit that queued.
+    # Set on the per-runtime subclass made by ``bound_to``: called after a commit that queued,
+    # and the key that seals and opens subscription secrets.
     waker: ClassVar[Waker | None] = None
+    box: ClassVar[SecretBox | None] = None
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
-        self.subscriptions = SubscriptionRepository(self.session)
-        self.deliveries = DeliveryRepository(self.session)
+        self.subscriptions = SubscriptionRepository(self.session, self.box)
+        self.deliveries = DeliveryRepository(self.session, self.box)
         self.orgs = OrgDivisions(self.session)
         return self
 
@@ -45,7 +50,26 @@ class NotifyUnitOfWork(UnitOfWork):
         if queued and self.waker is not None:
             self.waker()
 
+    def stage_record(
+        self, *, topic: str, key: str | None, value: bytes, headers: dict[str, str], **row: Any
+    ) -> None:
+        """Queue a record that is not an envelope of notify's own (a dead letter) for the
+        outbox; written at ``commit()`` with everything else."""
+        self._staged.append(
+            {
+                "message_id": str(uuid.uuid4()),
+                "topic": topic,
+                "key": key,
+                "value": value,
+                "headers": headers,
+                "published_at": None,
+                "created_at": now(),
+                **row,
+            }
+        )
+
     @classmethod
-    def bound_to(cls, waker: Waker) -> type[NotifyUnitOfWork]:
-        """A unit-of-work class of one runtime, whose commits wake that runtime's worker."""
-        return type("BoundNotifyUnitOfWork", (cls,), {"waker": waker})
+    def bound_to(cls, waker: Waker, box: SecretBox | None = None) -> type[NotifyUnitOfWork]:
+        """A unit-of-work class of one runtime, whose commits wake that runtime's worker and
+        whose repositories seal and open secrets with ``box`` (settable on the class later)."""
+        return type("BoundNotifyUnitOfWork", (cls,), {"waker": waker, "box": box})
