@@ -4,10 +4,12 @@ Pod is a valid Kubernetes object admitted by the restricted namespace, and its c
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ def documented() -> list[Resource]:
 
 
 def one(kind: str) -> Resource:
-    (found,) = [o for o in documented() if o["kind"] == kind]
+    (found,) = [o for o in documented() if o.get("kind") == kind]
     return found
 
 
@@ -130,23 +132,72 @@ def shell_block_with(text: str) -> str:
     return block.replace("\\\n", " ")
 
 
-@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
-def test_a_hand_made_secret_is_created_and_backed_up_as_documented(secret: str) -> None:
-    _, key, _ = HAND_MADE_SECRETS[secret]
+def fold(text: str) -> str:
+    return " ".join(text.replace("\\\n", " ").split())
+
+
+def section_with(text: str) -> str:
+    """The one section (from a ``##``/``###`` heading to the next) of docs/deploy.md holding
+    ``text``, continuation lines joined and whitespace folded."""
+    sections = re.split(r"^#{2,3} ", DOC.read_text(), flags=re.MULTILINE)
+    (section,) = [fold(s) for s in sections if fold(text) in fold(s)]
+    return section
+
+
+def create_command(secret: str) -> str:
+    """The documented ``kubectl create secret`` line of a hand-made Secret."""
     block = shell_block_with(f"create secret generic {secret}")
     (create,) = [line for line in block.splitlines() if f"create secret generic {secret}" in line]
+    return create
+
+
+def _roster_key(path: Path) -> bytes:
+    from services.roster.domain.personal_data import load_master_key
+
+    return load_master_key(value=None, path=path, generate_at=None)
+
+
+def _notify_key(path: Path) -> bytes:
+    from services.notify.adapters.secrets import load_key
+    from services.notify.settings import NotifySettings
+
+    settings = NotifySettings(secrets_key=None, secrets_key_file=path)
+    return load_key(settings, data_dir=path.parent, embedded=False)
+
+
+# How each service loads its hand-made encryption key, as it does at start.
+KEY_LOADERS: dict[str, Callable[[Path], bytes]] = {
+    "bianzhi-roster-personal-data-key": _roster_key,
+    "bianzhi-notify-secrets-key": _notify_key,
+}
+ENCRYPTION_KEYS = sorted(s for s, made in HAND_MADE_SECRETS.items() if made.encryption_key)
+
+
+def test_every_encryption_key_has_a_loader_here() -> None:
+    assert sorted(KEY_LOADERS) == ENCRYPTION_KEYS
+
+
+@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
+def test_a_hand_made_secret_is_created_as_documented(secret: str) -> None:
+    key = HAND_MADE_SECRETS[secret].key
+    create = create_command(secret)
     (namespace,) = [o for o in prod() if o["kind"] == "Namespace"]
     words = shlex.split(create)
     assert words[:3] == ["kubectl", "-n", namespace["metadata"]["name"]]
     assert any(w.startswith(f"--from-file={key}=") for w in words), "the key the pod mounts"
-    text = " ".join(DOC.read_text().split())
+    # its section names the setting that reads the mounted file
+    assert HAND_MADE_SECRETS[secret].setting in section_with(create)
+
+
+@pytest.mark.parametrize("secret", ENCRYPTION_KEYS)
+def test_an_encryption_key_is_backed_up_and_losing_it_explained(secret: str) -> None:
+    text = section_with(create_command(secret))
     assert "**Back it up**" in text and "unreadable" in text
 
 
-def test_the_documented_personal_data_key_is_one_the_roster_accepts(tmp_path: Path) -> None:
-    from services.roster.domain.personal_data import load_master_key
-
-    secret = "bianzhi-roster-personal-data-key"
+@pytest.mark.parametrize("secret", ENCRYPTION_KEYS)
+def test_the_documented_key_is_one_the_service_accepts(secret: str, tmp_path: Path) -> None:
+    load = KEY_LOADERS[secret]
     block = shell_block_with(f"create secret generic {secret}")
     # run the documented steps that make the key file (everything but kubectl) in a scratch dir
     steps = [line for line in block.splitlines() if line and not line.startswith("kubectl")]
@@ -163,10 +214,60 @@ def test_the_documented_personal_data_key_is_one_the_roster_accepts(tmp_path: Pa
     (source,) = [w for w in shlex.split(create) if w.startswith("--from-file=")]
     path = tmp_path / source.split("=", 2)[2]
     assert path.stat().st_mode & 0o077 == 0, "the file is made private (umask 077)"
-    key = load_master_key(value=None, path=path, generate_at=None)
+    key = load(path)
     assert len(key) == 32
     # and two runs make two different keys: nothing is fixed in the documentation
     subprocess.run(
         ["sh", "-euc", "\n".join(steps)], cwd=tmp_path, check=True, timeout=30, capture_output=True
     )
-    assert load_master_key(value=None, path=path, generate_at=None) != key
+    assert load(path) != key
+
+
+def test_the_documented_smtp_overlay_patch_applies_and_is_read_by_notify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.notify.settings import NotifySettings
+
+    # the documented patches, in an overlay of prod built by the real kustomize
+    (patches,) = [o for o in documented() if "patches" in o]
+    prod_dir = ROOT / "deploy" / "k8s" / "overlays" / "prod"
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(prod_dir, tmp_path)],  # kustomize wants a relative path
+        **patches,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+
+    def notify_config(objects: list[Resource]) -> dict[str, str]:
+        (found,) = [
+            o["data"]
+            for o in objects
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "bianzhi-notify-config"
+        ]
+        return found
+
+    base, patched = notify_config(prod()), notify_config(kubectl_build(tmp_path))
+    assert set(patched) == set(base), "the patch replaces settings, it adds none"
+    changed = {k for k, v in patched.items() if base[k] != v}
+    assert {"BIANZHI_NOTIFY_SMTP_HOST", "BIANZHI_NOTIFY_MAIL_FROM"} <= changed
+    for name, value in patched.items():
+        monkeypatch.setenv(name, value)
+    settings = NotifySettings()
+    assert (settings.smtp_port, settings.smtp_security) in ((587, "starttls"), (465, "tls"))
+    assert settings.smtp_host != base["BIANZHI_NOTIFY_SMTP_HOST"]
+    assert settings.mail_from != base["BIANZHI_NOTIFY_MAIL_FROM"]
+
+
+def test_the_email_section_names_every_smtp_setting_of_the_configmap() -> None:
+    from services.notify.settings import NotifySettings
+
+    data = yaml.safe_load((ROOT / "deploy/k8s/base/notify/configmap.yaml").read_text())["data"]
+    smtp = {n for n in data if n.startswith(("BIANZHI_NOTIFY_SMTP_", "BIANZHI_NOTIFY_MAIL_"))}
+    # every e-mail setting notify has, the password as a file only
+    fields = {f"BIANZHI_NOTIFY_{f}".upper() for f in NotifySettings.model_fields}
+    expected = {n for n in fields if n.startswith(("BIANZHI_NOTIFY_SMTP_", "BIANZHI_NOTIFY_MAIL_"))}
+    assert smtp == expected - {"BIANZHI_NOTIFY_SMTP_PASSWORD"}
+    section = DOC.read_text().split("## E-mail (notify)", 1)[1].split("\n## ", 1)[0]
+    for name in smtp:
+        assert f"`{name}`" in section and f"`{data[name]}`" in section, name

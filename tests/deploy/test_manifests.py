@@ -15,6 +15,7 @@ import importlib.util
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,32 @@ K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("dev", "prod")
 # Every service whose code exists is deployed: base/<svc>, its database, policy and scaler.
 DEPLOYED = tuple(existing_services())
-# The services allowed one egress rule to the internet (webhook receivers), and its port.
-INTERNET_EGRESS = {"notify": 443}
-# Secrets no operator makes: the cluster's administrator creates them once (docs/deploy.md says
-# how) and backs them up. Secret name -> (service, the key it holds, the setting naming its file).
-HAND_MADE_SECRETS: dict[str, tuple[str, str, str]] = {
-    "bianzhi-roster-personal-data-key": (
-        "roster",
-        "key",
-        "BIANZHI_ROSTER_PERSONAL_DATA_KEY_FILE",
+# The services allowed one egress rule to the internet, and its ports: notify's webhook
+# receivers (HTTPS 443) and its SMTP server (submission: 465 implicit TLS, 587 STARTTLS).
+INTERNET_EGRESS = {"notify": (443, 465, 587)}
+
+
+@dataclass(frozen=True)
+class HandMade:
+    """A Secret no operator makes: the cluster's administrator creates it (docs/deploy.md says
+    how) and the service reads one of its keys as a mounted file named by a ``*_FILE`` setting."""
+
+    service: str
+    key: str  # the entry of the Secret the pod mounts
+    setting: str  # the setting naming the mounted file
+    # An encryption key: the service does not start without it, and losing it makes stored data
+    # unreadable, so it must be backed up. Otherwise a credential the service may do without
+    # (the volume is optional and the service reads the file only when it needs it).
+    encryption_key: bool = True
+
+
+HAND_MADE_SECRETS: dict[str, HandMade] = {
+    "bianzhi-roster-personal-data-key": HandMade(
+        "roster", "key", "BIANZHI_ROSTER_PERSONAL_DATA_KEY_FILE"
+    ),
+    "bianzhi-notify-secrets-key": HandMade("notify", "key", "BIANZHI_NOTIFY_SECRETS_KEY_FILE"),
+    "bianzhi-notify-smtp": HandMade(
+        "notify", "password", "BIANZHI_NOTIFY_SMTP_PASSWORD_FILE", encryption_key=False
     ),
 }
 
@@ -198,12 +216,15 @@ def test_deployments_have_probes_resources_and_a_drain_long_enough(
         settings = configmap_env(rendered, app)
         graceful = float(settings["BIANZHI_KAFKA_GRACEFUL_TIMEOUT_S"])
         pre_stop = int(app["lifecycle"]["preStop"]["exec"]["command"][-1])
-        # notify's delivery worker lets webhook requests in flight finish, each bounded by this
-        webhooks = float(settings.get("BIANZHI_NOTIFY_WEBHOOK_TIMEOUT_S", 0))
+        # notify's delivery worker stops first and lets the attempts in flight finish, each
+        # bounded by its channel's timeout; they run concurrently, so the longest one counts
+        timeouts = ("BIANZHI_NOTIFY_WEBHOOK_TIMEOUT_S", "BIANZHI_NOTIFY_SMTP_TIMEOUT_S")
         if service_of(deployment) == "notify":
-            assert webhooks > 0, "the webhook timeout the grace period covers is explicit"
-        # consumers drain, then the relay drains, each up to the graceful timeout
-        assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * graceful + webhooks > 15
+            for name in timeouts:
+                assert float(settings[name]) > 0, f"the grace period covers {name}: explicit"
+        in_flight = max(float(settings.get(name, 0)) for name in timeouts)
+        # then the consumers drain, then the relay drains, each up to the graceful timeout
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + in_flight + 2 * graceful > 15
 
 
 def test_deployments_are_hardened(rendered: list[Resource]) -> None:
@@ -260,7 +281,8 @@ def test_no_literal_secrets(rendered: list[Resource]) -> None:
     for configmap in of_kind(rendered, "ConfigMap"):
         for key, value in configmap["data"].items():
             assert not SECRETISH.search(key) or key.endswith("_FILE"), key
-            assert "@" not in value, key
+            # no URL with user:password (an e-mail address like the From is fine)
+            assert not re.search(r"://[^/\s]*@", value), key
 
 
 def secrets_made_by_operators(objects: list[Resource]) -> set[str]:
@@ -306,11 +328,25 @@ def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resour
         assert db_secrets == {f"bianzhi-{svc}-db-app"}
 
 
+def test_every_secret_file_a_service_reads_is_a_hand_made_secret() -> None:
+    """Every secret ``*_FILE`` setting of a service's own settings is mounted from a hand-made
+    Secret: roster's personal-data key, notify's subscription secrets key (required) and its SMTP
+    password (optional)."""
+    for svc in DEPLOYED:
+        files = {n for cls in own_settings(svc) for n in setting_names(cls) if n.endswith("_FILE")}
+        secret_files = {n for n in files if SECRETISH.search(n.removesuffix("_FILE"))}
+        mounted = {h.setting for h in HAND_MADE_SECRETS.values() if h.service == svc}
+        assert secret_files == mounted, svc
+    assert HAND_MADE_SECRETS["bianzhi-notify-secrets-key"].encryption_key
+    assert not HAND_MADE_SECRETS["bianzhi-notify-smtp"].encryption_key
+
+
 @pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
-def test_a_hand_made_key_is_a_read_only_file_never_a_value(
+def test_a_hand_made_secret_is_a_read_only_file_never_a_value(
     secret: str, rendered: list[Resource]
 ) -> None:
-    svc, key, setting = HAND_MADE_SECRETS[secret]
+    made = HAND_MADE_SECRETS[secret]
+    svc, key, setting = made.service, made.key, made.setting
     deployment = named(rendered, "Deployment", f"bianzhi-{svc}")
     pod = deployment["spec"]["template"]["spec"]
     app = main_container(deployment)
@@ -322,8 +358,9 @@ def test_a_hand_made_key_is_a_read_only_file_never_a_value(
     volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
     assert volume["secretName"] == secret
     assert volume["items"] == [{"key": key, "path": path.name}]
-    # a missing Secret keeps the pod from starting instead of letting it start without its key
-    assert not volume.get("optional", False)
+    # a missing key keeps the pod from starting instead of letting it start without it; a
+    # credential the service may do without (no SMTP login) is optional
+    assert volume.get("optional", False) is not made.encryption_key
     assert volume["defaultMode"] & 0o007 == 0, "not readable by other users"
     # the key itself is never passed as a value, in a ConfigMap or an env variable
     value_setting = setting.removesuffix("_FILE")
@@ -643,7 +680,7 @@ def test_only_notify_reaches_the_internet_on_https_and_never_the_cluster(
         assert not internet, f"{svc} has no business on the internet"
         return
     (rule,) = internet  # the one outbound internet rule
-    assert rule["ports"] == [{"protocol": "TCP", "port": INTERNET_EGRESS[svc]}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port} for port in INTERNET_EGRESS[svc]]
     for peer in rule["to"]:
         assert set(peer) == {"ipBlock"}, "the rule's peers are address ranges only"
         block = peer["ipBlock"]
