@@ -5,6 +5,12 @@ publishes the row again on its next pass (consumers' inboxes make that harmless)
 "claimed" state to get stuck in: every pass starts from the oldest unpublished row, which is also
 the sweep of whatever a crash left behind.
 
+On SQLite the marks are written lazily, by a task of their own, at most once per
+``mark_interval_s`` (sooner when many rows wait): each mark is a write transaction, and every
+write transaction makes the handlers queue for SQLite's single write lock. A crash leaves at most
+that many published rows unmarked; they are published again on the next start, as any row a
+crash leaves between publish and mark.
+
 On PostgreSQL several replicas may run a relay; a transaction-scoped advisory lock lets one of them
 publish at a time, so one key's rows never overtake each other, and ``FOR UPDATE SKIP LOCKED``
 keeps a stalled lock holder from blocking the rest of the table.
@@ -60,6 +66,8 @@ class OutboxRelay:
         retention: timedelta = timedelta(days=7),
         write_lock: asyncio.Lock | None = None,
         read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        mark_interval_s: float = 1.0,
+        mark_batch: int = 2000,
     ) -> None:
         self.service = service
         self.sessions = sessions
@@ -71,6 +79,8 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.retention = retention
+        self.mark_interval_s = mark_interval_s
+        self.mark_batch = mark_batch
         self._write_lock = write_lock or asyncio.Lock()
         self._sqlite = is_sqlite(str(engine.url))
         self._lock_key = zlib.crc32(f"bianzhi-relay-{service}".encode()) & 0x7FFFFFFF
@@ -82,6 +92,7 @@ class OutboxRelay:
         self._rewind_to: int | None = None
         self._marks: list[int] = []
         self._marker: asyncio.Task[None] | None = None
+        self._mark_now = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
@@ -107,12 +118,15 @@ class OutboxRelay:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            self._mark_now.set()
             if self._marker is not None:
                 await asyncio.wait_for(asyncio.shield(self._marker), drain_timeout_s)
         except TimeoutError:
             log.warning("outbox relay did not drain in time; rows stay for the next start")
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            for task in (self._task, self._marker):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
         self._task = None
 
     async def _run(self) -> None:
@@ -173,13 +187,14 @@ class OutboxRelay:
                 )
             ).all()
         if not rows:
-            if not self._marks:
-                metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
+            metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
             return 0
         records = [_record(r) for r in rows]
         await self.publish(records)
         self._published_upto = records[-1].seq
         self._marks.extend(r.seq for r in records)
+        if len(self._marks) >= self.mark_batch:
+            self._mark_now.set()
         if self._marker is None or self._marker.done():
             self._marker = asyncio.create_task(self._mark_pending())
         self._published(len(records))
@@ -187,6 +202,12 @@ class OutboxRelay:
 
     async def _mark_pending(self) -> None:
         while self._marks:
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._mark_now.wait(), self.mark_interval_s)
+            self._mark_now.clear()
+            if not self._marks:
+                return
             seqs, self._marks = self._marks, []
             try:
                 async with self._write_lock, self.sessions() as session, session.begin():
@@ -220,9 +241,13 @@ class OutboxRelay:
 
     async def _mark(self, session: AsyncSession, seqs: list[int]) -> None:
         o = self.tables.outbox.c
-        await session.execute(
-            update(self.tables.outbox).where(o.seq.in_(seqs)).values(published_at=now())
-        )
+        if self._sqlite:
+            # Every unmarked row from the first to the last of ``seqs`` was published: seq
+            # order is commit order there, and the relay publishes a gapless run of them.
+            which = o.seq.between(min(seqs), max(seqs)) & o.published_at.is_(None)
+        else:
+            which = o.seq.in_(seqs)
+        await session.execute(update(self.tables.outbox).where(which).values(published_at=now()))
 
     def _published(self, count: int) -> None:
         metrics.OUTBOX_PUBLISHED.labels(self.service).inc(count)
@@ -231,10 +256,13 @@ class OutboxRelay:
     async def backlog(self) -> int:
         """How many rows wait to be published."""
         o = self.tables.outbox.c
+        waiting = o.published_at.is_(None)
+        if self._sqlite:
+            # Published rows wait a moment for their mark; they do not wait to be published.
+            upto = self._published_upto if self._rewind_to is None else self._rewind_to
+            waiting = waiting & (o.seq > upto)
         async with self.read_sessions() as session:
-            count = (
-                await session.execute(select(func.count()).where(o.published_at.is_(None)))
-            ).scalar_one()
+            count = (await session.execute(select(func.count()).where(waiting))).scalar_one()
         metrics.OUTBOX_BACKLOG.labels(self.service).set(count)
         return int(count)
 
@@ -249,13 +277,19 @@ class OutboxRelay:
             log.warning("outbox purge failed", error=repr(exc))
 
     async def purge(self) -> int:
-        """Delete published rows older than the retention window."""
+        """Delete published rows older than the retention window, but for the newest row.
+
+        The newest row stays because SQLite numbers a new row one above the highest it holds:
+        with every row gone, numbering would start again below the rows already published,
+        where a running relay no longer looks.
+        """
         o = self.tables.outbox.c
         cutoff = now() - self.retention
+        newest = select(func.max(o.seq)).scalar_subquery()
         async with self._write_lock, self.sessions() as session, session.begin():
             result = await session.execute(
                 delete(self.tables.outbox).where(
-                    o.published_at.is_not(None), o.published_at < cutoff
+                    o.published_at.is_not(None), o.published_at < cutoff, o.seq < newest
                 )
             )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
