@@ -154,8 +154,10 @@ class CommandConsumer(Consumer):
                 type=msg_type or "unknown",
                 source=str(obj.get("source", "unknown")),
                 time=now(),
-                correlationid=obj.get("correlationid")
-                if isinstance(obj.get("correlationid"), str)
+                # Kept only when it could be sent on: the result carries it.
+                correlationid=correlation
+                if isinstance(correlation := obj.get("correlationid"), str)
+                and 0 < len(correlation) <= 200
                 else None,
                 data={},
             )

@@ -262,6 +262,25 @@ async def test_malformed_envelope_with_a_readable_id_is_rejected(runtime, dead_l
     assert await nothing_but_results(runtime)
 
 
+async def test_a_malformed_envelope_with_an_overlong_correlation_id_still_gets_its_result(
+    runtime, dead_letters
+) -> None:
+    command_id = new_id()
+    value = json.dumps(
+        {
+            "id": command_id,
+            "type": RegisterOrg.TYPE,
+            "specversion": None,
+            "correlationid": "x" * 201,
+        }
+    ).encode()
+    await runtime.command_consumer.process(record(value, command_id.encode()))
+    res = await result(runtime, command_id)
+    assert (res.type, res.data["code"]) == (REJECTED, "invalid_message")
+    assert res.correlationid == command_id  # the overlong one could not be sent on
+    assert dead_letters.sent == []
+
+
 @pytest.mark.parametrize(
     "value",
     [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"id": 17, "type": "x"}', b'{"type": "x"}', b""],
