@@ -54,6 +54,28 @@ establishment = Table(
     Index("ix_establishment_category", "category"),
 )
 
+# Approved, occupied and reserved places and establishment rows (``orgs``) summed per division
+# code prefix (GB/T 2260: 2 digits a province, 4 a city, 6 a county, see
+# ``contracts.identifiers.division_prefix``) and category, in ``DIVISION_TOTALS_SHARDS`` parts
+# per prefix and category (the part an org adds to is fixed by the last character of its id),
+# summed on read. Kept by database triggers on ``establishment`` and ``org_projection`` in the
+# writing transaction (migration 0003), so every write path keeps it; the division roll-up reads
+# it instead of summing the subtree. Parts spread concurrent writers of one province over
+# several rows (PostgreSQL row locks) instead of queueing them on one.
+DIVISION_TOTALS_SHARDS = 8
+division_totals = Table(
+    "division_totals",
+    metadata,
+    Column("prefix", String(6), nullable=False),
+    Column("category", String(32), nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("approved", Integer, nullable=False),
+    Column("occupied", Integer, nullable=False),
+    Column("reserved", Integer, nullable=False),
+    Column("orgs", Integer, nullable=False),
+    PrimaryKeyConstraint("prefix", "category", "shard", name="pk_division_totals"),
+)
+
 # Region limits per division and category (编制总量控制数).
 region_limits = Table(
     "region_limits",

@@ -8,12 +8,23 @@ a category's approved quota or limits first locks that province's guard row.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Executable, Row, Table, delete, func, insert, select, update
+from sqlalchemy import (
+    Executable,
+    Row,
+    Table,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +33,7 @@ from contracts.codes import Category, Funding, LeaderPost, OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from contracts.identifiers import division_prefix
 from services.quota.adapters.orm import (
+    division_totals,
     establishment,
     leader_posts,
     ledger_guards,
@@ -764,3 +776,121 @@ def unit_of(key: str) -> UUID | None:
 
 def _unit_key(unit_id: UUID | None) -> str:
     return str(unit_id) if unit_id else ORG_LEVEL
+
+
+# division totals --------------------------------------------------------------------------------
+
+PREFIX_WIDTHS = (2, 4, 6)
+"""The division code prefixes ``division_totals`` keeps: province, city, county (GB/T 2260)."""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Places summed over the establishment rows of a division subtree, and how many rows."""
+
+    approved: int = 0
+    occupied: int = 0
+    reserved: int = 0
+    orgs: int = 0
+
+
+@dataclass(frozen=True)
+class TotalsMismatch:
+    """A stored division total that differs from a fresh sum over the orgs."""
+
+    prefix: str
+    category: str
+    field: str
+    stored: int
+    counted: int
+
+
+def _totals(row: Any) -> Totals:
+    return Totals(int(row.approved), int(row.occupied), int(row.reserved), int(row.orgs))
+
+
+class DivisionTotals:
+    """The maintained roll-up (``division_totals``, kept by the database triggers of migration
+    0003) and the subtree sums it stands for."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def of(self, code: str) -> dict[str, Totals]:
+        """Per category, the totals of the division ``code`` and everything below it: one
+        indexed read of its prefix's parts. Categories no org of the subtree has a row for are
+        left out, as a sum over the subtree leaves them out."""
+        t = division_totals
+        rows = await self.session.execute(
+            select(
+                t.c.category,
+                func.sum(t.c.approved).label("approved"),
+                func.sum(t.c.occupied).label("occupied"),
+                func.sum(t.c.reserved).label("reserved"),
+                func.sum(t.c.orgs).label("orgs"),
+            )
+            .where(t.c.prefix == division_prefix(code))
+            .group_by(t.c.category)
+            .having(func.sum(t.c.orgs) > 0)
+        )
+        return {r.category: _totals(r) for r in rows}
+
+    async def stored(self) -> dict[tuple[str, str], Totals]:
+        """Every stored (prefix, category) total, its parts summed; all-zero totals left out."""
+        t = division_totals
+        rows = await self.session.execute(
+            select(
+                t.c.prefix,
+                t.c.category,
+                func.sum(t.c.approved).label("approved"),
+                func.sum(t.c.occupied).label("occupied"),
+                func.sum(t.c.reserved).label("reserved"),
+                func.sum(t.c.orgs).label("orgs"),
+            ).group_by(t.c.prefix, t.c.category)
+        )
+        found = {(r.prefix, r.category): _totals(r) for r in rows}
+        return {key: value for key, value in found.items() if value != Totals()}
+
+    async def counted(self) -> dict[tuple[str, str], Totals]:
+        """The same totals summed afresh over ``establishment`` joined to ``org_projection``
+        (the scan the stored totals replace), at every prefix width."""
+        joined = establishment.join(
+            org_projection, org_projection.c.org_id == establishment.c.org_id
+        )
+        levels = []
+        for width in PREFIX_WIDTHS:
+            prefix = func.substr(
+                org_projection.c.division_code, literal_column("1"), literal_column(str(width))
+            )
+            levels.append(
+                select(
+                    prefix.label("prefix"),
+                    establishment.c.category.label("category"),
+                    func.sum(establishment.c.approved).label("approved"),
+                    func.sum(establishment.c.occupied).label("occupied"),
+                    func.sum(establishment.c.reserved).label("reserved"),
+                    func.count().label("orgs"),
+                )
+                .select_from(joined)
+                .where(
+                    org_projection.c.division_code.is_not(None),
+                    func.length(org_projection.c.division_code) >= width,
+                )
+                .group_by(prefix, establishment.c.category)
+            )
+        rows = await self.session.execute(union_all(*levels))
+        return {(r.prefix, r.category): _totals(r) for r in rows}
+
+    async def mismatches(self) -> list[TotalsMismatch]:
+        """Every stored total that differs from a fresh sum (a missing total counts as 0);
+        empty when the triggers kept the roll-up exact."""
+        stored, counted = await self.stored(), await self.counted()
+        found = []
+        for key in sorted(set(stored) | set(counted)):
+            a, b = stored.get(key, Totals()), counted.get(key, Totals())
+            for name in ("approved", "occupied", "reserved", "orgs"):
+                if getattr(a, name) != getattr(b, name):
+                    found.append(
+                        TotalsMismatch(key[0], key[1], name, getattr(a, name), getattr(b, name))
+                    )
+        return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
@@ -18,6 +18,7 @@ from services.quota.adapters.orm import (
     quota_ledger,
     region_limits,
 )
+from services.quota.adapters.repository import DivisionTotals, Totals
 from services.quota.domain.model import Replay, today
 from services.runtime.http import HttpError, Request, Router
 
@@ -242,26 +243,10 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 "as_of": as_of.isoformat(),
                 **history,
             }
-        inside = org_projection.c.division_code.like(f"{division_prefix(code)}%")
         async with sessions() as session:
-            sums = (
-                await session.execute(
-                    select(
-                        establishment.c.category,
-                        func.sum(establishment.c.approved).label("approved"),
-                        func.sum(establishment.c.occupied).label("occupied"),
-                        func.sum(establishment.c.reserved).label("reserved"),
-                        func.count().label("orgs"),
-                    )
-                    .select_from(
-                        establishment.join(
-                            org_projection, org_projection.c.org_id == establishment.c.org_id
-                        )
-                    )
-                    .where(inside)
-                    .group_by(establishment.c.category)
-                )
-            ).all()
+            # The maintained totals of the subtree (kept by the database in every writing
+            # transaction, see DivisionTotals): one indexed read, not a sum over its orgs.
+            by_category = await DivisionTotals(session).of(code)
             limits = (
                 await session.execute(
                     select(region_limits.c.category, region_limits.c.limit).where(
@@ -284,21 +269,16 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 )
             ).all()
         own = {r.category: r.limit for r in limits}
-        by_category = {r.category: r for r in sums}
         categories = []
         for category in sorted(set(by_category) | set(own)):
-            row = by_category.get(category)
-            counts = _counts(
-                int(row.approved) if row else 0,
-                int(row.occupied) if row else 0,
-                int(row.reserved) if row else 0,
-            )
+            row = by_category.get(category, Totals())
+            counts = _counts(row.approved, row.occupied, row.reserved)
             limit = own.get(category)
             categories.append(
                 {
                     "category": category,
                     **counts,
-                    "orgs": row.orgs if row else 0,
+                    "orgs": row.orgs,
                     "limit": limit,
                     "headroom": None if limit is None else limit - counts["approved"],
                 }
