@@ -32,8 +32,29 @@ from services.runtime.messaging import CommandRoute, HandlerContext
 from services.runtime.rules import Rejection
 
 
-def _deadline(uow: RosterUnitOfWork) -> Any:
-    return now() + timedelta(seconds=uow.saga_timeout_s)
+async def _start_saga(
+    uow: RosterUnitOfWork,
+    ctx: HandlerContext,
+    *,
+    kind: str,
+    person_id: str,
+    step: OccupySlot | MoveSlot | ReleaseSlot,
+    payload: dict[str, Any],
+) -> None:
+    """Record the saga, send its one step to quota (its request id is the message id) and
+    defer the command's result: all in the handler's transaction."""
+    saga_id = str(step.request_id)
+    await uow.sagas.start(
+        saga_id=saga_id,
+        kind=kind,
+        person_id=person_id,
+        command=ctx.envelope,
+        step_type=step.TYPE,
+        payload=payload,
+        deadline=now() + timedelta(seconds=uow.saga_timeout_s),
+    )
+    ctx.send(step, id=saga_id)
+    ctx.defer_result()
 
 
 async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
@@ -96,21 +117,12 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
         previous = existing.status
         if not await uow.people.transition(person_id, model.ENROLLABLE, **values):
             raise model.already_enrolled(person_id, existing.org_id, existing.status)
-    await uow.sagas.start(
-        saga_id=saga_id,
+    await _start_saga(
+        uow,
+        ctx,
         kind="enrol",
         person_id=person_id,
-        command=ctx.envelope,
-        step_type=OccupySlot.TYPE,
-        payload={
-            "previous_status": previous,
-            "effective_date": cmd.effective_date.isoformat(),
-            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
-        },
-        deadline=_deadline(uow),
-    )
-    ctx.send(
-        OccupySlot(
+        step=OccupySlot(
             request_id=uuid.UUID(saga_id),
             person_id=uuid.UUID(person_id),
             org_id=cmd.org_id,
@@ -119,9 +131,12 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
             leader_post=cmd.leader_post,
             unit_id=cmd.unit_id,
         ),
-        id=saga_id,
+        payload={
+            "previous_status": previous,
+            "effective_date": cmd.effective_date.isoformat(),
+            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
+        },
     )
-    ctx.defer_result()
 
 
 async def _holder(uow: RosterUnitOfWork, ctx: HandlerContext, citizen_id: str) -> Any:
@@ -157,12 +172,21 @@ async def transfer_person(cmd: TransferPerson, uow: RosterUnitOfWork, ctx: Handl
         person.person_id, {Status.ACTIVE}, status=Status.TRANSFERRING.value, saga_id=saga_id
     ):
         raise model.busy(person.person_id, person.status)
-    await uow.sagas.start(
-        saga_id=saga_id,
+    await _start_saga(
+        uow,
+        ctx,
         kind="transfer",
         person_id=person.person_id,
-        command=ctx.envelope,
-        step_type=MoveSlot.TYPE,
+        step=MoveSlot(
+            request_id=uuid.UUID(saga_id),
+            person_id=uuid.UUID(person.person_id),
+            from_org_id=uuid.UUID(person.org_id),
+            to_org_id=cmd.to_org_id,
+            category=cmd.category,
+            notice_no=cmd.notice_no,
+            leader_post=cmd.leader_post,
+            unit_id=cmd.unit_id,
+        ),
         payload={
             "from_org_id": person.org_id,
             "from_category": person.category,
@@ -175,22 +199,7 @@ async def transfer_person(cmd: TransferPerson, uow: RosterUnitOfWork, ctx: Handl
             "effective_date": cmd.effective_date.isoformat(),
             "document": cmd.document.model_dump(mode="json"),
         },
-        deadline=_deadline(uow),
     )
-    ctx.send(
-        MoveSlot(
-            request_id=uuid.UUID(saga_id),
-            person_id=uuid.UUID(person.person_id),
-            from_org_id=uuid.UUID(person.org_id),
-            to_org_id=cmd.to_org_id,
-            category=cmd.category,
-            notice_no=cmd.notice_no,
-            leader_post=cmd.leader_post,
-            unit_id=cmd.unit_id,
-        ),
-        id=saga_id,
-    )
-    ctx.defer_result()
 
 
 async def release_person(cmd: ReleasePerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
@@ -200,22 +209,12 @@ async def release_person(cmd: ReleasePerson, uow: RosterUnitOfWork, ctx: Handler
         person.person_id, {Status.ACTIVE}, status=Status.RELEASING.value, saga_id=saga_id
     ):
         raise model.busy(person.person_id, person.status)
-    await uow.sagas.start(
-        saga_id=saga_id,
+    await _start_saga(
+        uow,
+        ctx,
         kind="release",
         person_id=person.person_id,
-        command=ctx.envelope,
-        step_type=ReleaseSlot.TYPE,
-        payload={
-            "reason": cmd.reason.value,
-            "effective_date": cmd.effective_date.isoformat(),
-            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
-            "note": cmd.note,
-        },
-        deadline=_deadline(uow),
-    )
-    ctx.send(
-        ReleaseSlot(
+        step=ReleaseSlot(
             request_id=uuid.UUID(saga_id),
             person_id=uuid.UUID(person.person_id),
             org_id=uuid.UUID(person.org_id),
@@ -223,9 +222,13 @@ async def release_person(cmd: ReleasePerson, uow: RosterUnitOfWork, ctx: Handler
             leader_post=person.leader_post,
             unit_id=uuid.UUID(person.unit_id) if person.unit_id else None,
         ),
-        id=saga_id,
+        payload={
+            "reason": cmd.reason.value,
+            "effective_date": cmd.effective_date.isoformat(),
+            "document": cmd.document.model_dump(mode="json") if cmd.document else None,
+            "note": cmd.note,
+        },
     )
-    ctx.defer_result()
 
 
 _EDITABLE = ("position", "unit_id", "education", "ethnicity", "political_status", "phone")
