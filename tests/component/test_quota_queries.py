@@ -279,3 +279,36 @@ async def test_a_notice_number_with_a_slash_is_found_by_query(
     # The path form works too when the "/" is sent encoded (%2F), as clients send it.
     by_path = await get(quota, f"/notices/{quote('冀编用〔2026〕12/3号', safe='')}")
     assert by_path == body
+
+
+async def test_the_ledger_lists_every_change_with_its_document(
+    quota, projection, monkeypatch
+) -> None:
+    first = await org(projection, name="长安区财政局")
+    other = await org(projection, division_code="130203", name="路北区财政局")
+    on(monkeypatch, date(2026, 1, 1))
+    await completed(quota, approve(first, 10, date(2026, 1, 1)))
+    await completed(quota, approve(first, 12, date(2026, 3, 1)))
+    await completed(quota, notice(first, "冀编用〔2026〕21号", 2, date(2026, 3, 2)))
+    await completed(quota, approve(other, 5, date(2026, 2, 1)))
+    body = await get(quota, f"/orgs/{first}/ledger")
+    assert body["total"] == 3
+    newest, middle, oldest = body["changes"]
+    assert [c["event_type"].split(".")[2] for c in body["changes"]] == [
+        "QuotaUseNoticeIssued",
+        "QuotaApproved",
+        "QuotaApproved",
+    ]
+    assert (middle["before"]["approved"], middle["after"]["approved"]) == (10, 12)
+    assert (middle["document"]["date"], middle["effective_date"]) == ("2026-03-01", "2026-03-01")
+    assert oldest["actor_id"] and newest["document"]["number"] == "冀编用〔2026〕21号"
+    page = await get(quota, f"/orgs/{first}/ledger", limit=1, offset=1)
+    assert [c["seq"] for c in page["changes"]] == [middle["seq"]]
+    early = await get(quota, f"/orgs/{first}/ledger", until="2026-02-01")
+    assert [c["seq"] for c in early["changes"]] == [oldest["seq"]]
+    province = await get(quota, "/divisions/130000/ledger")
+    city = await get(quota, "/divisions/130100/ledger")
+    assert (province["total"], city["total"]) == (4, 3)
+    assert {c["org_id"] for c in city["changes"]} == {str(first)}
+    await get(quota, "/divisions/999999/ledger", 400)
+    await get(quota, f"/orgs/{first}/ledger", 400, since="not a date")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
@@ -329,6 +329,70 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         if not notice_no:
             raise HttpError(400, "invalid_query", "notice_no is required")
         return 200, await _notice(notice_no)
+
+    @router.get("/orgs/{org_id}/ledger")
+    async def org_ledger(request: Request) -> tuple[int, Any]:
+        """Every change of one org's establishment, with its document and effective date
+        (编制台账), newest first."""
+        org_id = str(request.uuid_param("org_id"))
+        return 200, await _ledger(request, quota_ledger.c.org_id == org_id, org_id=org_id)
+
+    @router.get("/divisions/{code}/ledger")
+    async def division_ledger(request: Request) -> tuple[int, Any]:
+        """Every change inside a division and all below it (orgs and region limits)."""
+        code = _division_arg(request.params.get("code"))
+        inside = quota_ledger.c.division_code.like(f"{division_prefix(code)}%")
+        return 200, await _ledger(request, inside, division_code=code)
+
+    async def _ledger(request: Request, where: Any, **subject: str) -> dict[str, Any]:
+        limit = request.int_arg("limit", 100, low=1, high=1000)
+        offset = request.int_arg("offset", 0, high=10_000_000)
+        conditions = [where]
+        if (since := request.date_arg("since")) is not None:
+            conditions.append(quota_ledger.c.effective_date >= since)
+        if (until := request.date_arg("until")) is not None:
+            conditions.append(quota_ledger.c.effective_date <= until)
+        if category := request.arg("category"):
+            conditions.append(quota_ledger.c.category == category)
+        async with sessions() as session:
+            total = (
+                await session.execute(
+                    select(func.count()).select_from(quota_ledger).where(*conditions)
+                )
+            ).scalar_one()
+            rows = (
+                await session.execute(
+                    select(quota_ledger)
+                    .where(*conditions)
+                    .order_by(quota_ledger.c.seq.desc())
+                    .limit(limit)
+                    .offset(offset)
+                )
+            ).all()
+        return subject | {
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "changes": [
+                {
+                    "seq": r.seq,
+                    "event_id": r.event_id,
+                    "event_type": r.event_type,
+                    "command_id": r.command_id,
+                    "org_id": r.org_id,
+                    "unit_id": r.unit_id,
+                    "division_code": r.division_code,
+                    "category": r.category,
+                    "document": r.document,
+                    "effective_date": r.effective_date,
+                    "recorded_at": r.recorded_at,
+                    "actor_id": r.actor_id,
+                    "before": r.before,
+                    "after": r.after,
+                }
+                for r in rows
+            ],
+        }
 
     @router.get("/occupancy")
     async def occupancy(request: Request) -> tuple[int, Any]:
