@@ -68,6 +68,8 @@ class OutboxRelay:
         read_sessions: async_sessionmaker[AsyncSession] | None = None,
         mark_interval_s: float = 1.0,
         mark_batch: int = 2000,
+        # How often a running relay purges rows past retention (None: only when asked).
+        purge_interval_s: float | None = 300.0,
     ) -> None:
         self.service = service
         self.sessions = sessions
@@ -81,6 +83,7 @@ class OutboxRelay:
         self.retention = retention
         self.mark_interval_s = mark_interval_s
         self.mark_batch = mark_batch
+        self.purge_interval_s = purge_interval_s
         self._write_lock = write_lock or asyncio.Lock()
         self._sqlite = is_sqlite(str(engine.url))
         self._lock_key = zlib.crc32(f"bianzhi-relay-{service}".encode()) & 0x7FFFFFFF
@@ -268,7 +271,7 @@ class OutboxRelay:
 
     async def _maybe_purge(self) -> None:
         loop = asyncio.get_running_loop()
-        if loop.time() - self._last_purge < 300:
+        if self.purge_interval_s is None or loop.time() - self._last_purge < self.purge_interval_s:
             return
         self._last_purge = loop.time()
         try:
