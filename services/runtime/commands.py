@@ -27,6 +27,7 @@ from services.runtime.messaging import (
     Consumer,
     HandlerContext,
     RawMessage,
+    caused_envelope,
     has_role,
     rejection_from_validation,
     salvage,
@@ -352,14 +353,7 @@ class CommandConsumer(Consumer):
 
 def result_envelope(command: Envelope, result: Message, source: str) -> Envelope:
     """The envelope of ``command``'s result: its correlation and actor, caused by it."""
-    return result.envelope(
-        source=source,
-        correlationid=command.effective_correlation_id,
-        causationid=command.id,
-        actorid=command.actorid,
-        actorregion=command.actorregion,
-        actorroles=command.actorroles,
-    )
+    return caused_envelope(result, command, source=source)
 
 
 async def finish_command(

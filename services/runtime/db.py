@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
-from sqlalchemy import event
+from sqlalchemy import Insert, Table, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -187,6 +189,23 @@ def _connect_sqlite(database: str, **kwargs: Any) -> _OneTripConnection:
     connection = _OneTripConnection(partial(sqlite3.connect, database, **kwargs), 64)
     connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own connections
     return connection
+
+
+def insert_ignoring_duplicates(
+    session: AsyncSession,
+    table: Table,
+    values: Sequence[dict[str, Any]] | None = None,
+    *,
+    on: Sequence[str] | None = None,
+) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect (PostgreSQL or SQLite), on
+    the unique key ``on`` (any unique key when not given); add ``.returning(…)`` to learn which
+    rows went in."""
+    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert_fn(table)
+    if values is not None:
+        stmt = stmt.values(list(values))
+    return stmt.on_conflict_do_nothing(index_elements=list(on) if on else None)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -18,7 +18,7 @@ import structlog
 from pydantic import ValidationError
 
 from contracts import identifiers
-from contracts.base import Command, Event
+from contracts.base import Command, Event, Message
 from contracts.codes import ReasonCode, Role
 from contracts.envelope import Envelope, now
 from contracts.topics import dlq
@@ -90,15 +90,7 @@ class HandlerContext:
 
     def emit(self, event: Event, *, subject: str | None = None) -> Envelope:
         """Queue ``event``; it is written to the outbox with the handler's transaction."""
-        env = event.envelope(
-            source=self.source,
-            correlationid=self.envelope.effective_correlation_id,
-            causationid=self.envelope.id,
-            actorid=self.envelope.actorid,
-            actorregion=self.envelope.actorregion,
-            actorroles=self.envelope.actorroles,
-            subject=subject,
-        )
+        env = caused_envelope(event, self.envelope, source=self.source, subject=subject)
         self.emitted.append((env, event.TOPIC))
         return env
 
@@ -106,15 +98,7 @@ class HandlerContext:
         """Queue an internal command to another service (a saga step), written to the outbox
         with the handler's transaction. It carries the actor and correlation of the handled
         message; ``id`` should be derived from the saga so a step sent again is a duplicate."""
-        env = command.envelope(
-            source=self.source,
-            id=id,
-            correlationid=self.envelope.effective_correlation_id,
-            causationid=self.envelope.id,
-            actorid=self.envelope.actorid,
-            actorregion=self.envelope.actorregion,
-            actorroles=self.envelope.actorroles,
-        )
+        env = caused_envelope(command, self.envelope, source=self.source, id=id)
         self.emitted.append((env, command.TOPIC))
         return env
 
@@ -139,18 +123,42 @@ class HandlerContext:
             )
 
 
+def caused_envelope(
+    message: Message,
+    on_behalf_of: Envelope,
+    *,
+    source: str,
+    cause: str | None = None,
+    id: str | None = None,
+    subject: str | None = None,
+) -> Envelope:
+    """The envelope of a message written on behalf of the command or event ``on_behalf_of``:
+    its correlation and actor, caused by it (or by ``cause``, the message that made it due)."""
+    return message.envelope(
+        source=source,
+        id=id,
+        correlationid=on_behalf_of.effective_correlation_id,
+        causationid=cause or on_behalf_of.id,
+        actorid=on_behalf_of.actorid,
+        actorregion=on_behalf_of.actorregion,
+        actorroles=on_behalf_of.actorroles,
+        subject=subject,
+    )
+
+
 def emit_caused(uow: UnitOfWork, event: Event, command: Envelope, cause: str) -> Envelope:
     """Stage ``event`` for the outbox on behalf of ``command`` (its correlation and actor), as
     caused by the message ``cause``: how a saga writes the events of a command it ends."""
-    env = event.envelope(
-        source=uow.source,
-        correlationid=command.effective_correlation_id,
-        causationid=cause,
-        actorid=command.actorid,
-        actorregion=command.actorregion,
-        actorroles=command.actorroles,
-    )
+    env = caused_envelope(event, command, source=uow.source, cause=cause)
     uow.stage(env, event.TOPIC, env.subject)
+    return env
+
+
+def send_caused(uow: UnitOfWork, step: Command, command: Envelope, *, id: str) -> Envelope:
+    """Stage a saga step (an internal command to another service) on behalf of ``command``,
+    outside its handler: a compensation or a cancellation sent by a timer."""
+    env = caused_envelope(step, command, source=uow.source, id=id)
+    uow.stage(env, step.TOPIC, env.subject)
     return env
 
 

@@ -8,12 +8,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
+from services.runtime.db import insert_ignoring_duplicates
 from services.runtime.tables import MessagingTables
 
 
@@ -102,25 +101,19 @@ class UnitOfWork:
         if not envelopes:
             return set()
         inbox = self.tables.inbox
-        dialect = self.session.get_bind().dialect.name
-        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
         stamp = now()
-        stmt = (
-            insert_fn(inbox)
-            .values(
-                [
-                    {
-                        "consumer": consumer,
-                        "message_id": env.id,
-                        "message_type": env.type[:200],
-                        "received_at": stamp,
-                    }
-                    for env in envelopes
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["consumer", "message_id"])
-            .returning(inbox.c.message_id)
-        )
+        rows = [
+            {
+                "consumer": consumer,
+                "message_id": env.id,
+                "message_type": env.type[:200],
+                "received_at": stamp,
+            }
+            for env in envelopes
+        ]
+        stmt = insert_ignoring_duplicates(
+            self.session, inbox, rows, on=["consumer", "message_id"]
+        ).returning(inbox.c.message_id)
         return set((await self.session.execute(stmt)).scalars())
 
     async def stored_results(self, command_ids: list[str]) -> dict[str, bytes]:

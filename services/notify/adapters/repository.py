@@ -11,8 +11,6 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.envelope import now
@@ -25,12 +23,7 @@ from services.notify.adapters.orm import (
 )
 from services.notify.adapters.secrets import SecretBox, is_sealed
 from services.notify.domain.model import DeliveryStatus, Subscription, SubscriptionStatus
-
-
-def _insert_ignoring_duplicates(session: AsyncSession, table: Any, keys: list[str]) -> Any:
-    dialect = session.get_bind().dialect.name
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-    return insert_fn(table).on_conflict_do_nothing(index_elements=keys)
+from services.runtime.db import insert_ignoring_duplicates
 
 
 def _subscription(row: Any) -> Subscription:
@@ -198,7 +191,7 @@ class DeliveryRepository:
         """Keep the event and owe it once to each subscription (again: no second row)."""
         stamp = now()
         await self.session.execute(
-            _insert_ignoring_duplicates(self.session, notify_events, ["event_id"]).values(
+            insert_ignoring_duplicates(self.session, notify_events, on=["event_id"]).values(
                 event_id=event_id,
                 event_type=event_type,
                 topic=topic,
@@ -208,8 +201,8 @@ class DeliveryRepository:
             )
         )
         await self.session.execute(
-            _insert_ignoring_duplicates(
-                self.session, deliveries, ["subscription_id", "event_id"]
+            insert_ignoring_duplicates(
+                self.session, deliveries, on=["subscription_id", "event_id"]
             ).values(
                 [
                     {
@@ -432,7 +425,7 @@ class OrgDivisions:
         )
         if updated.rowcount == 0:  # type: ignore[attr-defined]
             await self.session.execute(
-                _insert_ignoring_duplicates(self.session, org_divisions, ["org_id"]).values(
+                insert_ignoring_duplicates(self.session, org_divisions, on=["org_id"]).values(
                     org_id=str(org_id), **values
                 )
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import secrets as random_bytes
 from pathlib import Path
 
 import structlog
@@ -19,6 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.notify.settings import NotifySettings
+from services.runtime import keys
 
 log = structlog.get_logger("bianzhi.notify.secrets")
 
@@ -63,49 +63,16 @@ def is_sealed(stored: str) -> bool:
     return stored.startswith(PREFIX)
 
 
-def _decode_key(text: str, where: str) -> bytes:
-    try:
-        key = base64.b64decode(text.strip(), validate=True)
-    except (ValueError, binascii.Error):
-        raise SecretKeyError(f"{where}: the secrets key must be 32 bytes in base64") from None
-    if len(key) != 32:
-        raise SecretKeyError(f"{where}: the secrets key must be 32 bytes, got {len(key)}")
-    return key
-
-
 def load_key(settings: NotifySettings, *, data_dir: Path, embedded: bool) -> bytes:
     """The key from ``BIANZHI_NOTIFY_SECRETS_KEY`` or ``…_KEY_FILE``; in the embedded profile,
     from (or into) ``<data dir>/notify-secrets.key``."""
-    if settings.secrets_key is not None:
-        return _decode_key(settings.secrets_key.get_secret_value(), "BIANZHI_NOTIFY_SECRETS_KEY")
-    if settings.secrets_key_file is not None:
-        path = settings.secrets_key_file
-        try:
-            return _decode_key(path.read_text(), str(path))
-        except OSError as exc:
-            raise SecretKeyError(f"cannot read the secrets key file {path}: {exc}") from None
-    if not embedded:
-        raise SecretKeyError(
+    return keys.load_key(
+        value=settings.secrets_key.get_secret_value() if settings.secrets_key else None,
+        path=settings.secrets_key_file,
+        generate_at=data_dir / KEY_FILE if embedded else None,
+        error=SecretKeyError,
+        missing=(
             "no key for subscription secrets: set BIANZHI_NOTIFY_SECRETS_KEY_FILE (a mounted "
             "file holding 32 random bytes in base64) or BIANZHI_NOTIFY_SECRETS_KEY"
-        )
-    return _embedded_key(data_dir / KEY_FILE)
-
-
-def _embedded_key(path: Path) -> bytes:
-    if path.exists():
-        return _decode_key(path.read_text(), str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = base64.b64encode(random_bytes.token_bytes(32)).decode() + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    try:
-        os.link(tmp, path)  # never replaces a key another process wrote meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
-    log.info("generated the key of subscription secrets", path=str(path))
-    return _decode_key(path.read_text(), str(path))
+        ),
+    )

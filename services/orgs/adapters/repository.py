@@ -7,14 +7,13 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Funding, OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.orgs.adapters.orm import org_history, org_units, orgs
 from services.orgs.domain.model import Org, Unit
+from services.runtime.db import insert_ignoring_duplicates
 from services.runtime.rules import TransientError
 
 
@@ -81,13 +80,10 @@ class OrgRepository:
         One statement instead of a look-up and an insert: the primary key decides.
         """
         stamp = now()
-        dialect = self.session.get_bind().dialect.name
-        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
         inserted = (
             await self.session.execute(
-                insert_fn(orgs)
+                insert_ignoring_duplicates(self.session, orgs, on=["org_id"])
                 .values(**_columns(org), created_at=stamp, updated_at=stamp, version=1)
-                .on_conflict_do_nothing(index_elements=["org_id"])
                 .returning(orgs.c.org_id)
             )
         ).scalar_one_or_none()

@@ -7,14 +7,13 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import OrgStatus
 from contracts.envelope import Envelope, now
 from services.orgs.adapters.orm import org_saga_locks, org_sagas, orgs
+from services.runtime.db import insert_ignoring_duplicates
 
 
 class OrgSagas:
@@ -24,14 +23,12 @@ class OrgSagas:
     async def lock(self, org_ids: Sequence[UUID], saga_id: str) -> list[str]:
         """Take every org for ``saga_id``; the ids already taken by another saga (then
         nothing of this call is kept: the caller refuses and rolls back)."""
-        dialect = self.session.get_bind().dialect.name
-        insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+        rows = [{"org_id": str(o), "saga_id": saga_id} for o in org_ids]
         taken = (
             await self.session.execute(
-                insert_fn(org_saga_locks)
-                .values([{"org_id": str(o), "saga_id": saga_id} for o in org_ids])
-                .on_conflict_do_nothing(index_elements=["org_id"])
-                .returning(org_saga_locks.c.org_id)
+                insert_ignoring_duplicates(
+                    self.session, org_saga_locks, rows, on=["org_id"]
+                ).returning(org_saga_locks.c.org_id)
             )
         ).scalars()
         got = set(taken)

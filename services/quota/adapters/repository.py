@@ -14,9 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
-    Executable,
     Row,
-    Table,
     delete,
     func,
     insert,
@@ -25,8 +23,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Category, Funding, LeaderPost, OrgKind, OrgStatus
@@ -51,18 +47,10 @@ from services.quota.domain.model import (
     NoticeStatus,
     OrgRef,
 )
+from services.runtime.db import insert_ignoring_duplicates
 
 ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
-
-
-def _insert_ignoring_duplicates(
-    session: AsyncSession, table: Table, values: list[dict[str, Any]]
-) -> Executable:
-    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect."""
-    dialect = session.get_bind().dialect.name
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-    return insert_fn(table).values(values).on_conflict_do_nothing()
 
 
 class OrgProjection:
@@ -137,7 +125,7 @@ class OrgProjection:
             .values(status=status.value, updated_at=stamp)
         )
         await self.session.execute(
-            _insert_ignoring_duplicates(
+            insert_ignoring_duplicates(
                 self.session,
                 org_projection,
                 [{"org_id": i, "status": status.value, "updated_at": stamp} for i in ids],
@@ -157,7 +145,7 @@ class Ledger:
         """Lock the guard rows of these provinces for ``category``, in a fixed order."""
         codes = sorted(set(province_codes))
         await self.session.execute(
-            _insert_ignoring_duplicates(
+            insert_ignoring_duplicates(
                 self.session,
                 ledger_guards,
                 [{"province_code": c, "category": category.value} for c in codes],
@@ -576,7 +564,7 @@ class Notices:
         document: dict[str, Any],
     ) -> bool:
         """Keep a new notice; ``False`` if its number is taken."""
-        stmt = _insert_ignoring_duplicates(
+        stmt = insert_ignoring_duplicates(
             self.session,
             notices,
             [
@@ -672,7 +660,7 @@ class Slots:
         self, request_id: UUID, request_type: str, command_id: str, person_id: UUID, org_id: UUID
     ) -> bool:
         """Record a slot request as taking effect; ``False`` if its request_id already did."""
-        stmt = _insert_ignoring_duplicates(
+        stmt = insert_ignoring_duplicates(
             self.session,
             slot_requests,
             [
@@ -720,7 +708,7 @@ class Slots:
         request_id: UUID,
     ) -> bool:
         """Record the slot ``person_id`` now holds; ``False`` if they hold one already."""
-        stmt = _insert_ignoring_duplicates(
+        stmt = insert_ignoring_duplicates(
             self.session,
             slots,
             [

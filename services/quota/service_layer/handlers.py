@@ -615,23 +615,25 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
     await _record_slot(uow, ctx, event, org, cmd.category, on, after, cmd.unit_id)
 
 
-async def _compensation_needed(uow: QuotaUnitOfWork, ctx: HandlerContext, cmd: ReleaseSlot) -> bool:
-    """For a saga's compensation: whether the occupy request it undoes holds a slot now.
-
-    An occupy request that has not taken effect is cancelled here, in this transaction, by
-    claiming its request_id: if it arrives later it is refused as a conflict.
-    """
-    assert cmd.occupy_request_id is not None
-    if await uow.slots.claim_request(
-        cmd.occupy_request_id,
-        f"cancelled by {ctx.envelope.type}",
-        ctx.envelope.id,
-        cmd.person_id,
-        cmd.org_id,
+async def _cancel_if_pending(
+    uow: QuotaUnitOfWork, ctx: HandlerContext, request_id: UUID, person_id: UUID, org_id: UUID
+) -> bool:
+    """Cancel the slot request ``request_id`` if it has not taken effect: claiming its id here,
+    in this transaction, makes it a conflict should it arrive later. ``False`` when it had
+    already been carried out or cancelled."""
+    if not await uow.slots.claim_request(
+        request_id, f"cancelled by {ctx.envelope.type}", ctx.envelope.id, person_id, org_id
     ):
-        log.info(
-            "occupy request cancelled before it took effect", request=str(cmd.occupy_request_id)
-        )
+        return False
+    log.info("slot request cancelled before it took effect", request=str(request_id))
+    return True
+
+
+async def _compensation_needed(uow: QuotaUnitOfWork, ctx: HandlerContext, cmd: ReleaseSlot) -> bool:
+    """For a saga's compensation: whether the occupy request it undoes holds a slot now (one
+    that has not taken effect is cancelled instead)."""
+    assert cmd.occupy_request_id is not None
+    if await _cancel_if_pending(uow, ctx, cmd.occupy_request_id, cmd.person_id, cmd.org_id):
         return False
     held = await uow.slots.held_by(cmd.person_id)
     return held is not None and held.request_id == str(cmd.occupy_request_id)
@@ -737,16 +739,7 @@ async def cancel_slot_request(
     """Cancel a slot request that has not taken effect (it never will); refuse with the
     outcome when it has."""
     org = await _load_in_region(uow, ctx, cmd.org_id)
-    if await uow.slots.claim_request(
-        cmd.cancels_request_id,
-        f"cancelled by {ctx.envelope.type}",
-        ctx.envelope.id,
-        cmd.person_id,
-        org.org_id,
-    ):
-        log.info(
-            "slot request cancelled before it took effect", request=str(cmd.cancels_request_id)
-        )
+    if await _cancel_if_pending(uow, ctx, cmd.cancels_request_id, cmd.person_id, org.org_id):
         return
     first = await uow.slots.request(cmd.cancels_request_id)
     assert first is not None

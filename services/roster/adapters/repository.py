@@ -10,14 +10,13 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
+from services.runtime.db import insert_ignoring_duplicates
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class OrgProjection:
         if done.rowcount == 0:  # type: ignore[attr-defined]
             values.setdefault("status", OrgStatus.ACTIVE.value)
             await self.session.execute(
-                _insert_ignoring_duplicates(
+                insert_ignoring_duplicates(
                     self.session, org_projection, [{"org_id": str(org_id), **values}]
                 )
             )
@@ -69,13 +68,6 @@ class OrgProjection:
     async def set_status(self, org_ids: Iterable[UUID], status: OrgStatus) -> None:
         for org_id in org_ids:
             await self.upsert(org_id, status=status.value)
-
-
-def _insert_ignoring_duplicates(
-    session: AsyncSession, table: Any, values: list[dict[str, Any]]
-) -> Any:
-    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    return insert_fn(table).values(values).on_conflict_do_nothing()
 
 
 class People:
@@ -100,9 +92,7 @@ class People:
         """A new person; ``False`` when the blind index or person id is taken already."""
         stamp = now()
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
-        stmt = _insert_ignoring_duplicates(self.session, people, [row]).returning(
-            people.c.person_id
-        )
+        stmt = insert_ignoring_duplicates(self.session, people, [row]).returning(people.c.person_id)
         return (await self.session.execute(stmt)).one_or_none() is not None
 
     async def transition(

@@ -8,10 +8,8 @@ unique constraint without ever holding the number in clear. A ciphertext is ``v1
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-KEY_BYTES = 32
+from services.runtime.keys import KEY_BYTES, load_key
+
 _NONCE_BYTES = 12
 
 
@@ -73,37 +72,13 @@ def load_master_key(
 ) -> bytes:
     """The master key from ``value`` (base64), else the file ``path``, else a key generated once
     into ``generate_at`` (the embedded profile); ``PersonalDataKeyError`` when none applies."""
-    if value:
-        return _decode(value, "BIANZHI_ROSTER_PERSONAL_DATA_KEY")
-    if path is not None:
-        try:
-            return _decode(path.read_text().strip(), str(path))
-        except OSError as exc:
-            raise PersonalDataKeyError(
-                f"cannot read the personal-data key file {path}: {exc}"
-            ) from exc
-    if generate_at is None:
-        raise PersonalDataKeyError(
+    return load_key(
+        value=value,
+        path=path,
+        generate_at=generate_at,
+        error=PersonalDataKeyError,
+        missing=(
             "no personal-data key: set BIANZHI_ROSTER_PERSONAL_DATA_KEY or "
             "BIANZHI_ROSTER_PERSONAL_DATA_KEY_FILE (32 random bytes, base64)"
-        )
-    if generate_at.exists():
-        return _decode(generate_at.read_text().strip(), str(generate_at))
-    generate_at.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(KEY_BYTES)
-    fd = os.open(generate_at, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(base64.b64encode(key).decode() + "\n")
-    return key
-
-
-def _decode(text: str, where: str) -> bytes:
-    try:
-        key = base64.b64decode(text, validate=True)
-    except ValueError as exc:
-        raise PersonalDataKeyError(f"{where}: the personal-data key is not base64") from exc
-    if len(key) != KEY_BYTES:
-        raise PersonalDataKeyError(
-            f"{where}: the personal-data key must be {KEY_BYTES} bytes, not {len(key)}"
-        )
-    return key
+        ),
+    )

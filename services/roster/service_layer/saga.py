@@ -31,7 +31,7 @@ from services.roster.domain import model
 from services.roster.domain.model import Status
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.commands import finish_command
-from services.runtime.messaging import EventRoute, emit_caused
+from services.runtime.messaging import EventRoute, emit_caused, send_caused
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.roster.saga")
@@ -296,16 +296,8 @@ async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
             cancels_request_id=uuid.UUID(saga.step_request_id),
             person_id=uuid.UUID(person.person_id),
             org_id=uuid.UUID(keyed_by),
-        ).envelope(
-            source=uow.source,
-            id=cancel,
-            correlationid=command.effective_correlation_id,
-            causationid=command.id,
-            actorid=command.actorid,
-            actorregion=command.actorregion,
-            actorroles=command.actorroles,
         )
-        uow.stage(step, CancelSlotRequest.TOPIC, step.subject)
+        send_caused(uow, step, command, id=cancel)
         log.warning("saga step overdue, cancelling it", saga_id=saga.saga_id, kind=saga.kind)
         return True
     compensation = model.step_id(saga.command_id, "compensate")
@@ -326,16 +318,7 @@ async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
         unit_id=uuid.UUID(person.unit_id) if person.unit_id else None,
         occupy_request_id=uuid.UUID(saga.step_request_id),
     )
-    step = release.envelope(
-        source=uow.source,
-        id=compensation,
-        correlationid=command.effective_correlation_id,
-        causationid=command.id,
-        actorid=command.actorid,
-        actorregion=command.actorregion,
-        actorroles=command.actorroles,
-    )
-    uow.stage(step, ReleaseSlot.TOPIC, step.subject)
+    send_caused(uow, release, command, id=compensation)
     await finish_command(uow, command, uow.source, rejection=_timeout(saga))
     log.warning("saga timed out, compensating", saga_id=saga.saga_id, command_id=command.id)
     return True
