@@ -2,6 +2,11 @@
 
 Commands are keyed by the person's ``citizen_id``. Events are keyed by ``person_id`` and carry only
 the masked citizen ID (``citizen_id_masked``), never the full number, the birth date or the phone.
+
+The one exception is the restricted events topic (``bianzhi.roster.events.restricted.v1``), read
+only by consumers authorised for personal data (finance payroll): every ``Person*`` event is
+accompanied there by its restricted counterpart (``Person*Restricted``), the same facts plus the
+full ``citizen_id`` and the ``event_id`` of the public event.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from contracts import identifiers
 from contracts.base import Command, Event, type_name
 from contracts.codes import Category, EntryMethod, LeaderPost, ReleaseReason
 from contracts.common import CitizenId, Document, Name, NoticeNo, ShortText, Uuid
-from contracts.topics import ROSTER_COMMANDS, ROSTER_EVENTS
+from contracts.topics import ROSTER_COMMANDS, ROSTER_EVENTS, ROSTER_EVENTS_RESTRICTED
 
 Sex = Literal["male", "female"]
 Position = Annotated[str, Field(min_length=1, max_length=100)]
@@ -206,3 +211,47 @@ class PersonUpdated(RosterEvent):
     ethnicity: str | None = None
     political_status: str | None = None
     effective_date: date
+
+
+# --- restricted events (bianzhi.roster.events.restricted.v1) ------------------------------
+
+
+class RestrictedPersonEvent(RosterEvent):
+    """What a restricted counterpart adds to its public ``Person*`` event.
+
+    Each one travels on the restricted topic, keyed by ``person_id`` like the public event, so
+    one person's restricted events arrive in order; a consumer needs no other topic. It is
+    written in the same transaction as the public event: one for one, never one without the
+    other.
+    """
+
+    TOPIC: ClassVar[str] = ROSTER_EVENTS_RESTRICTED
+
+    citizen_id: CitizenId
+    """The full citizen ID number (18 characters)."""
+    event_id: Uuid
+    """The id of the public event on ``bianzhi.roster.events.v1`` this one accompanies."""
+
+
+class PersonEnrolledRestricted(RestrictedPersonEvent, PersonEnrolled):
+    """``PersonEnrolled`` with the full citizen ID, on the restricted topic only."""
+
+    TYPE: ClassVar[str] = type_name("roster", "PersonEnrolledRestricted")
+
+
+class PersonTransferredRestricted(RestrictedPersonEvent, PersonTransferred):
+    """``PersonTransferred`` with the full citizen ID, on the restricted topic only."""
+
+    TYPE: ClassVar[str] = type_name("roster", "PersonTransferredRestricted")
+
+
+class PersonReleasedRestricted(RestrictedPersonEvent, PersonReleased):
+    """``PersonReleased`` with the full citizen ID, on the restricted topic only."""
+
+    TYPE: ClassVar[str] = type_name("roster", "PersonReleasedRestricted")
+
+
+class PersonUpdatedRestricted(RestrictedPersonEvent, PersonUpdated):
+    """``PersonUpdated`` with the full citizen ID, on the restricted topic only."""
+
+    TYPE: ClassVar[str] = type_name("roster", "PersonUpdatedRestricted")

@@ -18,6 +18,12 @@ def events(service: str) -> str:
     return f"bianzhi.{service}.events.v1"
 
 
+def restricted_events(service: str) -> str:
+    """The restricted change-event topic of ``service``: its events with the personal data in
+    full, for the consumers authorised for it only (docs/security.md §5)."""
+    return f"bianzhi.{service}.events.restricted.v1"
+
+
 def dlq(topic: str) -> str:
     """The dead-letter topic of ``topic``."""
     return f"{topic}{DLQ_SUFFIX}"
@@ -31,9 +37,15 @@ ORGS_EVENTS = events("orgs")
 QUOTA_EVENTS = events("quota")
 ROSTER_EVENTS = events("roster")
 NOTIFY_EVENTS = events("notify")
+ROSTER_EVENTS_RESTRICTED = restricted_events("roster")
+
+# Topics whose records carry personal data in full. No bianzhi service consumes them, so they
+# have no dead-letter topic: a consumer keeps its own dead letters inside the same boundary.
+RESTRICTED_TOPICS: tuple[str, ...] = (ROSTER_EVENTS_RESTRICTED,)
 
 
 def all_topics() -> list[str]:
-    """Every topic of the contract, dead-letter topics included, in a stable order."""
+    """Every topic of the contract, dead-letter and restricted topics included, in a stable
+    order."""
     base = [commands(s) for s in SERVICES] + [events(s) for s in SERVICES] + [COMMAND_RESULTS]
-    return base + [dlq(t) for t in base]
+    return base + list(RESTRICTED_TOPICS) + [dlq(t) for t in base]

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from contracts.topics import (  # noqa: E402
     COMMAND_RESULTS,
+    ROSTER_EVENTS_RESTRICTED,
     SERVICES,
     all_topics,
     commands,
@@ -88,6 +89,8 @@ def service_access(
 # its projection group; it sends those requests (OccupySlot, MoveSlot, ReleaseSlot) to quota's
 # command topic. orgs does the same for its merge and abolish sagas (MergeEstablishments,
 # CloseEstablishment). These sagas are the only writers of another service's commands.
+# roster alone writes its restricted events (full citizen IDs, docs/security.md §5), and only
+# finance payroll reads them: no service, front-end or downstream department may.
 ACCESS: dict[str, Access] = {
     "orgs": service_access(
         "orgs", projections=(COMMAND_RESULTS,), extra_writes=(commands("quota"),)
@@ -96,7 +99,7 @@ ACCESS: dict[str, Access] = {
     "roster": service_access(
         "roster",
         projections=(events("orgs"), COMMAND_RESULTS),
-        extra_writes=(commands("quota"),),
+        extra_writes=(commands("quota"), ROSTER_EVENTS_RESTRICTED),
     ),
     "notify": service_access(
         "notify", projections=(events("orgs"), events("quota"), events("roster"))
@@ -113,6 +116,13 @@ ACCESS: dict[str, Access] = {
         produces=(),
         group_prefix=f"{GROUP_PREFIX}-downstream-",
     ),
+    # Finance payroll (工资统发) reads the restricted roster events, with citizen IDs in full,
+    # and nothing else.
+    "finance-payroll": Access(
+        consumes=(Consumes(ROSTER_EVENTS_RESTRICTED, ""),),
+        produces=(),
+        group_prefix=f"{GROUP_PREFIX}-finance-payroll-",
+    ),
 }
 
 
@@ -127,6 +137,8 @@ def resource_name(topic: str) -> str:
 
 
 def retention_days(topic: str) -> int:
+    # A restricted topic is kept as long as the events it accompanies, so payroll can catch up
+    # after an outage as any downstream consumer can.
     if topic.endswith(".dlq"):
         return RETENTION_DAYS["dlq"]
     if topic == COMMAND_RESULTS:

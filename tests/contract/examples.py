@@ -477,3 +477,16 @@ EVENT_EXAMPLES.update(
         for service in ("orgs", "quota", "roster", "notify")
     }
 )
+
+# roster, restricted topic (contracts/roster.py): each public Person* event with the full
+# citizen ID and the id of the public event it accompanies
+EVENT_EXAMPLES.update(
+    {
+        f"bianzhi.roster.{name}Restricted.v1": {
+            **EVENT_EXAMPLES[f"bianzhi.roster.{name}.v1"],
+            "citizen_id": CITIZEN_ID,
+            "event_id": EVENT_ID,
+        }
+        for name in ("PersonEnrolled", "PersonTransferred", "PersonReleased", "PersonUpdated")
+    }
+)

@@ -14,7 +14,13 @@ import pytest
 from contracts import schemas
 from contracts.base import Command, Event, registry
 from contracts.schemas import compare_sets, incompatibilities
-from contracts.topics import COMMAND_RESULTS, commands, events
+from contracts.topics import (
+    COMMAND_RESULTS,
+    RESTRICTED_TOPICS,
+    commands,
+    events,
+    restricted_events,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TYPE_PATTERN = re.compile(r"^bianzhi\.([a-z]+\.)?[A-Z][A-Za-z]+\.v\d+$")
@@ -306,7 +312,10 @@ def test_each_message_travels_on_its_services_topic(type_: str) -> None:
         assert topic == commands(service)
     else:
         assert issubclass(model, Event)
-        assert topic == (events(service) if service else COMMAND_RESULTS)
+        if topic in RESTRICTED_TOPICS:  # full personal data: the service's restricted topic
+            assert service is not None and topic == restricted_events(service)
+        else:
+            assert topic == (events(service) if service else COMMAND_RESULTS)
 
 
 @pytest.mark.parametrize("type_", sorted(registry()))

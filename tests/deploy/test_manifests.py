@@ -23,7 +23,17 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from contracts.base import Message
-from contracts.topics import COMMAND_RESULTS, SERVICES, all_topics, commands, dlq, events
+from contracts.topics import (
+    COMMAND_RESULTS,
+    RESTRICTED_TOPICS,
+    ROSTER_EVENTS,
+    ROSTER_EVENTS_RESTRICTED,
+    SERVICES,
+    all_topics,
+    commands,
+    dlq,
+    events,
+)
 from services.cli.common import existing_services
 from services.runtime.settings import Settings
 from tests.deploy.render import Resource, build, kubectl_build, load_yaml
@@ -445,7 +455,11 @@ def test_every_contract_topic_has_a_replicated_kafka_topic(
             assert topic["spec"]["config"]["min.insync.replicas"] == "2", name
             assert topic["spec"]["partitions"] >= 12, name
             assert topic["metadata"]["labels"]["strimzi.io/cluster"] == generate.KAFKA_CLUSTER
-            if not name.endswith(".dlq"):
+            if name in RESTRICTED_TOPICS:  # consumed by no service: no dead letters of ours
+                assert dlq(name) not in topics
+                kept = topics[ROSTER_EVENTS]["spec"]["config"]["retention.ms"]
+                assert topic["spec"]["config"]["retention.ms"] == kept, name
+            elif not name.endswith(".dlq"):
                 source = int(topic["spec"]["config"]["retention.ms"])
                 dead = int(topics[dlq(name)]["spec"]["config"]["retention.ms"])
                 assert dead > source, name
@@ -583,6 +597,31 @@ def test_outside_parties_write_commands_or_read_events_only(prod: list[Resource]
             "Write" in ops and n.endswith(".events.v1")
             for (_, n, _), ops in permissions(user).items()
         )
+
+
+def test_only_roster_writes_and_only_finance_payroll_reads_the_restricted_topic(
+    prod: list[Resource],
+) -> None:
+    users = {u["metadata"]["name"]: u for u in of_kind(prod, "KafkaUser")}
+    payroll = generate.user_name("finance-payroll")
+    assert payroll in users
+    for name, user in users.items():
+        may = permissions(user).get(("topic", ROSTER_EVENTS_RESTRICTED, "literal"), set())
+        if name == generate.user_name("roster"):
+            assert may == {"Write", "Describe"}
+        elif name == payroll:
+            assert may == {"Read", "Describe"}
+        else:
+            assert not may, name
+        # no ACL names the topic by a prefix (only literal topic names are granted)
+        assert all(
+            pattern == "literal" for kind, _, pattern in permissions(user) if kind == "topic"
+        )
+    # payroll reads that one topic, in groups of its own prefix, and writes nothing
+    assert permissions(users[payroll]) == {
+        ("topic", ROSTER_EVENTS_RESTRICTED, "literal"): {"Read", "Describe"},
+        ("group", f"{payroll}-", "prefix"): {"Read"},
+    }
 
 
 def test_keda_watches_the_groups_the_service_users_may_read(prod: list[Resource]) -> None:

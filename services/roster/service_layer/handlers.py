@@ -27,6 +27,7 @@ from contracts.roster import (
 )
 from services.roster.domain import model
 from services.roster.domain.model import Status
+from services.roster.service_layer.restricted import stage_restricted
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.messaging import CommandRoute, HandlerContext
 from services.runtime.rules import Rejection
@@ -279,6 +280,7 @@ async def update_person(cmd: UpdatePerson, uow: RosterUnitOfWork, ctx: HandlerCo
             effective_date=on,
         )
     )
+    stage_restricted(uow, event, person)
     await uow.people.record(
         event,
         person_id=person.person_id,

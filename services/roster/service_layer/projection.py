@@ -14,6 +14,7 @@ from contracts.envelope import Envelope
 from contracts.orgs import OrgAbolished, OrgMoved, OrgRegistered, OrgRenamed, OrgsMerged
 from contracts.roster import PersonTransferred
 from services.roster.domain.model import Status
+from services.roster.service_layer.restricted import stage_restricted
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.messaging import EventRoute, emit_caused
 
@@ -69,6 +70,7 @@ async def orgs_merged(event: OrgsMerged, uow: RosterUnitOfWork, env: Envelope) -
             env,
             env.id,
         )
+        stage_restricted(uow, transferred, person)
         await uow.people.record(
             transferred,
             person_id=person.person_id,

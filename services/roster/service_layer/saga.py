@@ -29,6 +29,7 @@ from contracts.roster import PersonEnrolled, PersonReleased, PersonTransferred
 from services.roster.adapters.repository import command_envelope
 from services.roster.domain import model
 from services.roster.domain.model import Status
+from services.roster.service_layer.restricted import stage_restricted
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.commands import finish_command
 from services.runtime.messaging import EventRoute, emit_caused, send_caused
@@ -115,6 +116,7 @@ async def _enrolled(
         command,
         cause,
     )
+    stage_restricted(uow, event, person)
     await uow.people.record(
         event,
         person_id=person.person_id,
@@ -164,6 +166,7 @@ async def _transferred(
         command,
         cause,
     )
+    stage_restricted(uow, event, person)
     await uow.people.record(
         event,
         person_id=person.person_id,
@@ -204,6 +207,7 @@ async def _released(
         command,
         cause,
     )
+    stage_restricted(uow, event, person)
     await uow.people.record(
         event,
         person_id=person.person_id,
