@@ -41,6 +41,8 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
             EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),
         ),
         background=(sweep_overdue_sagas,),
+        # A roster command carries a citizen ID in full: its dead letter is sealed.
+        seal_dead_letters=uow_class.cipher,
     )
 
 

@@ -33,6 +33,7 @@ from services.runtime.http import Router, json_bytes, send_response
 from services.runtime.logging import configure_logging
 from services.runtime.messaging import (
     CommandRoute,
+    DeadLetterSealer,
     EventRoute,
     RawMessage,
     command_routes,
@@ -70,6 +71,8 @@ class ServiceDefinition:
     # Long-running work of the service's own (sweeps, timers): each is started once the
     # service is up and cancelled first at shutdown, before consumers drain.
     background: Sequence[Callable[[ServiceRuntime], Awaitable[None]]] = field(default_factory=tuple)
+    # Seals dead-lettered values of a service whose topics carry personal data.
+    seal_dead_letters: DeadLetterSealer | None = None
 
 
 class ServiceApp(AsgiFastStream):
@@ -133,6 +136,8 @@ class ServiceRuntime:
             routes=command_routes(definition.command_routes),
             source=source,
             consumer=f"{self.name}.commands",
+            # Commands are what carries personal data in; other services' events do not.
+            seal_dead_letter=definition.seal_dead_letters,
             **common,
         )
         self.subscribers: list[Any] = [

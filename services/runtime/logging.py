@@ -14,8 +14,12 @@ import structlog
 _CITIZEN_ID = re.compile(r"(?<![0-9A-Za-z])(\d{6})(\d{8})(\d{3}[0-9Xx])(?![0-9A-Za-z])")
 
 
-def _mask(text: str) -> str:
+def mask_citizen_ids(text: str) -> str:
+    """``text`` with every 18-character citizen-ID pattern masked (``130102********1233``)."""
     return _CITIZEN_ID.sub(lambda m: f"{m.group(1)}********{m.group(3)[-4:]}", text)
+
+
+_mask = mask_citizen_ids
 
 
 def _mask_value(value: Any) -> Any:

@@ -24,6 +24,7 @@ from contracts.envelope import Envelope, now
 from contracts.topics import dlq
 from services.runtime import metrics
 from services.runtime.db import is_transient
+from services.runtime.logging import mask_citizen_ids
 from services.runtime.rules import Rejection
 from services.runtime.uow import UnitOfWork
 
@@ -188,6 +189,13 @@ class DeadLetterPublisher(Protocol):
     ) -> None: ...
 
 
+class DeadLetterSealer(Protocol):
+    """Encrypts a dead-lettered value; ``seal`` returns the sealed bytes and a label of the
+    key (the ``x-dlq-sealed`` header) so an operator knows which key opens it."""
+
+    def seal(self, value: bytes, topic: str) -> tuple[bytes, str]: ...
+
+
 def has_role(roles: frozenset[str], required: Role) -> bool:
     """Whether any of ``roles`` includes the powers of ``required``."""
     need = _ROLE_RANK[required]
@@ -246,8 +254,12 @@ class Consumer:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         unexpected_attempts: int = 3,
+        seal_dead_letter: DeadLetterSealer | None = None,
     ) -> None:
         self.service = service
+        # A service whose topic carries personal data seals what it dead-letters
+        # (``DeadLetterSealer``); the DLQ is then no more readable than the topic it comes from.
+        self.seal_dead_letter = seal_dead_letter
         self.consumer = consumer
         self.uow_factory = uow_factory
         self.dead_letter = dead_letter
@@ -285,7 +297,7 @@ class Consumer:
         headers = {k: _header_value(v) for k, v in raw.headers}
         headers.update(
             {
-                "x-dlq-error": error[:4000],
+                "x-dlq-error": mask_citizen_ids(error)[:4000],
                 "x-dlq-topic": raw.topic,
                 "x-dlq-partition": str(raw.partition),
                 "x-dlq-offset": str(raw.offset),
@@ -293,7 +305,17 @@ class Consumer:
                 "x-dlq-at": now().isoformat(),
             }
         )
-        await self.dead_letter(dlq(raw.topic), raw.value or b"", raw.key, headers)
+        value, key = raw.value or b"", raw.key
+        if self.seal_dead_letter is not None:
+            # The key is the sender's choice and may be the very number (a citizen ID): it is
+            # sealed into a header and the record goes out without one.
+            value, sealed_with = self.seal_dead_letter.seal(value, raw.topic)
+            headers["x-dlq-sealed"] = sealed_with
+            if key is not None:
+                sealed_key, _ = self.seal_dead_letter.seal(key, raw.topic + "#key")
+                headers["x-dlq-sealed-key"] = base64.b64encode(sealed_key).decode()
+                key = None
+        await self.dead_letter(dlq(raw.topic), value, key, headers)
         metrics.DEAD_LETTERED.labels(self.service, raw.topic).inc()
         log.error("message sent to the dead-letter topic", dlq=dlq(raw.topic), error=error)
 

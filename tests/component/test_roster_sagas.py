@@ -5,6 +5,7 @@ consumer, as the broker would carry them (SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import base64
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import select
 
 from contracts.base import Message
@@ -36,6 +38,7 @@ from services.quota.adapters.orm import establishment, notices
 from services.quota.bootstrap import build as build_quota
 from services.roster.adapters.orm import people, sagas
 from services.roster.bootstrap import build as build_roster
+from services.roster.domain.personal_data import PersonalDataCipher
 from services.roster.service_layer import saga as saga_layer
 from services.runtime.app import ServiceRuntime
 from services.runtime.events import EventConsumer
@@ -658,3 +661,57 @@ async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: 
     assert len(await platform.results(platform.roster, cmd.id)) == 1
     assert len(await platform.events("PersonReleased")) == 1
     assert await platform.counts(source) == (5, 0, 0)
+
+
+async def test_a_dead_lettered_roster_command_is_sealed_with_the_personal_data_key(
+    platform: Platform,
+) -> None:
+    # A command that cannot even be read as an envelope goes to the DLQ whole: here a truncated
+    # one that still holds a citizen ID in full.
+    cid = citizen()
+    env = enrol(cid, uuid.uuid4(), "冀编通〔2026〕1号").envelope(source="/tests", **CLERK)
+    truncated = env.to_bytes()[:-20]
+    assert cid.encode() in truncated
+    record = RawMessage(
+        topic=ROSTER_COMMANDS,
+        partition=0,
+        offset=next(_offsets),
+        key=cid.encode(),
+        value=truncated,
+        headers=(("content-type", CONTENT_TYPE.encode()),),
+    )
+    await platform.roster.command_consumer.process(record)
+
+    dead = platform.roster.command_consumer.dead_letter
+    assert isinstance(dead, DeadLetters)
+    ((topic, value, key, headers),) = dead.sent
+    assert topic == f"{ROSTER_COMMANDS}.dlq"
+    assert cid.encode() not in value and cid not in str(headers)
+    assert headers["x-dlq-sealed"].startswith("roster-personal-data:")
+    # The key may be the number itself: it travels sealed in a header, the record has none.
+    assert key is None and headers["x-dlq-topic"] == ROSTER_COMMANDS
+    # Whoever holds the roster's key opens it, bound to the topic it came from.
+    cipher = platform.roster.definition.seal_dead_letters
+    assert isinstance(cipher, PersonalDataCipher)
+    assert cipher.unseal(value, ROSTER_COMMANDS) == truncated
+    sealed_key = base64.b64decode(headers["x-dlq-sealed-key"])
+    assert cipher.unseal(sealed_key, ROSTER_COMMANDS + "#key") == cid.encode()
+    with pytest.raises(InvalidTag):
+        cipher.unseal(value, QUOTA_COMMANDS)
+
+
+async def test_other_services_dead_letters_stay_readable(platform: Platform) -> None:
+    # Quota's commands carry no personal data: its DLQ keeps the original bytes for operators.
+    record = RawMessage(
+        topic=QUOTA_COMMANDS,
+        partition=0,
+        offset=next(_offsets),
+        key=None,
+        value=b"\xff not an envelope",
+        headers=(),
+    )
+    await platform.quota.command_consumer.process(record)
+    dead = platform.quota.command_consumer.dead_letter
+    assert isinstance(dead, DeadLetters)
+    ((_, value, _, headers),) = dead.sent
+    assert value == b"\xff not an envelope" and "x-dlq-sealed" not in headers

@@ -2,7 +2,9 @@
 database of its own (SQLite and PostgreSQL), driven only by commands on the topics.
 
 Also the personal-data boundary: after a full enrol / update / transfer / release scenario no
-topic but the roster's own command topic, and no log line, holds a full citizen ID number.
+topic but the roster's own command topic and its restricted events topic, no dead letter and no
+log line holds a full citizen ID number; the restricted topic holds each one in full, once per
+public event.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
@@ -23,10 +26,17 @@ from sqlalchemy import update
 
 from contracts.codes import Category, EntryMethod, ReleaseReason
 from contracts.common import Document
+from contracts.envelope import CONTENT_TYPE, Envelope
 from contracts.identifiers import compose_citizen_id, mask_citizen_id
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice
 from contracts.roster import EnrolPerson, ReleasePerson, TransferPerson, UpdatePerson
-from contracts.topics import ROSTER_COMMANDS, all_topics
+from contracts.topics import (
+    ROSTER_COMMANDS,
+    ROSTER_EVENTS,
+    ROSTER_EVENTS_RESTRICTED,
+    all_topics,
+    dlq,
+)
 from services.cli.main import main
 from services.quota.bootstrap import build as build_quota
 from services.roster.adapters.orm import people
@@ -233,9 +243,35 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         elsewhere = (await roster_api.get("/counts", params={"division_code": "130200"})).json()
         assert elsewhere == {"orgs": [], "totals": {}}
 
+    # A roster command that cannot be read goes to the dead-letter topic whole: here a truncated
+    # one that still holds a citizen ID in full, keyed by it as a front-end keys its commands.
+    lost = compose_citizen_id("130102", date(1990, 6, 1), 21)
+    garbage = client.envelope(
+        EnrolPerson(
+            citizen_id=lost,
+            name="赵磊",
+            org_id=first.org_id,
+            category=Category.ADMIN,
+            notice_no=notices[first.org_id],
+            entry_method=EntryMethod.EXAM,
+            effective_date=date(2026, 3, 1),
+        ),
+        **CLERK,
+    ).to_bytes()[:-20]
+    assert lost.encode() in garbage
+    await client.send_raw(
+        ROSTER_COMMANDS,
+        garbage,
+        key=lost.encode(),
+        headers=[("content-type", CONTENT_TYPE.encode())],
+    )
+
     async def all_events_out() -> bool:
-        records = await read_topic(client.bootstrap, "bianzhi.roster.events.v1")
-        return len(records) == 6  # 3 enrolled, 1 updated, 1 transferred, 1 released
+        public = await read_topic(client.bootstrap, ROSTER_EVENTS)
+        restricted = await read_topic(client.bootstrap, ROSTER_EVENTS_RESTRICTED)
+        dead = await read_topic(client.bootstrap, dlq(ROSTER_COMMANDS))
+        # 3 enrolled, 1 updated, 1 transferred, 1 released; each with its restricted counterpart
+        return len(public) == len(restricted) == 6 and len(dead) == 1
 
     await wait_for(all_events_out, timeout=20)
 
@@ -256,16 +292,43 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         assert [
             (m["org_id"], m["quota_occupied"], m["roster_held"]) for m in report["mismatches"]
         ] == [(str(first.org_id), 1, 0)]
-    seen: list[str] = []
+    # The restricted topic carries every number in full, once per public event, keyed by person.
+    public = [
+        Envelope.from_bytes(r.value) for r in await read_topic(client.bootstrap, ROSTER_EVENTS)
+    ]
+    restricted_records = await read_topic(client.bootstrap, ROSTER_EVENTS_RESTRICTED)
+    restricted = [Envelope.from_bytes(r.value) for r in restricted_records]
+    assert sorted(e.data["event_id"] for e in restricted) == sorted(e.id for e in public)
+    assert sorted(e.type for e in restricted) == sorted(
+        e.type.replace(".v1", "Restricted.v1") for e in public
+    )
+    assert Counter(e.data["citizen_id"] for e in restricted) == {n: 2 for n in numbers}
+    for record, env in zip(restricted_records, restricted, strict=True):
+        assert record.key == env.data["person_id"].encode()
+        assert env.data["person_id"] in enrolled
+    # The dead letter is sealed: it keeps the command, but not readably.
+    (dead,) = await read_topic(client.bootstrap, dlq(ROSTER_COMMANDS))
+    assert dict(dead.headers)["x-dlq-sealed"].startswith(b"roster-personal-data:")
+    assert lost.encode() not in dead.value
+
+    # Where each record part or log line could hold a number: (place, text).
+    seen: list[tuple[str, str]] = []
     for topic in all_topics():
-        if topic == ROSTER_COMMANDS:  # the front-ends' own commands carry the numbers
-            continue
+        if topic in (ROSTER_COMMANDS, ROSTER_EVENTS_RESTRICTED):
+            continue  # the front-ends' own commands, and the topic for those authorised
         for record in await read_topic(client.bootstrap, topic):
-            seen.append(f"{record.key!r} {record.value.decode()} {record.headers!r}")
+            where = f"{topic}@{record.offset}"
+            seen.append((f"{where} key", (record.key or b"").decode(errors="replace")))
+            # a sealed dead letter is binary: any digits in it still read as digits
+            seen.append((f"{where} value", record.value.decode(errors="replace")))
+            seen.append((f"{where} headers", repr(record.headers)))
     logs = await asyncio.to_thread(service_logs.read_text, encoding="utf-8")
-    text = "\n".join(seen) + logs
-    assert len(seen) > 30 and "PersonTransferred" in text
+    seen += [(f"log line {i}", line) for i, line in enumerate(logs.splitlines(), 1)]
+    text = "\n".join(t for _, t in seen)
+    assert len(seen) > 90 and "PersonTransferred" in text
     assert "saga completed" in logs  # the services' log lines were captured
+    for number in [*numbers, lost]:
+        found = [place for place, t in seen if number in t]
+        assert not found, f"a full citizen ID appears in a topic or log: {number} in {found}"
     for number in numbers:
-        assert number not in text, f"a full citizen ID appears in a topic or log: {number}"
         assert mask_citizen_id(number) in text

@@ -20,6 +20,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from services.runtime.keys import KEY_BYTES, load_key
 
 _NONCE_BYTES = 12
+DEAD_LETTER_CONTEXT = "dead-letter:"
+# The x-dlq-sealed header of a sealed roster dead letter: "roster-personal-data:<key id>".
+SEAL_LABEL = "roster-personal-data"
 
 
 class PersonalDataKeyError(ValueError):
@@ -59,6 +62,23 @@ class PersonalDataCipher:
         body = blob[len(self._prefix) :]
         nonce, sealed = body[:_NONCE_BYTES], body[_NONCE_BYTES:]
         return self._aead.decrypt(nonce, sealed, self._aad(context)).decode()
+
+    # Dead letters: a roster command that cannot be read goes to the DLQ whole, citizen ID and
+    # all, so the DLQ record is sealed with the same key (its topic bound as associated data).
+
+    def seal(self, value: bytes, topic: str) -> tuple[bytes, str]:
+        """``value`` sealed for the dead-letter topic of ``topic``, and the key's label."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, value, self._aad(DEAD_LETTER_CONTEXT + topic))
+        return self._prefix + nonce + sealed, f"{SEAL_LABEL}:{self.key_id}"
+
+    def unseal(self, blob: bytes, topic: str) -> bytes:
+        """The original value of a dead letter sealed by ``seal`` for ``topic``."""
+        if not blob.startswith(self._prefix):
+            raise PersonalDataKeyError("the value was sealed under another key or format")
+        body = blob[len(self._prefix) :]
+        nonce, sealed = body[:_NONCE_BYTES], body[_NONCE_BYTES:]
+        return self._aead.decrypt(nonce, sealed, self._aad(DEAD_LETTER_CONTEXT + topic))
 
     def _aad(self, context: str) -> bytes:
         return self._prefix + context.encode()
