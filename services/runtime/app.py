@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from contracts.topics import commands
 from services.runtime import metrics
+from services.runtime.audit import command_auditor
 from services.runtime.broker import (
     dead_letter_publisher,
     make_broker,
@@ -41,7 +42,9 @@ from services.runtime.messaging import (
 )
 from services.runtime.migrate import upgrade
 from services.runtime.relay import OutboxRelay
+from services.runtime.security_settings import SecuritySettings
 from services.runtime.settings import Settings
+from services.runtime.signing import command_verifier, envelope_signer
 from services.runtime.tables import MessagingTables
 from services.runtime.uow import UnitOfWork
 
@@ -92,9 +95,15 @@ class ServiceApp(AsgiFastStream):
 class ServiceRuntime:
     """One running service. ``app`` is what uvicorn serves."""
 
-    def __init__(self, definition: ServiceDefinition, settings: Settings) -> None:
+    def __init__(
+        self,
+        definition: ServiceDefinition,
+        settings: Settings,
+        security: SecuritySettings | None = None,
+    ) -> None:
         self.definition = definition
         self.settings = settings
+        self.security = security if security is not None else SecuritySettings()
         self.name = definition.name
         self.database_url = settings.database_url(definition.name)
         self.engine: AsyncEngine = create_engine(self.database_url)
@@ -125,6 +134,10 @@ class ServiceRuntime:
         )
         source = f"{settings.source.rstrip('/')}/{self.name}"
         self.source = source
+        # Signed commands and the audit chain (docs/security.md).
+        self.verifier = command_verifier(self.security)
+        self.auditor = command_auditor(self.name, definition.tables.audit, source, self.security)
+        self.signer = envelope_signer(self.security)
         common: dict[str, Any] = {
             "service": self.name,
             "uow_factory": self.uow,
@@ -135,6 +148,7 @@ class ServiceRuntime:
         self.command_consumer = CommandConsumer(
             routes=command_routes(definition.command_routes),
             source=source,
+            verifier=self.verifier,
             consumer=f"{self.name}.commands",
             # Commands are what carries personal data in; other services' events do not.
             seal_dead_letter=definition.seal_dead_letters,
@@ -210,6 +224,8 @@ class ServiceRuntime:
             on_commit=self.relay.wake,
             write_lock=self.write_lock,
             source=self.source,
+            auditor=self.auditor,
+            signer=self.signer,
         )
 
     async def migrate(self) -> None:

@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from contracts.audit import CHECKPOINTS, AuditCheckpoint
 from contracts.codes import ReasonCode
 from contracts.envelope import Envelope, now
+from services.runtime import metrics
 from services.runtime.security_settings import SecuritySettings
 from services.runtime.signing import b64url, b64url_decode, canonical_json, load_private_key
 
@@ -395,6 +396,7 @@ class CommandAuditor:
             checkpoint = make_checkpoint(self.service, record, self.signing_key, self.kid)
             env = checkpoint.envelope(source=self.source, subject=self.service)
             due.append((env, checkpoint.TOPIC))
+            metrics.AUDIT_CHECKPOINTS.labels(self.service).inc()
             log.info("audit checkpoint", head_seq=record.seq, head_hash=record.hash)
         return due
 

@@ -34,6 +34,7 @@ from services.runtime.messaging import (
     validation_errors,
 )
 from services.runtime.rules import Rejection
+from services.runtime.signing import CommandVerifier
 from services.runtime.uow import UnitOfWork
 
 log = structlog.get_logger("bianzhi.commands")
@@ -62,10 +63,19 @@ class _SinglesNeeded(Exception):
 class CommandConsumer(Consumer):
     """Consumes one command topic. ``process`` never raises but for cancellation."""
 
-    def __init__(self, *, routes: dict[str, CommandRoute], source: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        routes: dict[str, CommandRoute],
+        source: str,
+        verifier: CommandVerifier | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.routes = routes
         self.source = source
+        # When signatures are required: a command without a valid token is refused first.
+        self.verifier = verifier
 
     async def process(self, raw: RawMessage) -> None:
         await self._run_one(self._prepare(raw))
@@ -171,6 +181,9 @@ class CommandConsumer(Consumer):
             )
             return _Prepared(raw=raw, env=salvaged, rejection=rej)
 
+        if self.verifier is not None and (refusal := self.verifier.verify(env)) is not None:
+            metrics.SIGNATURES_REFUSED.labels(self.service, refusal.details["reason"]).inc()
+            return _Prepared(raw=raw, env=env, rejection=refusal)
         route = self.routes.get(env.type)
         if route is None:
             return _Prepared(

@@ -12,6 +12,14 @@ MESSAGES_HANDLED = Counter(
 COMMANDS_REJECTED = Counter(
     "bianzhi_commands_rejected_total", "Commands rejected, by reason code.", ["service", "code"]
 )
+SIGNATURES_REFUSED = Counter(
+    "bianzhi_signatures_refused_total",
+    "Commands refused for their signature (forbidden), by details.reason (docs/security.md).",
+    ["service", "reason"],
+)
+AUDIT_CHECKPOINTS = Counter(
+    "bianzhi_audit_checkpoints_total", "Signed audit checkpoints emitted.", ["service"]
+)
 DEAD_LETTERED = Counter(
     "bianzhi_dead_lettered_total", "Messages sent to a dead-letter topic.", ["service", "topic"]
 )

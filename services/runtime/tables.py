@@ -1,4 +1,4 @@
-"""The messaging tables every service database holds: outbox, inbox and command results."""
+"""The tables every service database holds: outbox, inbox, command results and the audit log."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from sqlalchemy import (
     Table,
 )
 
+from services.runtime.audit import audit_table
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY.
 SeqType = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -27,6 +29,7 @@ class MessagingTables:
     outbox: Table
     inbox: Table
     command_results: Table
+    audit: Table
 
 
 def messaging_tables(metadata: MetaData) -> MessagingTables:
@@ -70,4 +73,9 @@ def messaging_tables(metadata: MetaData) -> MessagingTables:
         Column("envelope", LargeBinary, nullable=False),
         Column("created_at", DateTime(timezone=True), nullable=False),
     )
-    return MessagingTables(outbox=outbox, inbox=inbox, command_results=command_results)
+    return MessagingTables(
+        outbox=outbox,
+        inbox=inbox,
+        command_results=command_results,
+        audit=audit_table(metadata),
+    )

@@ -1,4 +1,5 @@
-"""The unit of work: state changes, inbox record and outbox rows commit in one transaction."""
+"""The unit of work: state changes, inbox record, audit entries and outbox rows commit in one
+transaction."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
+from contracts.topics import commands
+from services.runtime.audit import CommandAuditor
 from services.runtime.db import insert_ignoring_duplicates
 from services.runtime.tables import MessagingTables
+
+# Commands one service sends another (saga steps) are signed like a front-end's.
+COMMAND_TOPICS = frozenset(commands(s) for s in ("orgs", "quota", "roster", "notify"))
 
 
 class UnitOfWork:
@@ -31,8 +37,14 @@ class UnitOfWork:
         on_commit: Callable[[], None] | None = None,
         write_lock: asyncio.Lock | None = None,
         source: str = "",
+        auditor: CommandAuditor | None = None,
+        signer: Callable[[Envelope], Envelope] | None = None,
     ) -> None:
         self._sessions = sessions
+        # Appends each stored result's command to the audit chain, in this transaction.
+        self._auditor = auditor
+        # Signs the commands this service sends (when it has a signing key).
+        self._signer = signer
         # The CloudEvents ``source`` of what this service writes (for work begun outside a
         # command handler: saga answers, timers).
         self.source = source
@@ -130,6 +142,7 @@ class UnitOfWork:
         """Keep many (command, result, code) at once; see ``store_result``."""
         if not results:
             return
+        await self._audit([(command, code) for command, _, code in results])
         stamp = now()
         await self.session.execute(
             insert(self.tables.command_results),
@@ -149,7 +162,10 @@ class UnitOfWork:
         )
 
     def stage(self, envelope: Envelope, topic: str, key: str | None) -> None:
-        """Queue ``envelope`` for the outbox; written at ``commit()``."""
+        """Queue ``envelope`` for the outbox; written at ``commit()``. A command for another
+        service is signed here when this service has a signing key."""
+        if self._signer is not None and topic in COMMAND_TOPICS:
+            envelope = self._signer(envelope)
         self._staged.append(outbox_row(envelope, topic, key))
 
     @property
@@ -157,7 +173,9 @@ class UnitOfWork:
         return list(self._staged)
 
     async def store_result(self, command: Envelope, result: Envelope, code: str | None) -> None:
-        """Keep a command's result so a re-sent command id gets the same result again."""
+        """Keep a command's result so a re-sent command id gets the same result again, and
+        append the command with its outcome to the audit chain."""
+        await self._audit([(command, code)])
         await self.session.execute(
             insert(self.tables.command_results).values(
                 command_id=command.id,
@@ -170,6 +188,12 @@ class UnitOfWork:
                 created_at=now(),
             )
         )
+
+    async def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
+        if self._auditor is None:
+            return
+        for checkpoint, topic in await self._auditor.record(self.session, outcomes):
+            self.stage(checkpoint, topic, checkpoint.subject)
 
     async def stored_result(self, command_id: str) -> bytes | None:
         """The stored result envelope of a command, if it has one."""
