@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
@@ -31,7 +31,13 @@ from aiokafka.structs import TopicPartition
 from contracts.envelope import CONTENT_TYPE, Envelope
 from contracts.results import CommandCompleted, CommandRejected
 from contracts.topics import COMMAND_RESULTS
-from services.cli.common import kafka_errors, make_consumer, make_producer, topic_partitions
+from services.cli.common import (
+    command_signer,
+    kafka_errors,
+    make_consumer,
+    make_producer,
+    topic_partitions,
+)
 from services.runtime.settings import Settings
 
 log = logging.getLogger("bianzhi.cli.batch")
@@ -202,7 +208,10 @@ class _Batch:
         stall_timeout_s: float,
         retry: RetryPolicy | None,
         progress: Progress,
+        signer: Callable[[Envelope], Envelope] | None = None,
     ) -> None:
+        # Each id sent (a retry has its own) is signed when it is sent.
+        self.signer = signer
         unique = {c.envelope.id: c for c in commands}
         self.order = list(unique)
         self.queue: deque[_Pending] = deque(_Pending(c, 0) for c in unique.values())
@@ -270,6 +279,8 @@ class _Batch:
                 if pending.attempt == 0
                 else _with_id(original, retry_id(original.id, pending.attempt))
             )
+            if self.signer is not None:
+                env = self.signer(env)
             self.waiting[env.id] = pending
             futures.append(
                 await producer.send(
@@ -381,6 +392,7 @@ async def send_batch(
     command's outcome."""
     if not commands:
         return BatchReport(label, {}, 0.0)
+    signer = command_signer(settings)
     topics: Iterable[str] = {c.topic for c in commands}
     partitions = await topic_partitions(settings, [*sorted(topics), COMMAND_RESULTS])
     bootstrap = settings.kafka_bootstrap
@@ -406,6 +418,7 @@ async def send_batch(
                     retry=retry,
                     progress=progress,
                     stream=stream,
+                    signer=signer,
                 )
             finally:
                 await _stop(producer)
@@ -438,6 +451,7 @@ async def exchange(
     retry: RetryPolicy | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
+    signer: Callable[[Envelope], Envelope] | None = None,
 ) -> BatchReport:
     """The batch over started clients: ``consumer`` must already read the command-results topic
     from before the first command is sent."""
@@ -449,6 +463,7 @@ async def exchange(
         stall_timeout_s=stall_timeout_s,
         retry=retry,
         progress=Progress(label, len({c.envelope.id for c in commands}), stream, progress),
+        signer=signer,
     )
     await batch.run(producer, consumer)
     return batch.report(time.monotonic() - started)

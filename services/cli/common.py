@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import ValidationError
 
 from contracts.base import Command, Message, registry
+from contracts.envelope import Envelope
 from contracts.topics import COMMAND_RESULTS, DLQ_SUFFIX, SERVICES, all_topics, commands, events
 from services.runtime.broker import client_options
 
@@ -127,14 +128,20 @@ class Platform:
     services: dict[str, str]
     pid: int
     started_at: str
+    # `bianzhi up --require-signatures`: the generated dev key the CLI signs its commands with.
+    signing_key: str | None = None
+    signing_kid: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "broker": self.broker,
             "services": self.services,
             "pid": self.pid,
             "started_at": self.started_at,
         }
+        if self.signing_key is not None:
+            found["signing"] = {"private_key": self.signing_key, "kid": self.signing_kid}
+        return found
 
 
 def platform_path(data_dir: Path) -> Path:
@@ -156,11 +163,14 @@ def read_platform(data_dir: Path) -> Platform | None:
     path = platform_path(data_dir)
     try:
         raw = json.loads(path.read_text())
+        signing = raw.get("signing") or {}
         found = Platform(
             broker=str(raw["broker"]),
             services={str(k): str(v) for k, v in dict(raw.get("services", {})).items()},
             pid=int(raw["pid"]),
             started_at=str(raw.get("started_at", "")),
+            signing_key=str(signing["private_key"]) if signing.get("private_key") else None,
+            signing_kid=str(signing["kid"]) if signing.get("kid") else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -422,6 +432,34 @@ def broker_settings(args: argparse.Namespace) -> Settings:
     base = load_settings(data_dir=args.data_dir)
     bootstrap = find_broker(args.broker, base.data_dir)
     return load_settings(data_dir=base.data_dir, kafka_bootstrap=bootstrap)
+
+
+def command_signer(settings: Settings) -> Callable[[Envelope], Envelope] | None:
+    """What the CLI signs its commands with (docs/security.md): the key named by
+    ``BIANZHI_SIGNING_PRIVATE_KEY``/``BIANZHI_SIGNING_KID``, else the dev key of a platform
+    started with ``bianzhi up --require-signatures`` from the data directory, else nothing."""
+    from services.runtime.security_settings import SecuritySettings
+    from services.runtime.signing import KeyFileError, envelope_signer
+
+    try:
+        security = SecuritySettings()
+        signer = envelope_signer(security)
+        if signer is not None:
+            return signer
+        platform = read_platform(settings.data_dir)
+        if platform is None or platform.signing_key is None or platform.signing_kid is None:
+            return None
+        return envelope_signer(
+            SecuritySettings(
+                signing_private_key=Path(platform.signing_key),
+                signing_kid=platform.signing_kid,
+                signing_ttl_s=security.signing_ttl_s,
+            )
+        )
+    except ValidationError as exc:
+        raise CliError(f"signing settings: {exc.errors()[0]['msg']}") from None
+    except KeyFileError as exc:
+        raise CliError(f"signing key: {exc}") from None
 
 
 def positive_int(text: str) -> int:

@@ -24,6 +24,7 @@ from services.cli.common import (
     CliError,
     add_broker_options,
     broker_settings,
+    command_signer,
     kafka_errors,
     make_consumer,
     make_producer,
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     settings = broker_settings(args)
     if not args.no_wait and not args.broker:
         _require_service_running(model, settings)
+    if (signer := command_signer(settings)) is not None:
+        envelope = signer(envelope)
     return asyncio.run(
         send(envelope, model.TOPIC, settings, timeout_s=args.timeout, wait=not args.no_wait)
     )

@@ -42,6 +42,7 @@ from services.cli.common import (
     topic_partitions,
     write_platform,
 )
+from services.cli.keys import create_key
 from services.cli.migrate import migrate_services
 from services.cli.replay import outbox_rows, replay_service
 from services.runtime.broker import make_broker
@@ -60,6 +61,10 @@ CLIFF_CHECK_INTERVAL_S = 60.0
 CLIFF_WARN_AT = 10_000
 LOG_TAIL_LINES = 30
 BEGINNING_OF_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+# Keys `bianzhi up` generates in DATA/keys: commands (with --require-signatures) and audit
+# checkpoints. Development keys of one data directory, never a production key.
+DEV_KID = "bianzhi-dev"
+AUDIT_DEV_KID = "bianzhi-audit-dev"
 
 
 def register(commands: Any) -> None:
@@ -120,6 +125,14 @@ def register(commands: Any) -> None:
         "broker's per-partition limit can name it. Not allowed with --kafka.",
     )
     parser.add_argument(
+        "--require-signatures",
+        action="store_true",
+        help="services refuse unsigned commands (the production default, docs/security.md); a "
+        f"dev key pair {DEV_KID!r} is generated in DATA/keys, the services accept every public "
+        "key there and sign their own saga steps with it, and `bianzhi send`, `import` and "
+        "`demo` sign with it while this platform runs",
+    )
+    parser.add_argument(
         "--ready-timeout",
         type=positive_float,
         default=60.0,
@@ -155,8 +168,18 @@ def run(args: argparse.Namespace) -> int:
         kafka=args.kafka,
         broker_port=args.broker_port,
         ready_timeout_s=args.ready_timeout,
+        require_signatures=args.require_signatures,
     )
     return asyncio.run(up.run())
+
+
+def dev_key(keys: Path, kid: str) -> Path:
+    """The private key file of ``kid`` in ``keys``, generated on first use (embedded only)."""
+    private = keys / f"{kid}.key.pem"
+    if not private.exists():
+        create_key(keys, kid)
+        say(f"generated the dev key {kid} in {keys}")
+    return private
 
 
 def _check_ports(host: str, ports: dict[str, int], broker_port: int | None) -> None:
@@ -222,6 +245,7 @@ class Up:
     kafka: str | None = None
     broker_port: int | None = None
     ready_timeout_s: float = 60.0
+    require_signatures: bool = False
     broker: EmbeddedBroker | None = None
     bootstrap: str = ""
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
@@ -339,6 +363,17 @@ class Up:
         env["BIANZHI_KAFKA_BOOTSTRAP"] = self.bootstrap
         env["BIANZHI_MIGRATE_ON_START"] = "false"  # migrated above, once, before anyone starts
         env["BIANZHI_LOG_LEVEL"] = self.settings.log_level
+        keys = self.data_dir / "keys"
+        if "BIANZHI_AUDIT_SIGNING_PRIVATE_KEY" not in env:
+            # Audit checkpoints are signed with a dev key of the data directory.
+            env["BIANZHI_AUDIT_SIGNING_PRIVATE_KEY"] = str(dev_key(keys, AUDIT_DEV_KID))
+            env["BIANZHI_AUDIT_SIGNING_KID"] = AUDIT_DEV_KID
+        if self.require_signatures:
+            env["BIANZHI_REQUIRE_SIGNATURES"] = "true"
+            env["BIANZHI_SIGNING_PUBLIC_KEYS"] = str(keys)
+            # Saga steps one service sends another are signed like a front-end's commands.
+            env["BIANZHI_SIGNING_PRIVATE_KEY"] = str(dev_key(keys, DEV_KID))
+            env["BIANZHI_SIGNING_KID"] = DEV_KID
         if self.broker is not None:
             # Real Kafka needs longer session timeouts (and wants idempotence); the settings of
             # the environment decide there.
@@ -402,6 +437,10 @@ class Up:
             services=urls,
             pid=os.getpid(),
             started_at=datetime.now(UTC).isoformat(),
+            signing_key=str(self.data_dir / "keys" / f"{DEV_KID}.key.pem")
+            if self.require_signatures
+            else None,
+            signing_kid=DEV_KID if self.require_signatures else None,
         )
         write_platform(self.data_dir, platform)
         self._wrote_platform = True

@@ -81,8 +81,9 @@ def read_lines(stream: object, lines: Queue[str]) -> None:
         lines.put(line)
 
 
-def start_platform(data_dir: Path, stderr_path: Path) -> RunningPlatform:
-    """`bianzhi up` on free ports; returns once it printed its ready line."""
+def start_platform(data_dir: Path, stderr_path: Path, *extra: str) -> RunningPlatform:
+    """`bianzhi up` on free ports (and ``extra`` options); returns once it printed its ready
+    line."""
     argv = [
         sys.executable,
         "-m",
@@ -94,6 +95,7 @@ def start_platform(data_dir: Path, stderr_path: Path) -> RunningPlatform:
         str(free_port()),
         "--http-port",
         str(free_http_base()),
+        *extra,
     ]
     started = time.monotonic()
     with stderr_path.open("w") as stderr:
