@@ -33,6 +33,7 @@ from services.runtime.broker import client_options
 
 if TYPE_CHECKING:
     from services.runtime.app import ServiceDefinition
+    from services.runtime.sealing import Sealer
     from services.runtime.settings import Settings
 
 PLATFORM_FILE = "platform.json"
@@ -84,6 +85,21 @@ def service_definition(service: str) -> ServiceDefinition:
     module = importlib.import_module(f"services.{service}.bootstrap")
     definition: ServiceDefinition = module.definition()
     return definition
+
+
+def service_sealer(service: str, settings: Settings) -> Sealer | None:
+    """The key that opens ``service``'s sealed outbox rows, if it has one and it can be read;
+    without it a sealed row cannot be published (``SealedRowError`` says so)."""
+    module = importlib.import_module(f"services.{service}.bootstrap")
+    make = getattr(module, "sealer", None)
+    if make is None:
+        return None
+    try:
+        found: Sealer | None = make(settings)
+    except ValueError as exc:  # no key configured or a malformed one
+        log.warning("%s: its sealed outbox rows cannot be opened: %s", service, exc)
+        return None
+    return found
 
 
 def resolve_service(name: str, *, option: str = "SERVICE") -> str:

@@ -27,11 +27,13 @@ from services.cli.common import (
     resolve_service,
     say,
     service_definition,
+    service_sealer,
     topic_partitions,
 )
 from services.runtime.broker import make_broker, outbox_publisher
 from services.runtime.db import create_engine, is_sqlite, session_factory
 from services.runtime.relay import OutboxRelay
+from services.runtime.sealing import SealedRowError, opening_publisher
 from services.runtime.settings import Settings
 
 PROGRESS_EVERY = 1_000
@@ -129,11 +131,16 @@ async def replay_service(
             engine=engine,
             sessions=sessions,
             tables=definition.tables,
-            publish=outbox_publisher(publisher),
+            publish=opening_publisher(
+                outbox_publisher(publisher), service_sealer(service, settings)
+            ),
             batch_size=settings.relay_batch_size,
         )
         async with kafka_errors(settings.kafka_bootstrap):
-            return await relay.replay(since, progress=progress_reporter(service))
+            try:
+                return await relay.replay(since, progress=progress_reporter(service))
+            except SealedRowError as exc:
+                raise CliError(f"SERVICE {service}: {exc}") from None
     finally:
         if own_broker:
             await publisher.stop()

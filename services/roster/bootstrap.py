@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS
+from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, ROSTER_EVENTS_RESTRICTED
 from services.roster.adapters.orm import messaging, metadata
 from services.roster.domain.personal_data import PersonalDataCipher, load_master_key
 from services.roster.entrypoints.queries import register_queries
@@ -41,8 +41,10 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
             EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),
         ),
         background=(sweep_overdue_sagas,),
-        # A roster command carries a citizen ID in full: its dead letter is sealed.
-        seal_dead_letters=uow_class.cipher,
+        # A roster command carries a citizen ID in full, and so does a restricted event: dead
+        # letters of commands and outbox rows of restricted events are sealed with its key.
+        sealer=uow_class.cipher,
+        sealed_topics=frozenset({ROSTER_EVENTS_RESTRICTED}),
     )
 
 
@@ -68,6 +70,11 @@ def configured_uow(settings: Settings, roster: RosterSettings) -> type[RosterUni
             "saga_sweep_interval_s": roster.saga_sweep_interval_s,
         },
     )
+
+
+def sealer(settings: Settings) -> PersonalDataCipher | None:
+    """What opens the roster's sealed outbox rows outside the service (``bianzhi replay``)."""
+    return configured_uow(settings, RosterSettings()).cipher
 
 
 def build(settings: Settings | None = None, roster: RosterSettings | None = None) -> ServiceRuntime:

@@ -34,7 +34,6 @@ from services.runtime.http import Router, json_bytes, send_response
 from services.runtime.logging import configure_logging
 from services.runtime.messaging import (
     CommandRoute,
-    DeadLetterSealer,
     EventRoute,
     RawMessage,
     command_routes,
@@ -42,6 +41,7 @@ from services.runtime.messaging import (
 )
 from services.runtime.migrate import upgrade
 from services.runtime.relay import OutboxRelay
+from services.runtime.sealing import Sealer, opening_publisher
 from services.runtime.security_settings import SecuritySettings
 from services.runtime.settings import Settings
 from services.runtime.signing import command_verifier, envelope_signer
@@ -74,8 +74,10 @@ class ServiceDefinition:
     # Long-running work of the service's own (sweeps, timers): each is started once the
     # service is up and cancelled first at shutdown, before consumers drain.
     background: Sequence[Callable[[ServiceRuntime], Awaitable[None]]] = field(default_factory=tuple)
-    # Seals dead-lettered values of a service whose topics carry personal data.
-    seal_dead_letters: DeadLetterSealer | None = None
+    # A service whose messages carry personal data in full: the key its dead-lettered commands
+    # and its outbox rows for ``sealed_topics`` are sealed with (``runtime.sealing``).
+    sealer: Sealer | None = None
+    sealed_topics: frozenset[str] = frozenset()
 
 
 class ServiceApp(AsgiFastStream):
@@ -125,7 +127,7 @@ class ServiceRuntime:
             engine=self.engine,
             sessions=self.sessions,
             tables=definition.tables,
-            publish=outbox_publisher(self.broker),
+            publish=opening_publisher(outbox_publisher(self.broker), definition.sealer),
             batch_size=settings.relay_batch_size,
             poll_interval_s=settings.relay_poll_interval_s,
             retention=timedelta(hours=settings.outbox_retention_hours),
@@ -151,7 +153,7 @@ class ServiceRuntime:
             verifier=self.verifier,
             consumer=f"{self.name}.commands",
             # Commands are what carries personal data in; other services' events do not.
-            seal_dead_letter=definition.seal_dead_letters,
+            seal_dead_letter=definition.sealer,
             **common,
         )
         self.subscribers: list[Any] = [
@@ -226,6 +228,8 @@ class ServiceRuntime:
             source=self.source,
             auditor=self.auditor,
             signer=self.signer,
+            sealer=self.definition.sealer,
+            sealed_topics=self.definition.sealed_topics,
         )
 
     async def migrate(self) -> None:

@@ -26,6 +26,7 @@ from services.runtime import metrics
 from services.runtime.db import is_transient
 from services.runtime.logging import mask_citizen_ids
 from services.runtime.rules import Rejection
+from services.runtime.sealing import Sealer
 from services.runtime.uow import UnitOfWork
 
 log = structlog.get_logger("bianzhi.messaging")
@@ -189,13 +190,6 @@ class DeadLetterPublisher(Protocol):
     ) -> None: ...
 
 
-class DeadLetterSealer(Protocol):
-    """Encrypts a dead-lettered value; ``seal`` returns the sealed bytes and a label of the
-    key (the ``x-dlq-sealed`` header) so an operator knows which key opens it."""
-
-    def seal(self, value: bytes, topic: str) -> tuple[bytes, str]: ...
-
-
 def has_role(roles: frozenset[str], required: Role) -> bool:
     """Whether any of ``roles`` includes the powers of ``required``."""
     need = _ROLE_RANK[required]
@@ -254,11 +248,11 @@ class Consumer:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         unexpected_attempts: int = 3,
-        seal_dead_letter: DeadLetterSealer | None = None,
+        seal_dead_letter: Sealer | None = None,
     ) -> None:
         self.service = service
         # A service whose topic carries personal data seals what it dead-letters
-        # (``DeadLetterSealer``); the DLQ is then no more readable than the topic it comes from.
+        # (``runtime.sealing``); the DLQ is then no more readable than the topic it comes from.
         self.seal_dead_letter = seal_dead_letter
         self.consumer = consumer
         self.uow_factory = uow_factory

@@ -16,6 +16,7 @@ from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import commands
 from services.runtime.audit import CommandAuditor
 from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
 
 # Commands one service sends another (saga steps) are signed like a front-end's.
@@ -39,12 +40,17 @@ class UnitOfWork:
         source: str = "",
         auditor: CommandAuditor | None = None,
         signer: Callable[[Envelope], Envelope] | None = None,
+        sealer: Sealer | None = None,
+        sealed_topics: frozenset[str] = frozenset(),
     ) -> None:
         self._sessions = sessions
         # Appends each stored result's command to the audit chain, in this transaction.
         self._auditor = auditor
         # Signs the commands this service sends (when it has a signing key).
         self._signer = signer
+        # Rows for these topics carry personal data in full: stored sealed, opened by the relay.
+        self._sealer = sealer
+        self._sealed_topics = sealed_topics if sealer is not None else frozenset()
         # The CloudEvents ``source`` of what this service writes (for work begun outside a
         # command handler: saga answers, timers).
         self.source = source
@@ -166,7 +172,12 @@ class UnitOfWork:
         service is signed here when this service has a signing key."""
         if self._signer is not None and topic in COMMAND_TOPICS:
             envelope = self._signer(envelope)
-        self._staged.append(outbox_row(envelope, topic, key))
+        row = outbox_row(envelope, topic, key)
+        if topic in self._sealed_topics:
+            assert self._sealer is not None
+            row["value"], label = self._sealer.seal(row["value"], topic)
+            row["headers"] = {**row["headers"], SEALED_HEADER: label}
+        self._staged.append(row)
 
     @property
     def staged(self) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from contracts.topics import (
     ROSTER_EVENTS_RESTRICTED,
 )
 from services.roster.adapters.orm import people
+from services.runtime.sealing import SEALED_HEADER
 from tests.component.test_orgs_handlers import DeadLetters
 from tests.component.test_roster_sagas import (
     APPROVER,
@@ -67,12 +68,21 @@ class Outboxes:
         """The public and the restricted events written since the last call."""
         public = [Envelope.from_bytes(r.value) for r in await self.rows(ROSTER_EVENTS)]
         rows = await self.rows(ROSTER_EVENTS_RESTRICTED)
-        for row in rows:  # keyed like the public event, so one person's events stay in order
-            assert row.key == Envelope.from_bytes(row.value).data["person_id"]
-        restricted = [Envelope.from_bytes(r.value) for r in rows]
+        restricted = [self.opened(row) for row in rows]
+        for row, env in zip(rows, restricted, strict=True):
+            # Keyed like the public event, so one person's events stay in order.
+            assert row.key == env.data["person_id"]
         new = (public[len(self.public) :], restricted[len(self.restricted) :])
         self.public, self.restricted = public, restricted
         return new
+
+    def opened(self, row: Any) -> Envelope:
+        """A restricted row waits in the outbox sealed with the personal-data key; the relay
+        opens it as it publishes."""
+        assert row.headers[SEALED_HEADER].startswith("roster-personal-data:")
+        sealer = self.platform.roster.definition.sealer
+        assert sealer is not None
+        return Envelope.from_bytes(sealer.unseal(row.value, ROSTER_EVENTS_RESTRICTED))
 
     async def one_pair(self, type_: str, number: str) -> tuple[Envelope, Envelope]:
         """The one public event of ``type_`` the last step wrote and its one restricted
@@ -164,9 +174,10 @@ async def test_enrol_update_transfer_release_each_stage_one_restricted_event(
     table = platform.roster.definition.tables.outbox
     async with platform.roster.sessions() as session:
         rows = (await session.execute(select(table))).all()
-    elsewhere = [r.value.decode() for r in rows if r.topic != ROSTER_EVENTS_RESTRICTED]
-    assert len(elsewhere) > 8 and not any(number in text for text in elsewhere)
-    assert sum(number in r.value.decode() for r in rows) == 4
+    # The restricted rows are sealed too: the number is nowhere in the roster's outbox.
+    assert len(rows) > 12 and not any(number.encode() in r.value for r in rows)
+    restricted = [box.opened(r) for r in rows if r.topic == ROSTER_EVENTS_RESTRICTED]
+    assert [e.data["citizen_id"] for e in restricted] == [number] * 4
 
 
 async def test_refused_commands_stage_no_restricted_event(platform: Platform) -> None:  # noqa: F811

@@ -32,7 +32,6 @@ from contracts.topics import (
     QUOTA_COMMANDS,
     ROSTER_COMMANDS,
     ROSTER_EVENTS,
-    ROSTER_EVENTS_RESTRICTED,
 )
 from services.quota.adapters.orm import establishment, notices
 from services.quota.bootstrap import build as build_quota
@@ -580,10 +579,9 @@ async def test_no_message_or_query_carries_a_full_citizen_id(platform: Platform)
     for rt in (platform.roster, platform.quota):
         table = rt.definition.tables.outbox
         async with rt.sessions() as session:
-            # The restricted topic is the one place full numbers go (for payroll, by ACL).
-            query = select(table).where(table.c.topic != ROSTER_EVENTS_RESTRICTED)
-            for row in (await session.execute(query)).all():
-                written.append(f"{row.key} {row.value.decode()}")
+            # Restricted events wait here sealed, like every other copy of the number.
+            for row in (await session.execute(select(table))).all():
+                written.append(f"{row.key} {row.value.decode(errors='replace')}")
     bodies = [
         await platform.get(f"/orgs/{source}/people"),
         await platform.get(f"/orgs/{target}/people"),
@@ -691,7 +689,7 @@ async def test_a_dead_lettered_roster_command_is_sealed_with_the_personal_data_k
     # The key may be the number itself: it travels sealed in a header, the record has none.
     assert key is None and headers["x-dlq-topic"] == ROSTER_COMMANDS
     # Whoever holds the roster's key opens it, bound to the topic it came from.
-    cipher = platform.roster.definition.seal_dead_letters
+    cipher = platform.roster.definition.sealer
     assert isinstance(cipher, PersonalDataCipher)
     assert cipher.unseal(value, ROSTER_COMMANDS) == truncated
     sealed_key = base64.b64decode(headers["x-dlq-sealed-key"])
