@@ -323,6 +323,33 @@ async def test_plaintext_secrets_are_sealed_when_the_worker_starts(
     assert [p["secret"] for p in sender.posts] == [SECRET]
 
 
+async def test_a_secret_that_does_not_open_fails_only_its_own_deliveries(
+    notify: ServiceRuntime,  # noqa: F811
+    feeds: dict[str, EventConsumer],  # noqa: F811
+) -> None:
+    good = await subscribed(notify)
+    lost = await subscribed(notify)
+    async with notify.sessions() as session:  # sealed under a key this service no longer has
+        await session.execute(
+            update(subscriptions)
+            .where(subscriptions.c.subscription_id == str(lost))
+            .values(secret="aesgcm1:" + "A" * 60)
+        )
+        await session.commit()
+    sender = ScriptedSender(Attempt(Outcome.DELIVERED, 200, None))
+    notify.worker.sender = sender  # type: ignore[attr-defined]
+    await feed(feeds, ORGS_EVENTS, org_registered())
+    await drive(notify, 2)
+    # The good subscription is served; the other one's attempt fails with the reason.
+    assert [p["secret"] for p in sender.posts] == [SECRET]
+    (served,) = await delivery_rows(notify, good)
+    (stuck,) = await delivery_rows(notify, lost)
+    assert served.status == "delivered" and stuck.status == "pending"
+    tried = await attempt_rows(notify, stuck.delivery_id)
+    assert tried and all(a.outcome == "retry" for a in tried)  # the key may come back
+    assert all(f"subscription {lost} does not open with this key" in a.error for a in tried)
+
+
 # --- the worker as a background job -----------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from services.notify.adapters.orm import (
     org_divisions,
     subscriptions,
 )
-from services.notify.adapters.secrets import SecretBox, is_sealed
+from services.notify.adapters.secrets import SecretBox, SecretKeyError, is_sealed
 from services.notify.domain.model import DeliveryStatus, Subscription, SubscriptionStatus
 from services.runtime.db import insert_ignoring_duplicates
 
@@ -144,6 +144,9 @@ class Claimed:
     body: bytes
     # Names of the orgs the event names, as far as notify knows them (for e-mails).
     org_names: dict[str, str] = field(default_factory=dict)
+    # Why the subscription's secret could not be opened (a lost or wrong key): this delivery's
+    # attempt fails with it, and every other delivery goes on.
+    secret_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -271,25 +274,34 @@ class DeliveryRepository:
             .where(deliveries.c.delivery_id.in_([r.delivery_id for r in rows]))
             .values(next_attempt_at=lease_until, updated_at=stamp)
         )
-        return [
-            Claimed(
-                delivery_id=r.delivery_id,
-                subscription_id=r.subscription_id,
-                subscriber=r.subscriber,
-                event_id=r.event_id,
-                event_type=r.event_type,
-                topic=r.topic,
-                correlation_id=r.correlation_id,
-                attempts=r.attempts,
-                resends=r.resends,
-                channel_kind=r.channel_kind,
-                url=r.url,
-                secret=self._open(r.secret, r.subscription_id),
-                address=r.address,
-                body=r.body,
-            )
-            for r in rows
-        ]
+        claimed = []
+        for r in rows:
+            try:
+                secret, secret_error = self._open(r.secret, r.subscription_id), None
+            except (SecretKeyError, RuntimeError) as exc:
+                secret, secret_error = None, str(exc)
+            claimed.append(self._claimed(r, secret, secret_error))
+        return claimed
+
+    @staticmethod
+    def _claimed(r: Any, secret: str | None, secret_error: str | None) -> Claimed:
+        return Claimed(
+            delivery_id=r.delivery_id,
+            subscription_id=r.subscription_id,
+            subscriber=r.subscriber,
+            event_id=r.event_id,
+            event_type=r.event_type,
+            topic=r.topic,
+            correlation_id=r.correlation_id,
+            attempts=r.attempts,
+            resends=r.resends,
+            channel_kind=r.channel_kind,
+            url=r.url,
+            secret=secret,
+            address=r.address,
+            body=r.body,
+            secret_error=secret_error,
+        )
 
     def _open(self, stored: str | None, subscription_id: str) -> str | None:
         if stored is None:

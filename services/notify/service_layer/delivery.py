@@ -241,6 +241,10 @@ class DeliveryWorker:
 
     async def _send(self, row: Claimed) -> Attempt:
         if row.channel_kind == "webhook":
+            if row.secret_error is not None:
+                # A key that was lost or swapped can come back (a remounted Secret): retried
+                # like an unreachable receiver, then failed after the last attempt.
+                return Attempt(Outcome.RETRY, None, row.secret_error)
             if not row.url or row.secret is None:
                 return Attempt(
                     Outcome.FAILED, None, "the subscription has no webhook url or secret"
