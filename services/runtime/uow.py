@@ -13,14 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
-from contracts.topics import commands
+from contracts.topics import SERVICES, commands
 from services.runtime.audit import CommandAuditor
 from services.runtime.db import insert_ignoring_duplicates
 from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
 
 # Commands one service sends another (saga steps) are signed like a front-end's.
-COMMAND_TOPICS = frozenset(commands(s) for s in ("orgs", "quota", "roster", "notify"))
+COMMAND_TOPICS = frozenset(commands(s) for s in SERVICES)
 
 
 class UnitOfWork:
