@@ -51,6 +51,7 @@ class UnitOfWork:
         # Rows for these topics carry personal data in full: stored sealed, opened by the relay.
         self._sealer = sealer
         self._sealed_topics = sealed_topics if sealer is not None else frozenset()
+        self._audit_pending: list[tuple[Envelope, str | None]] = []
         # The CloudEvents ``source`` of what this service writes (for work begun outside a
         # command handler: saga answers, timers).
         self.source = source
@@ -72,6 +73,7 @@ class UnitOfWork:
             await self._write_lock.acquire()
         self._session = self._sessions()
         self._staged = []
+        self._audit_pending = []
         self.committed = False
         return self
 
@@ -201,9 +203,16 @@ class UnitOfWork:
         )
 
     async def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
-        if self._auditor is None:
+        # Collected and appended at commit: one read of the chain head and one insert per
+        # transaction, however many results it stores (a batch, a fetch of saga answers).
+        if self._auditor is not None:
+            self._audit_pending.extend(outcomes)
+
+    async def _append_audit(self) -> None:
+        if self._auditor is None or not self._audit_pending:
             return
-        for checkpoint, topic in await self._auditor.record(self.session, outcomes):
+        pending, self._audit_pending = self._audit_pending, []
+        for checkpoint, topic in await self._auditor.record(self.session, pending):
             self.stage(checkpoint, topic, checkpoint.subject)
 
     async def stored_result(self, command_id: str) -> bytes | None:
@@ -216,6 +225,7 @@ class UnitOfWork:
         return row.scalar_one_or_none()
 
     async def commit(self) -> None:
+        await self._append_audit()
         if self._staged:
             await self.session.execute(insert(self.tables.outbox), self._staged)
         await self.session.commit()
@@ -226,6 +236,7 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         self._staged = []
+        self._audit_pending = []
         await self.session.rollback()
 
 
