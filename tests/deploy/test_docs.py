@@ -3,6 +3,7 @@ Pod is a valid Kubernetes object admitted by the restricted namespace, and its c
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import re
@@ -17,11 +18,20 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from contracts.topics import SERVICES
 from services.cli.common import resolve_command_type
 from services.cli.main import build_parser
+from services.cli.main import main as bianzhi
 from services.cli.send import build_envelope, load_data
-from tests.deploy.render import Resource, kubectl_build
-from tests.deploy.test_manifests import HAND_MADE_SECRETS
+from services.runtime.signing import (
+    CommandVerifier,
+    load_private_key,
+    load_public_keys,
+    raw_public_key,
+    sign_envelope,
+)
+from tests.deploy.render import Resource, kubectl, kubectl_build
+from tests.deploy.test_manifests import HAND_MADE_CONFIGMAPS, HAND_MADE_SECRETS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "deploy.md"
@@ -83,7 +93,18 @@ def test_the_first_command_pod_is_valid_and_restricted() -> None:
     writer = generate.user_name("frontend-writer")
     assert env["BIANZHI_KAFKA_SASL_USERNAME"] == writer
     secrets = {v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
-    assert secrets == {writer, f"{generate.KAFKA_CLUSTER}-cluster-ca-cert"}
+    assert secrets == {writer, f"{generate.KAFKA_CLUSTER}-cluster-ca-cert", OPERATOR_SECRET}
+    # the command is signed (the services require it) with the operator key, mounted read-only
+    # and readable by the pod's group only
+    key_path = Path(env["BIANZHI_SIGNING_PRIVATE_KEY"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(key_path.parent)]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == OPERATOR_SECRET
+    assert volume["secret"]["items"] == [{"key": "key.pem", "path": key_path.name}]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0
+    assert pod["spec"]["securityContext"]["fsGroup"] == container_group(pod)
+    assert env["BIANZHI_SIGNING_KID"] == operator_kid()
 
 
 def test_the_first_command_is_a_valid_command() -> None:
@@ -101,6 +122,21 @@ def test_the_first_command_is_a_valid_command() -> None:
         roles=args.roles,
     )
     assert envelope.type == "bianzhi.orgs.RegisterOrg.v1"
+
+
+OPERATOR_SECRET = "bianzhi-operator-signing-key"
+
+
+def container_group(pod: Resource) -> int:
+    group: int = pod["spec"]["securityContext"]["runAsGroup"]
+    return group
+
+
+def operator_kid() -> str:
+    """The kid of the operator key the first command is signed with (step 9's Secret)."""
+    (source,) = [w for w in shlex.split(create_command(OPERATOR_SECRET)) if "--from-file" in w]
+    assert source.startswith("--from-file=key.pem="), source
+    return Path(source.split("=", 2)[2]).name.removesuffix(".key.pem")
 
 
 def service_bootstrap() -> str:
@@ -271,3 +307,137 @@ def test_the_email_section_names_every_smtp_setting_of_the_configmap() -> None:
     section = DOC.read_text().split("## E-mail (notify)", 1)[1].split("\n## ", 1)[0]
     for name in smtp:
         assert f"`{name}`" in section and f"`{data[name]}`" in section, name
+
+
+# --- the keys of signed commands and the audit chain ------------------------------------------
+
+
+@pytest.mark.parametrize("configmap", sorted(HAND_MADE_CONFIGMAPS))
+def test_a_hand_made_config_map_is_created_as_documented(configmap: str) -> None:
+    block = shell_block_with(f"create configmap {configmap}")
+    (create,) = [line for line in block.splitlines() if f"create configmap {configmap}" in line]
+    (namespace,) = [o for o in prod() if o["kind"] == "Namespace"]
+    words = shlex.split(create)
+    assert words[:3] == ["kubectl", "-n", namespace["metadata"]["name"]]
+    assert HAND_MADE_CONFIGMAPS[configmap] in section_with(create)
+
+
+def run_documented(block: str, cwd: Path, created: Path) -> None:
+    """Run a documented block in ``cwd``: ``bianzhi keys create`` through the CLI's own entry
+    point (in this process: one interpreter, not one per key), everything else with ``sh``,
+    ``kubectl create`` as a client-side dry run that appends the objects to ``created``."""
+    shim = (
+        f'kubectl() {{ "{kubectl()}" "$@" --dry-run=client -o yaml >> "{created}"; '
+        f'echo --- >> "{created}"; }}\n'
+    )
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            script = shim + "\n".join(pending)
+            subprocess.run(
+                ["sh", "-euc", script], cwd=cwd, check=True, timeout=120, capture_output=True
+            )
+            pending.clear()
+
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["bianzhi"]:
+            flush()
+            assert bianzhi(words[1:]) == 0, line
+        else:
+            pending.append(line)
+    flush()
+
+
+def test_the_documented_keys_fit_the_manifests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 5's commands, run as written (kubectl as a dry run): the Secrets hold keys the
+    services load, under the kids their ConfigMaps name; the public key ConfigMap holds exactly
+    the keys commands may come from (a front-end's, the saga senders', the operator's), public
+    keys only; and the first command of step 9, signed with the operator key, passes a
+    service's verifier built from that ConfigMap."""
+    objects = prod()
+    (namespace,) = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    configs = {
+        o["metadata"]["labels"]["app.kubernetes.io/name"]: o["data"]
+        for o in objects
+        if o["kind"] == "ConfigMap"
+    }
+    monkeypatch.chdir(tmp_path)
+    # a front-end made its key elsewhere and sent its public key
+    assert bianzhi(["keys", "create", "--kid", "hebei-portal-1", "--dir", "portal"]) == 0
+    (tmp_path / "frontends").mkdir()
+    (tmp_path / "portal" / "hebei-portal-1.pub.json").rename(
+        tmp_path / "frontends" / "hebei-portal-1.pub.json"
+    )
+    created = tmp_path / "created.yaml"
+    block = shell_block_with("create configmap bianzhi-signing-public-keys")
+    run_documented(block, tmp_path, created)
+    made = [o for o in yaml.safe_load_all(created.read_text()) if o]
+    assert {o["metadata"]["namespace"] for o in made} == {namespace}
+
+    # every hand-made signing Secret, holding the private key of the kid its service names
+    secrets = {o["metadata"]["name"]: o for o in made if o["kind"] == "Secret"}
+    signing = {name: h for name, h in HAND_MADE_SECRETS.items() if h.kind == "signing"}
+    assert set(secrets) == set(signing)
+    kid_setting = {
+        "BIANZHI_AUDIT_SIGNING_PRIVATE_KEY": "BIANZHI_AUDIT_SIGNING_KID",
+        "BIANZHI_SIGNING_PRIVATE_KEY": "BIANZHI_SIGNING_KID",
+    }
+    made_keys = {}
+    for name, h in signing.items():
+        assert set(secrets[name]["data"]) == {h.key}
+        pem = tmp_path / f"{name}.pem"
+        pem.write_bytes(base64.b64decode(secrets[name]["data"][h.key]))
+        kid = configs[h.service][kid_setting[h.setting]]
+        (private_file,) = tmp_path.rglob(f"{kid}.key.pem")  # made under that kid
+        public_file = private_file.with_name(f"{kid}.pub.json")
+        public = raw_public_key(load_public_keys(public_file)[kid])
+        assert raw_public_key(load_private_key(pem).public_key()) == public, name
+        made_keys[kid] = public
+
+    # the public keys commands are accepted from, as the services load the mounted directory
+    (configmap,) = [o for o in made if o["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["name"] in HAND_MADE_CONFIGMAPS
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for file, text in configmap["data"].items():
+        assert "PRIVATE KEY" not in text, file
+        (mounted / file).write_text(text)
+    keys = load_public_keys(mounted)
+    senders = {s for s in SERVICES if "BIANZHI_SIGNING_KID" in configs.get(s, {})}
+    assert senders == {"orgs", "roster"} & set(configs)
+    sender_kids = {configs[s]["BIANZHI_SIGNING_KID"] for s in senders}
+    assert set(keys) == {"hebei-portal-1", operator_kid()} | sender_kids
+    for kid in sender_kids:
+        assert raw_public_key(keys[kid]) == made_keys[kid]
+    audit_kids = {c["BIANZHI_AUDIT_SIGNING_KID"] for c in configs.values()}
+    assert len(audit_kids) == len(configs) and not audit_kids & set(keys)
+
+    # the first command, signed as step 9's pod signs it, passes the verifier of a service
+    operator_key = load_private_key(tmp_path / "operator" / f"{operator_kid()}.key.pem")
+    (container,) = one("Pod")["spec"]["containers"]
+    args = build_parser().parse_args(container["args"][1:])
+    envelope = build_envelope(
+        resolve_command_type(args.type),
+        load_data(args.data),
+        command_id="doc",
+        source=args.source,
+        actor=args.actor,
+        region=args.region,
+        roles=args.roles,
+    )
+    verifier = CommandVerifier(keys, max_ttl=900, leeway=60)
+    assert verifier.verify(envelope) is not None, "unsigned: refused"
+    assert verifier.verify(sign_envelope(envelope, operator_key, operator_kid(), 300)) is None
+
+
+def test_every_outside_party_is_listed_where_outside_parties_are() -> None:
+    outside = [generate.user_name(p) for p in generate.ACCESS if p not in SERVICES]
+    assert generate.user_name("finance-payroll") in outside
+    for anchor in ("The outside parties, each with its own KafkaUser", "**Outside parties**"):
+        text = section_with(anchor)
+        for user in outside:
+            assert f"`{user}`" in text, (anchor, user)

@@ -12,6 +12,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from contracts.topics import (
     events,
 )
 from services.cli.common import existing_services
+from services.runtime.security_settings import SecuritySettings
 from services.runtime.settings import Settings
 from tests.deploy.render import Resource, build, kubectl_build, load_yaml
 
@@ -51,15 +53,26 @@ INTERNET_EGRESS = {"notify": (443, 465, 587)}
 @dataclass(frozen=True)
 class HandMade:
     """A Secret no operator makes: the cluster's administrator creates it (docs/deploy.md says
-    how) and the service reads one of its keys as a mounted file named by a ``*_FILE`` setting."""
+    how) and the service reads one of its keys as a mounted file named by a setting (``*_FILE``,
+    or a key path of ``SecuritySettings``)."""
 
     service: str
     key: str  # the entry of the Secret the pod mounts
     setting: str  # the setting naming the mounted file
-    # An encryption key: the service does not start without it, and losing it makes stored data
-    # unreadable, so it must be backed up. Otherwise a credential the service may do without
-    # (the volume is optional and the service reads the file only when it needs it).
-    encryption_key: bool = True
+    # "encryption": an encryption key; the service does not start without it, and losing it makes
+    # stored data unreadable, so it must be backed up. "signing": an Ed25519 private key made with
+    # `bianzhi keys create` (docs/security.md); the pod waits for it, and a lost one is replaced
+    # by a new key with a new kid. "credential": one the service may do without (the volume is
+    # optional and the service reads the file only when it needs it).
+    kind: str = "encryption"
+
+    @property
+    def encryption_key(self) -> bool:
+        return self.kind == "encryption"
+
+    @property
+    def required(self) -> bool:
+        return self.kind != "credential"
 
 
 HAND_MADE_SECRETS: dict[str, HandMade] = {
@@ -68,8 +81,27 @@ HAND_MADE_SECRETS: dict[str, HandMade] = {
     ),
     "bianzhi-notify-secrets-key": HandMade("notify", "key", "BIANZHI_NOTIFY_SECRETS_KEY_FILE"),
     "bianzhi-notify-smtp": HandMade(
-        "notify", "password", "BIANZHI_NOTIFY_SMTP_PASSWORD_FILE", encryption_key=False
+        "notify", "password", "BIANZHI_NOTIFY_SMTP_PASSWORD_FILE", kind="credential"
     ),
+    # Every service signs its audit checkpoints (docs/security.md, section 3) ...
+    **{
+        f"bianzhi-{svc}-audit-key": HandMade(
+            svc, "key.pem", "BIANZHI_AUDIT_SIGNING_PRIVATE_KEY", kind="signing"
+        )
+        for svc in ("orgs", "quota", "roster", "notify")
+    },
+    # ... and the services that send another service commands (saga steps) sign them.
+    **{
+        f"bianzhi-{svc}-signing-key": HandMade(
+            svc, "key.pem", "BIANZHI_SIGNING_PRIVATE_KEY", kind="signing"
+        )
+        for svc in ("orgs", "roster")
+    },
+}
+# ConfigMaps no manifest holds: the administrator creates them (docs/deploy.md says how), and the
+# service reads the mounted directory named by the setting. Not secret, shared by every service.
+HAND_MADE_CONFIGMAPS: dict[str, str] = {
+    "bianzhi-signing-public-keys": "BIANZHI_SIGNING_PUBLIC_KEYS",
 }
 
 sys.path.insert(0, str(ROOT / "deploy"))
@@ -157,6 +189,25 @@ def own_settings(svc: str) -> list[type[BaseSettings]]:
 def setting_names(cls: type[BaseSettings]) -> set[str]:
     prefix = cls.model_config.get("env_prefix", "")
     return {f"{prefix}{field}".upper() for field in cls.model_fields}
+
+
+def path_settings(cls: type[BaseSettings]) -> set[str]:
+    """The settings of ``cls`` that name a file or directory (typed ``Path``)."""
+    prefix = cls.model_config.get("env_prefix", "")
+    return {
+        f"{prefix}{name}".upper()
+        for name, field in cls.model_fields.items()
+        if Path in (field.annotation, *getattr(field.annotation, "__args__", ()))
+    }
+
+
+# Settings whose value is the path of a (possibly secret) file: `*_FILE` and the key paths of
+# the security settings (BIANZHI_SIGNING_PRIVATE_KEY, BIANZHI_AUDIT_SIGNING_PRIVATE_KEY, ...).
+KEY_PATH_SETTINGS = path_settings(SecuritySettings)
+
+
+def is_file_setting(name: str) -> bool:
+    return name.endswith("_FILE") or name in KEY_PATH_SETTINGS
 
 
 def walk(node: Any) -> Iterator[Any]:
@@ -290,7 +341,9 @@ def test_no_literal_secrets(rendered: list[Resource]) -> None:
                     assert re.fullmatch(r"\$\(\w+\):\$\(\w+\)", userinfo.group(1)), env["name"]
     for configmap in of_kind(rendered, "ConfigMap"):
         for key, value in configmap["data"].items():
-            assert not SECRETISH.search(key) or key.endswith("_FILE"), key
+            assert not SECRETISH.search(key) or is_file_setting(key), key
+            if is_file_setting(key):
+                assert value.startswith("/"), f"{key} names a file: a path, never the secret"
             # no URL with user:password (an e-mail address like the From is fine)
             assert not re.search(r"://[^/\s]*@", value), key
 
@@ -305,15 +358,39 @@ def test_secrets_are_referenced_only_from_what_the_operators_make(
     rendered: list[Resource],
 ) -> None:
     allowed = secrets_made_by_operators(rendered) | set(HAND_MADE_SECRETS)
+    referenced = set()
     for obj in rendered:
         for node in walk(obj):
             if isinstance(node, dict) and "secretKeyRef" in node:
                 assert node["secretKeyRef"]["name"] in allowed
             if isinstance(node, dict) and "secretName" in node:
                 assert node["secretName"] in allowed
+                referenced.add(node["secretName"])
             in_trigger_auth = obj["kind"] == "TriggerAuthentication"
             if in_trigger_auth and isinstance(node, dict) and {"parameter", "key"} <= set(node):
                 assert node["name"] in allowed
+    # and every hand-made Secret is mounted: none is listed (and documented) in vain
+    assert set(HAND_MADE_SECRETS) <= referenced
+
+
+def test_config_maps_are_mounted_only_from_the_manifests_or_hand_made(
+    rendered: list[Resource],
+) -> None:
+    """A ConfigMap volume names a ConfigMap of the manifests or one the administrator creates
+    (``HAND_MADE_CONFIGMAPS``, documented in docs/deploy.md); envFrom only the manifests' own."""
+    ours = {c["metadata"]["name"] for c in of_kind(rendered, "ConfigMap")}
+    mounted = set()
+    for deployment in of_kind(rendered, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        for volume in pod["volumes"]:
+            if "configMap" in volume:
+                name = volume["configMap"]["name"]
+                assert name in ours | set(HAND_MADE_CONFIGMAPS), name
+                mounted.add(name)
+        for container in containers(deployment):
+            for source in container.get("envFrom", []):
+                assert source["configMapRef"]["name"] in ours
+    assert set(HAND_MADE_CONFIGMAPS) <= mounted
 
 
 def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resource]) -> None:
@@ -341,14 +418,23 @@ def test_each_service_uses_its_own_kafka_user_and_database(rendered: list[Resour
 def test_every_secret_file_a_service_reads_is_a_hand_made_secret() -> None:
     """Every secret ``*_FILE`` setting of a service's own settings is mounted from a hand-made
     Secret: roster's personal-data key, notify's subscription secrets key (required) and its SMTP
-    password (optional)."""
+    password (optional); and so are the private keys of the security settings a service needs:
+    its audit key, and its signing key if it sends commands (test below)."""
     for svc in DEPLOYED:
         files = {n for cls in own_settings(svc) for n in setting_names(cls) if n.endswith("_FILE")}
         secret_files = {n for n in files if SECRETISH.search(n.removesuffix("_FILE"))}
+        secret_files.add("BIANZHI_AUDIT_SIGNING_PRIVATE_KEY")
+        if svc in command_senders():
+            secret_files.add("BIANZHI_SIGNING_PRIVATE_KEY")
         mounted = {h.setting for h in HAND_MADE_SECRETS.values() if h.service == svc}
         assert secret_files == mounted, svc
+    # the private keys are exactly the secret key paths of the security settings
+    private = {n for n in KEY_PATH_SETTINGS if SECRETISH.search(n)}
+    assert private == {"BIANZHI_SIGNING_PRIVATE_KEY", "BIANZHI_AUDIT_SIGNING_PRIVATE_KEY"}
     assert HAND_MADE_SECRETS["bianzhi-notify-secrets-key"].encryption_key
     assert not HAND_MADE_SECRETS["bianzhi-notify-smtp"].encryption_key
+    assert not HAND_MADE_SECRETS["bianzhi-notify-smtp"].required
+    assert HAND_MADE_SECRETS["bianzhi-roster-audit-key"].required
 
 
 @pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRETS))
@@ -370,14 +456,18 @@ def test_a_hand_made_secret_is_a_read_only_file_never_a_value(
     assert volume["items"] == [{"key": key, "path": path.name}]
     # a missing key keeps the pod from starting instead of letting it start without it; a
     # credential the service may do without (no SMTP login) is optional
-    assert volume.get("optional", False) is not made.encryption_key
+    assert volume.get("optional", False) is not made.required
     assert volume["defaultMode"] & 0o007 == 0, "not readable by other users"
-    # the key itself is never passed as a value, in a ConfigMap or an env variable
-    value_setting = setting.removesuffix("_FILE")
-    for container in containers(deployment):
-        passed = {**configmap_env(rendered, container)}
-        passed |= {e["name"]: e for e in container.get("env", [])}
-        assert value_setting not in passed, container["name"]
+    # the key itself is never passed as a value, in a ConfigMap or an env variable (the key
+    # paths of the security settings have no value form at all)
+    if setting.endswith("_FILE"):
+        value_setting = setting.removesuffix("_FILE")
+        for container in containers(deployment):
+            passed = {**configmap_env(rendered, container)}
+            passed |= {e["name"]: e for e in container.get("env", [])}
+            assert value_setting not in passed, container["name"]
+    else:
+        assert setting in KEY_PATH_SETTINGS
     # only the container that reads the key mounts it (migrations do not)
     for container in pod["initContainers"]:
         assert mount["name"] not in {m["name"] for m in container["volumeMounts"]}
@@ -386,7 +476,7 @@ def test_a_hand_made_secret_is_a_read_only_file_never_a_value(
 def test_every_setting_the_manifests_pass_is_read_by_the_services(
     rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runtime_fields = setting_names(Settings)
+    runtime_fields = setting_names(Settings) | setting_names(SecuritySettings)
     for deployment in of_kind(rendered, "Deployment"):
         # its own database only: Settings.database_url(svc) reads BIANZHI_<SVC>_DATABASE_URL
         urls = {f"BIANZHI_{service_of(deployment).upper()}_DATABASE_URL"}
@@ -408,6 +498,7 @@ def test_every_setting_the_manifests_pass_is_read_by_the_services(
             for name, value in configmap_env(rendered, container).items():
                 monkeypatch.setenv(name, value)
             Settings()
+            SecuritySettings()
             for cls in extra:
                 cls()
 
@@ -419,6 +510,145 @@ def test_notify_passes_its_own_settings() -> None:
     assert {n for n in configmap if n.startswith("BIANZHI_NOTIFY_")} <= setting_names(
         notify_settings
     )
+
+
+# --- signed commands and the audit chain (docs/security.md) -----------------------------------
+
+
+@functools.cache
+def command_senders() -> frozenset[str]:
+    """The services whose code builds another service's commands (saga steps), so that they
+    must sign them: derived from the code, like their Kafka ACLs."""
+    return frozenset(
+        svc
+        for svc in DEPLOYED
+        if any(commands(other) in messages_built_by(svc) for other in SERVICES if other != svc)
+    )
+
+
+def security_of(
+    objects: list[Resource], deployment: Resource, monkeypatch: pytest.MonkeyPatch
+) -> SecuritySettings:
+    """The security settings the service container reads, as the service parses them (the
+    environment holds that container's ConfigMap and nothing else of bianzhi)."""
+    for name in [n for n in os.environ if n.startswith("BIANZHI_")]:
+        monkeypatch.delenv(name)
+    for name, value in configmap_env(objects, main_container(deployment)).items():
+        monkeypatch.setenv(name, value)
+    return SecuritySettings()
+
+
+def mounted_volume(deployment: Resource, path: Path) -> dict[str, Any]:
+    """The volume of the service container's read-only mount at ``path``; no init container
+    (the migrations) mounts it."""
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [
+        m for m in main_container(deployment)["volumeMounts"] if m["mountPath"] == str(path)
+    ]
+    assert mount["readOnly"] is True
+    for container in pod["initContainers"]:
+        assert mount["name"] not in {m["name"] for m in container["volumeMounts"]}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+def test_the_scan_finds_the_services_that_send_commands() -> None:
+    assert {"orgs", "roster"} & set(DEPLOYED) <= command_senders()
+    assert not {"quota", "notify"} & command_senders()
+
+
+@pytest.mark.parametrize("directory", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_every_service_requires_signatures(
+    directory: str, renderer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Production default, in the base itself (so no overlay can forget it) and in every
+    overlay (dev too: it runs with development keys, docs/deploy.md)."""
+    objects = render_dir(K8S / directory, renderer)
+    deployments = of_kind(objects, "Deployment")
+    assert {service_of(d) for d in deployments} == set(DEPLOYED)
+    for deployment in deployments:
+        security = security_of(objects, deployment, monkeypatch)
+        assert security.require_signatures is True, service_of(deployment)
+        # quota accepts the tokens the saga senders issue
+        assert security.signing_max_ttl_s >= max(
+            security_of(
+                objects, named(objects, "Deployment", f"bianzhi-{s}"), monkeypatch
+            ).signing_ttl_s
+            for s in command_senders()
+        )
+
+
+def test_every_service_mounts_the_public_key_directory(
+    rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for deployment in of_kind(rendered, "Deployment"):
+        security = security_of(rendered, deployment, monkeypatch)
+        assert security.signing_public_keys is not None
+        volume = mounted_volume(deployment, security.signing_public_keys)
+        (name,) = HAND_MADE_CONFIGMAPS
+        assert volume["configMap"]["name"] == name
+        assert HAND_MADE_CONFIGMAPS[name] == "BIANZHI_SIGNING_PUBLIC_KEYS"
+        # the whole directory (a new front-end key needs no manifest change), and required:
+        # the pod waits for it rather than starting a service that cannot verify anything
+        assert "items" not in volume["configMap"]
+        assert not volume["configMap"].get("optional", False)
+
+
+def test_every_service_signs_its_audit_checkpoints_with_its_own_key(
+    rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kids: dict[str, str] = {}
+    for deployment in of_kind(rendered, "Deployment"):
+        svc = service_of(deployment)
+        security = security_of(rendered, deployment, monkeypatch)
+        assert security.audit_signing_private_key is not None, svc
+        assert security.audit_signing_kid, svc
+        volume = mounted_volume(deployment, security.audit_signing_private_key.parent)
+        assert volume["secret"]["secretName"] == f"bianzhi-{svc}-audit-key"
+        assert HAND_MADE_SECRETS[f"bianzhi-{svc}-audit-key"].service == svc
+        kids[svc] = security.audit_signing_kid
+        if security.signing_kid is not None:  # a key signs checkpoints or commands, never both
+            assert security.signing_kid != security.audit_signing_kid, svc
+            assert security.signing_private_key != security.audit_signing_private_key
+    assert sorted(kids) == sorted(DEPLOYED)
+    assert len(set(kids.values())) == len(kids), "one audit key (and kid) per service"
+
+
+def test_only_the_services_that_send_commands_have_a_signing_key(
+    rendered: list[Resource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kids = set()
+    for deployment in of_kind(rendered, "Deployment"):
+        svc = service_of(deployment)
+        security = security_of(rendered, deployment, monkeypatch)
+        secrets = {
+            v["secret"]["secretName"]
+            for v in deployment["spec"]["template"]["spec"]["volumes"]
+            if "secret" in v
+        }
+        if svc not in command_senders():
+            assert security.signing_private_key is None and security.signing_kid is None, svc
+            assert not any(s.endswith("-signing-key") for s in secrets), svc
+            continue
+        assert security.signing_private_key is not None and security.signing_kid, svc
+        volume = mounted_volume(deployment, security.signing_private_key.parent)
+        assert volume["secret"]["secretName"] == f"bianzhi-{svc}-signing-key"
+        assert {s for s in secrets if s.endswith("-signing-key")} == {f"bianzhi-{svc}-signing-key"}
+        kids.add(security.signing_kid)
+    assert len(kids) == len(command_senders()), "one signing key (and kid) per sender"
+    signing_secrets = {s for s in HAND_MADE_SECRETS if s.endswith("-signing-key")}
+    assert signing_secrets == {f"bianzhi-{s}-signing-key" for s in command_senders()}
+
+
+def test_a_saga_step_outlives_the_saga_timeout(
+    prod: list[Resource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/security.md: a step's token lives longer than the saga waits for it."""
+    from services.roster.settings import RosterSettings
+
+    roster = named(prod, "Deployment", "bianzhi-roster")
+    security = security_of(prod, roster, monkeypatch)  # and its ConfigMap in the environment
+    assert security.signing_ttl_s > RosterSettings().saga_timeout_s
 
 
 def test_disruption_budgets_never_block_a_drain(rendered: list[Resource]) -> None:
