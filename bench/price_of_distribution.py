@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import math
 import os
 import secrets
@@ -387,18 +386,7 @@ async def run_pipeline(
     try:
         async with roster_enrol.databases(database_url, ["quota", "roster"]) as urls:
             await ensure_topics(broker.bootstrap, all_topics(), partitions=partitions)
-            key = base64.b64encode(secrets.token_bytes(32)).decode()
-            env = {
-                "quota": {"BIANZHI_QUOTA_DATABASE_URL": urls["quota"]} if urls else {},
-                "roster": {
-                    "BIANZHI_ROSTER_PERSONAL_DATA_KEY": key,
-                    **({"BIANZHI_ROSTER_DATABASE_URL": urls["roster"]} if urls else {}),
-                },
-            }
-            for name in ("quota", "roster"):
-                services[name] = roster_enrol.Service(name, broker.bootstrap, tmp, env[name], None)
-            for service in services.values():
-                await service.wait_ready()
+            await roster_enrol.start_services(services, broker.bootstrap, tmp, urls)
             quota, roster = services["quota"], services["roster"]
             driver = roster_enrol.Driver(broker.bootstrap, partitions)
             await driver.start()

@@ -731,6 +731,33 @@ def print_profile(path: Path, top: int = 25) -> None:
 # --- main ------------------------------------------------------------------------------------
 
 
+async def start_services(
+    into: dict[str, Service],
+    bootstrap: str,
+    data_dir: Path,
+    urls: dict[str, str],
+    saga_timeout: float | None = None,
+    profile: Path | None = None,
+) -> None:
+    """Quota and roster as their own processes on ``bootstrap`` (SQLite files in ``data_dir``,
+    or the PostgreSQL ``urls``), with a fresh personal-data key, put ``into`` as they start (so
+    the caller stops them whatever happens); returns once both are ready."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    env = {
+        "quota": {"BIANZHI_QUOTA_DATABASE_URL": urls["quota"]} if urls else {},
+        "roster": {
+            "BIANZHI_ROSTER_PERSONAL_DATA_KEY": key,
+            **({"BIANZHI_ROSTER_SAGA_TIMEOUT_S": str(saga_timeout)} if saga_timeout else {}),
+            **({"BIANZHI_ROSTER_DATABASE_URL": urls["roster"]} if urls else {}),
+        },
+    }
+    for name in ("quota", "roster"):
+        profiled = profile if name == "roster" else None
+        into[name] = Service(name, bootstrap, data_dir, env[name], profiled)
+    for name in ("quota", "roster"):
+        await into[name].wait_ready()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=20_000, help="enrolments in the throughput run")
@@ -801,29 +828,9 @@ async def main() -> None:
                     f"{HOPS_PER_ENROLMENT * raw_p50 * 1000:.0f} ms at p50"
                 )
 
-                key = base64.b64encode(secrets.token_bytes(32)).decode()
-                env = {
-                    "quota": {"BIANZHI_QUOTA_DATABASE_URL": urls["quota"]} if urls else {},
-                    "roster": {
-                        "BIANZHI_ROSTER_PERSONAL_DATA_KEY": key,
-                        **(
-                            {"BIANZHI_ROSTER_SAGA_TIMEOUT_S": str(args.saga_timeout)}
-                            if args.saga_timeout
-                            else {}
-                        ),
-                        **({"BIANZHI_ROSTER_DATABASE_URL": urls["roster"]} if urls else {}),
-                    },
-                }
-                for name in ("quota", "roster"):
-                    services[name] = Service(
-                        name,
-                        broker.bootstrap,
-                        data_dir,
-                        env[name],
-                        profile if name == "roster" else None,
-                    )
-                for service in services.values():
-                    await service.wait_ready()
+                await start_services(
+                    services, broker.bootstrap, data_dir, urls, args.saga_timeout, profile
+                )
                 quota, roster = services["quota"], services["roster"]
                 driver = Driver(broker.bootstrap, args.partitions)
                 await driver.start()
