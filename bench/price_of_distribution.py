@@ -65,6 +65,7 @@ from services.roster.adapters import orm as roster_orm
 from services.roster.adapters.repository import People
 from services.roster.domain import model as roster_model
 from services.roster.domain.personal_data import PersonalDataCipher
+from services.roster.service_layer import handlers as roster_handlers
 from services.runtime.db import create_engine
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics
 from services.runtime.rules import Rejection
@@ -192,31 +193,15 @@ class Monolith:
         # roster: the person, the citizen ID encrypted and blind-indexed, masked for display
         added = await people.add(
             {
-                "person_id": person_id,
-                "citizen_index": index,
-                "citizen_enc": self.cipher.encrypt(cmd.citizen_id, context=person_id),
-                "citizen_masked": identifiers.mask_citizen_id(cmd.citizen_id),
-                "name": cmd.name,
-                "sex": identifiers.citizen_sex(cmd.citizen_id),
-                "birth_date": identifiers.citizen_birth_date(cmd.citizen_id),
-                "ethnicity": cmd.ethnicity,
-                "education": cmd.education,
-                "political_status": cmd.political_status,
-                "phone_enc": (
-                    self.cipher.encrypt(cmd.phone, context=person_id) if cmd.phone else None
+                **roster_handlers.identity(cmd, self.cipher, person_id, index),
+                **roster_handlers.person_values(
+                    cmd,
+                    self.cipher,
+                    person_id,
+                    status=roster_model.Status.ACTIVE,
+                    saga_id=None,
+                    enrolled_on=cmd.effective_date,
                 ),
-                "status": roster_model.Status.ACTIVE.value,
-                "org_id": str(cmd.org_id),
-                "category": cmd.category.value,
-                "notice_no": cmd.notice_no,
-                "position": cmd.position,
-                "leader_post": cmd.leader_post.value if cmd.leader_post else None,
-                "unit_id": str(cmd.unit_id) if cmd.unit_id else None,
-                "entry_method": cmd.entry_method.value,
-                "enrolled_on": cmd.effective_date,
-                "released_on": None,
-                "release_reason": None,
-                "saga_id": None,
             }
         )
         if not added:

@@ -10,7 +10,7 @@ sends one slot request to quota in the same transaction and defers the command's
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from contracts import identifiers
@@ -27,6 +27,7 @@ from contracts.roster import (
 )
 from services.roster.domain import model
 from services.roster.domain.model import Status
+from services.roster.domain.personal_data import PersonalDataCipher
 from services.roster.service_layer.restricted import stage_restricted
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.messaging import CommandRoute, HandlerContext
@@ -58,6 +59,51 @@ async def _start_saga(
     ctx.defer_result()
 
 
+def identity(
+    cmd: EnrolPerson, cipher: PersonalDataCipher, person_id: str, index: str
+) -> dict[str, Any]:
+    """The columns that name a new person: the citizen ID encrypted, blind-indexed, masked."""
+    return {
+        "person_id": person_id,
+        "citizen_index": index,
+        "citizen_enc": cipher.encrypt(cmd.citizen_id, context=person_id),
+        "citizen_masked": identifiers.mask_citizen_id(cmd.citizen_id),
+    }
+
+
+def person_values(
+    cmd: EnrolPerson,
+    cipher: PersonalDataCipher,
+    person_id: str,
+    *,
+    status: Status,
+    saga_id: str | None,
+    enrolled_on: date | None = None,
+) -> dict[str, Any]:
+    """The columns an enrolment sets on a person's row (new or enrolled again)."""
+    return {
+        "name": cmd.name,
+        "sex": identifiers.citizen_sex(cmd.citizen_id),
+        "birth_date": identifiers.citizen_birth_date(cmd.citizen_id),
+        "ethnicity": cmd.ethnicity,
+        "education": cmd.education,
+        "political_status": cmd.political_status,
+        "phone_enc": cipher.encrypt(cmd.phone, context=person_id) if cmd.phone else None,
+        "status": status.value,
+        "org_id": str(cmd.org_id),
+        "category": cmd.category.value,
+        "notice_no": cmd.notice_no,
+        "position": cmd.position,
+        "leader_post": cmd.leader_post.value if cmd.leader_post else None,
+        "unit_id": str(cmd.unit_id) if cmd.unit_id else None,
+        "entry_method": cmd.entry_method.value,
+        "enrolled_on": enrolled_on,
+        "released_on": None,
+        "release_reason": None,
+        "saga_id": saga_id,
+    }
+
+
 async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
     org = await uow.orgs.get(cmd.org_id)
     if org is not None and org.division_code:
@@ -75,37 +121,9 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
             f"this citizen ID belongs to person {person_id} / 该身份证号已对应其他人员编号",
             {"person_id": person_id, "given_person_id": str(cmd.person_id)},
         )
-    values: dict[str, Any] = {
-        "name": cmd.name,
-        "sex": identifiers.citizen_sex(cmd.citizen_id),
-        "birth_date": identifiers.citizen_birth_date(cmd.citizen_id),
-        "ethnicity": cmd.ethnicity,
-        "education": cmd.education,
-        "political_status": cmd.political_status,
-        "phone_enc": cipher.encrypt(cmd.phone, context=person_id) if cmd.phone else None,
-        "status": Status.ENROLLING.value,
-        "org_id": str(cmd.org_id),
-        "category": cmd.category.value,
-        "notice_no": cmd.notice_no,
-        "position": cmd.position,
-        "leader_post": cmd.leader_post.value if cmd.leader_post else None,
-        "unit_id": str(cmd.unit_id) if cmd.unit_id else None,
-        "entry_method": cmd.entry_method.value,
-        "enrolled_on": None,
-        "released_on": None,
-        "release_reason": None,
-        "saga_id": saga_id,
-    }
+    values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
     if existing is None:
-        added = await uow.people.add(
-            {
-                "person_id": person_id,
-                "citizen_index": index,
-                "citizen_enc": cipher.encrypt(cmd.citizen_id, context=person_id),
-                "citizen_masked": identifiers.mask_citizen_id(cmd.citizen_id),
-                **values,
-            }
-        )
+        added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
         if not added:  # the person id is someone else's, or the same person raced in
             other = await uow.people.get(person_id)
             raise Rejection(
