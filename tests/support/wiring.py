@@ -18,6 +18,7 @@ from contracts.topics import COMMAND_RESULTS, commands
 from services.runtime.app import ServiceRuntime
 from services.runtime.events import EventConsumer
 from services.runtime.messaging import RawMessage, event_routes
+from services.runtime.sealing import SEALED_HEADER
 
 _offsets = itertools.count()
 
@@ -74,7 +75,7 @@ class Wiring:
             for name, rt in self.runtimes.items():
                 for row in await self._fresh(name, rt):
                     step += 1
-                    await self._deliver(row.topic, Envelope.from_bytes(row.value))
+                    await self._deliver(row.topic, Envelope.from_bytes(published(rt, row)))
             if not step:
                 return moved
             moved += step
@@ -99,6 +100,7 @@ class Wiring:
             await consumer.process(raw(topic, env))
 
     async def outbox(self, service: str, topic: str) -> list[Envelope]:
+        """The envelopes ``service`` wrote for ``topic``, as the relay publishes them."""
         rt = self.runtimes[service]
         table = rt.definition.tables.outbox
         async with rt.sessions() as session:
@@ -107,7 +109,7 @@ class Wiring:
                     select(table).where(table.c.topic == topic).order_by(table.c.seq)
                 )
             ).all()
-        return [Envelope.from_bytes(r.value) for r in rows]
+        return [Envelope.from_bytes(published(rt, r)) for r in rows]
 
     async def result(self, service: str, command_id: str) -> Envelope:
         found = [
@@ -117,3 +119,11 @@ class Wiring:
         ]
         assert len(found) == 1, found
         return found[0]
+
+
+def published(rt: ServiceRuntime, row: Any) -> bytes:
+    """The value of an outbox row as the relay publishes it (a sealed row opened)."""
+    if SEALED_HEADER not in row.headers:
+        return bytes(row.value)
+    assert rt.definition.sealer is not None
+    return rt.definition.sealer.unseal(row.value, row.topic)
