@@ -261,19 +261,15 @@ class Ledger:
         return True
 
     async def used(self, division_code: str, category: Category) -> int:
-        """Approved places of ``category`` held by orgs in the division and every one below it."""
-        prefix = division_prefix(division_code)
+        """Approved places of ``category`` held by orgs in the division and every one below it:
+        one indexed read of the maintained roll-up (``division_totals``, kept by triggers in
+        this same transaction), not a scan of the subtree."""
+        t = division_totals
         total = (
             await self.session.execute(
-                select(func.coalesce(func.sum(establishment.c.approved), 0))
-                .select_from(
-                    establishment.join(
-                        org_projection, org_projection.c.org_id == establishment.c.org_id
-                    )
-                )
-                .where(
-                    establishment.c.category == category.value,
-                    org_projection.c.division_code.like(f"{prefix}%"),
+                select(func.coalesce(func.sum(t.c.approved), 0)).where(
+                    t.c.prefix == division_prefix(division_code),
+                    t.c.category == category.value,
                 )
             )
         ).scalar_one()
