@@ -53,7 +53,13 @@ from contracts.codes import ReasonCode
 from contracts.envelope import Envelope, now
 from services.runtime import metrics
 from services.runtime.security_settings import SecuritySettings
-from services.runtime.signing import b64url, b64url_decode, canonical_json, load_private_key
+from services.runtime.signing import (
+    b64url,
+    b64url_decode,
+    canonical_json,
+    fingerprint,
+    load_private_key,
+)
 
 log = structlog.get_logger("bianzhi.audit")
 
@@ -410,6 +416,14 @@ def command_auditor(
         if settings.audit_signing_private_key is not None
         else None
     )
+    if key is not None:
+        # The fingerprint lets an operator see that the kid names the key actually mounted.
+        log.info(
+            "audit checkpoints signed",
+            kid=settings.audit_signing_kid,
+            fingerprint=fingerprint(key.public_key()),
+            every=settings.audit_checkpoint_every,
+        )
     return CommandAuditor(
         service=service,
         table=table,

@@ -501,7 +501,10 @@ def command_verifier(
     keys = load_public_keys(settings.signing_public_keys)
     if not keys:
         raise KeyFileError(f"{settings.signing_public_keys}: holds no public keys")
-    log.info("command signatures required", kids=sorted(keys))
+    log.info(
+        "command signatures required",
+        keys={kid: fingerprint(key) for kid, key in sorted(keys.items())},
+    )
     return CommandVerifier(
         keys, now_fn=now_fn, max_ttl=settings.signing_max_ttl_s, leeway=settings.signing_leeway_s
     )
