@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from services.cli.common import CliError, add_data_dir_option, load_settings, print_json
-from services.runtime.signing import KeyFileError, fingerprint, load_public_keys, public_jwk
+from services.runtime.signing import (
+    ALLOW_MEMBER,
+    KeyFileError,
+    fingerprint,
+    load_public_keys,
+    public_jwk,
+)
 
 KID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -56,6 +63,13 @@ def register(commands: Any) -> None:
         description="Write KID.key.pem (private, mode 0600), KID.pub.pem and KID.pub.json.",
     )
     create.add_argument("--kid", required=True, help="the key id (letters, digits, . _ -)")
+    create.add_argument(
+        "--allow",
+        action="append",
+        metavar="PATTERN",
+        help="limit the key to command types matching PATTERN (e.g. 'bianzhi.quota.*'); "
+        "repeat for more; default: any type",
+    )
     _add_dir(create)
     create.set_defaults(run=run_create)
     listing = actions.add_parser("list", help="list the public keys of a directory")
@@ -78,7 +92,7 @@ def key_dir(args: argparse.Namespace) -> Path:
 
 
 def run_create(args: argparse.Namespace) -> int:
-    info = create_key(key_dir(args), args.kid)
+    info = create_key(key_dir(args), args.kid, allow=args.allow)
     print(f"created key {info.kid} {info.fingerprint} in {key_dir(args)}", flush=True)
     return 0
 
@@ -99,8 +113,17 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_key(directory: Path, kid: str, *, now: datetime | None = None) -> KeyInfo:
-    """Generate a key pair and write its files; refuses to overwrite an existing kid."""
+def create_key(
+    directory: Path,
+    kid: str,
+    *,
+    now: datetime | None = None,
+    allow: Sequence[str] | None = None,
+) -> KeyInfo:
+    """Generate a key pair and write its files; refuses to overwrite an existing kid. With
+    ``allow``, the key may sign only command types matching those patterns (its JWK says so)."""
+    if allow is not None and not all(p.strip() for p in allow):
+        raise CliError("--allow: a pattern of command types, such as 'bianzhi.quota.*'")
     if not KID_PATTERN.fullmatch(kid):
         raise CliError(
             f"--kid {kid!r}: use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
@@ -122,7 +145,8 @@ def create_key(directory: Path, kid: str, *, now: datetime | None = None) -> Key
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    jwk = public_jwk(kid, key.public_key(), created=created)
+    limits = {ALLOW_MEMBER: list(allow)} if allow else {}
+    jwk = public_jwk(kid, key.public_key(), created=created, **limits)
     _write_new(private_path, private_pem, 0o600)
     _write_new(pem_path, public_pem, 0o644)
     _write_new(jwk_path, (json.dumps(jwk, indent=2) + "\n").encode(), 0o644)

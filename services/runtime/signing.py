@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import hashlib
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ TYPE_MISMATCH = "type_mismatch"
 ACTOR_MISMATCH = "actor_mismatch"
 DATA_NOT_CANONICAL = "data_not_canonical"
 DATA_DIGEST_MISMATCH = "data_digest_mismatch"
+KEY_NOT_ALLOWED = "key_not_allowed"
 REASONS = frozenset(
     {
         MISSING,
@@ -78,8 +80,13 @@ REASONS = frozenset(
         ACTOR_MISMATCH,
         DATA_NOT_CANONICAL,
         DATA_DIGEST_MISMATCH,
+        KEY_NOT_ALLOWED,
     }
 )
+
+# A JWK member that limits a key to some command types: a list of patterns (``fnmatch``, e.g.
+# ``"bianzhi.quota.*"``). A service's saga key is limited to the commands its sagas send.
+ALLOW_MEMBER = "bianzhi_allow"
 
 _ACTOR_CLAIMS = ("actorid", "actorregion", "actorroles")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -235,6 +242,15 @@ def load_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
     key files (``*.key.pem``) and other files are ignored. One kid naming two different keys is
     an error.
     """
+    return {kid: key for kid, (key, _) in _load_keys(path).items()}
+
+
+def load_key_scopes(path: Path) -> dict[str, tuple[str, ...]]:
+    """The command types each limited key may sign (its JWK's ``bianzhi_allow``), by kid."""
+    return {kid: allow for kid, (_, allow) in _load_keys(path).items() if allow is not None}
+
+
+def _load_keys(path: Path) -> dict[str, tuple[Ed25519PublicKey, tuple[str, ...] | None]]:
     if path.is_dir():
         files = sorted(
             p
@@ -246,17 +262,20 @@ def load_public_keys(path: Path) -> dict[str, Ed25519PublicKey]:
         files = [path]
     else:
         raise KeyFileError(f"{path}: no such key file or directory")
-    keys: dict[str, Ed25519PublicKey] = {}
+    keys: dict[str, tuple[Ed25519PublicKey, tuple[str, ...] | None]] = {}
     for file in files:
-        for kid, key in _keys_of_file(file):
+        for kid, key, allow in _keys_of_file(file):
             known = keys.get(kid)
-            if known is not None and raw_public_key(known) != raw_public_key(key):
-                raise KeyFileError(f"{file}: kid {kid!r} names two different keys")
-            keys[kid] = key
+            if known is not None:
+                if raw_public_key(known[0]) != raw_public_key(key):
+                    raise KeyFileError(f"{file}: kid {kid!r} names two different keys")
+                # The same key as PEM and as JWK: a limit on either one holds.
+                allow = known[1] if allow is None else allow
+            keys[kid] = (key, allow)
     return keys
 
 
-def _keys_of_file(file: Path) -> list[tuple[str, Ed25519PublicKey]]:
+def _keys_of_file(file: Path) -> list[tuple[str, Ed25519PublicKey, tuple[str, ...] | None]]:
     try:
         raw = file.read_bytes()
     except OSError as exc:
@@ -268,7 +287,7 @@ def _keys_of_file(file: Path) -> list[tuple[str, Ed25519PublicKey]]:
             raise KeyFileError(f"{file}: not a public key PEM ({exc})") from None
         if not isinstance(key, Ed25519PublicKey):
             raise KeyFileError(f"{file}: not an Ed25519 public key")
-        return [(file.name.removesuffix(".pem").removesuffix(".pub"), key)]
+        return [(file.name.removesuffix(".pem").removesuffix(".pub"), key, None)]
     try:
         doc = json.loads(raw)
         jwks = doc["keys"] if isinstance(doc, dict) and "keys" in doc else [doc]
@@ -277,10 +296,19 @@ def _keys_of_file(file: Path) -> list[tuple[str, Ed25519PublicKey]]:
             kid = jwk.get("kid")
             if not isinstance(kid, str) or not kid:
                 raise ValueError("a key has no kid")
-            found.append((kid, jwk_public_key(jwk)))
+            found.append((kid, jwk_public_key(jwk), _allow(jwk)))
         return found
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise KeyFileError(f"{file}: not a JWK or JWK set of Ed25519 keys ({exc})") from None
+
+
+def _allow(jwk: Mapping[str, Any]) -> tuple[str, ...] | None:
+    allow = jwk.get(ALLOW_MEMBER)
+    if allow is None:
+        return None
+    if not isinstance(allow, list) or not all(isinstance(p, str) and p for p in allow):
+        raise ValueError(f"{ALLOW_MEMBER} must be a list of command type patterns")
+    return tuple(allow)
 
 
 # --- signing ------------------------------------------------------------------------------
@@ -367,8 +395,11 @@ class CommandVerifier:
         now_fn: Callable[[], float] = time.time,
         max_ttl: int = 900,
         leeway: int = 60,
+        scopes: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.keys = dict(public_keys_by_kid)
+        # kid → the command type patterns that key may sign; a kid not here may sign any.
+        self.scopes = {kid: tuple(p) for kid, p in (scopes or {}).items()}
         self.now_fn = now_fn
         self.max_ttl = max_ttl
         self.leeway = leeway
@@ -403,6 +434,14 @@ class CommandVerifier:
             raise _Refused(
                 BAD_SIGNATURE, "the command's signature is not valid / 指令签名无效", kid=token.kid
             ) from None
+        allowed = self.scopes.get(token.kid)
+        if allowed is not None and not any(fnmatch.fnmatchcase(env.type, p) for p in allowed):
+            raise _Refused(
+                KEY_NOT_ALLOWED,
+                f"key {token.kid!r} may not sign {env.type[:200]!r} / 该密钥无权签署此类指令",
+                kid=token.kid,
+                allowed=list(allowed),
+            )
         claims = token.claims
         iat, exp = _int_claim(claims, "iat"), _int_claim(claims, "exp")
         if exp < iat:
@@ -506,7 +545,11 @@ def command_verifier(
         keys={kid: fingerprint(key) for kid, key in sorted(keys.items())},
     )
     return CommandVerifier(
-        keys, now_fn=now_fn, max_ttl=settings.signing_max_ttl_s, leeway=settings.signing_leeway_s
+        keys,
+        now_fn=now_fn,
+        max_ttl=settings.signing_max_ttl_s,
+        leeway=settings.signing_leeway_s,
+        scopes=load_key_scopes(settings.signing_public_keys),
     )
 
 

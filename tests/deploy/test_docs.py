@@ -25,6 +25,7 @@ from services.cli.main import main as bianzhi
 from services.cli.send import build_envelope, load_data
 from services.runtime.signing import (
     CommandVerifier,
+    load_key_scopes,
     load_private_key,
     load_public_keys,
     raw_public_key,
@@ -413,6 +414,8 @@ def test_the_documented_keys_fit_the_manifests(
     assert set(keys) == {"hebei-portal-1", operator_kid()} | sender_kids
     for kid in sender_kids:
         assert raw_public_key(keys[kid]) == made_keys[kid]
+    # the saga keys may sign only quota's commands; the others any command
+    assert load_key_scopes(mounted) == {kid: ("bianzhi.quota.*",) for kid in sender_kids}
     audit_kids = {c["BIANZHI_AUDIT_SIGNING_KID"] for c in configs.values()}
     assert len(audit_kids) == len(configs) and not audit_kids & set(keys)
 

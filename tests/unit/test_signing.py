@@ -429,3 +429,25 @@ def test_docs_security_md_lists_every_refusal_reason() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     table = doc.split("| `details.reason` | meaning |", 1)[1].split("\n\n", 1)[0]
     assert set(re.findall(r"^\| `([a-z_]+)` \|", table, re.MULTILINE)) == signing.REASONS
+
+
+def test_a_key_limited_to_some_command_types_signs_only_those(tmp_path: Path) -> None:
+    from services.cli.keys import create_key
+    from services.runtime.signing import load_key_scopes, load_private_key
+
+    create_key(tmp_path, "roster-saga", allow=["bianzhi.quota.*"])
+    create_key(tmp_path, "portal")
+    assert load_key_scopes(tmp_path) == {"roster-saga": ("bianzhi.quota.*",)}
+    verifier = CommandVerifier(
+        load_public_keys(tmp_path), scopes=load_key_scopes(tmp_path), now_fn=lambda: NOW
+    )
+    saga_key = load_private_key(tmp_path / "roster-saga.key.pem")
+    portal_key = load_private_key(tmp_path / "portal.key.pem")
+    other = command()  # bianzhi.orgs.RegisterOrg.v1
+    step = other.model_copy(update={"type": "bianzhi.quota.OccupySlot.v1"})
+    assert verifier.verify(sign_envelope(step, saga_key, "roster-saga", 300, now=NOW)) is None
+    refused = verifier.verify(sign_envelope(other, saga_key, "roster-saga", 300, now=NOW))
+    assert refused is not None and refused.details["reason"] == "key_not_allowed"
+    assert refused.details["allowed"] == ["bianzhi.quota.*"]
+    # An unlimited key may sign any type.
+    assert verifier.verify(sign_envelope(other, portal_key, "portal", 300, now=NOW)) is None
