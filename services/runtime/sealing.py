@@ -41,8 +41,15 @@ def opened(record: OutboxRecord, sealer: Sealer | None) -> OutboxRecord:
             f"outbox row {record.seq} for {record.topic} is sealed with {label}; "
             "its service's personal-data key is needed to publish it"
         )
+    try:
+        value = sealer.unseal(record.value, record.topic)
+    except Exception as exc:  # another key (InvalidTag), or not a sealed value at all
+        raise SealedRowError(
+            f"outbox row {record.seq} for {record.topic} is sealed with {label} and does not "
+            f"open with the key given ({type(exc).__name__})"
+        ) from None
     headers = {k: v for k, v in record.headers.items() if k != SEALED_HEADER}
-    return replace(record, value=sealer.unseal(record.value, record.topic), headers=headers)
+    return replace(record, value=value, headers=headers)
 
 
 def opening_publisher(publish: PublishBatch, sealer: Sealer | None) -> PublishBatch:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from cryptography.exceptions import InvalidTag
 
 from services.roster.domain.personal_data import PersonalDataCipher
 from services.runtime.relay import OutboxRecord
@@ -52,5 +51,7 @@ def test_a_row_sealed_for_another_topic_does_not_open() -> None:
         seq=record.seq, topic="bianzhi.roster.events.v1", key=None, value=record.value,
         headers=record.headers,
     )  # fmt: skip
-    with pytest.raises(InvalidTag):
+    with pytest.raises(SealedRowError, match="does not open with the key given"):
         opened(moved, CIPHER)
+    with pytest.raises(SealedRowError, match="InvalidTag"):
+        opened(sealed_record(b"x"), PersonalDataCipher(b"\x08" * 32))
