@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.cli.common import (
+    CliError,
     add_broker_options,
     broker_settings,
     decode_text,
@@ -18,9 +20,12 @@ from services.cli.common import (
     positive_float,
     positive_int,
     print_json,
+    resolve_service,
     resolve_topic,
+    service_sealer,
     topic_partitions,
 )
+from services.runtime.sealing import Sealer
 from services.runtime.settings import Settings
 
 
@@ -51,12 +56,25 @@ def register(commands: Any) -> None:
         metavar="S",
         help="exit after S seconds without a new message (default: run until Ctrl-C)",
     )
+    parser.add_argument(
+        "--open-sealed",
+        metavar="SERVICE",
+        help="open dead letters SERVICE sealed with its personal-data key (roster): their value "
+        "and key are printed as they arrived; needs that key, as the service is configured "
+        "(BIANZHI_ROSTER_PERSONAL_DATA_KEY[_FILE], or the data directory's embedded key)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     topics = [resolve_topic(t) for t in args.topics]
     settings = broker_settings(args)
+    sealer = None
+    if args.open_sealed is not None:
+        service = resolve_service(args.open_sealed, option="--open-sealed")
+        sealer = service_sealer(service, settings)
+        if sealer is None:
+            raise CliError(f"--open-sealed {service}: no personal-data key of {service} found")
     return asyncio.run(
         tail(
             topics,
@@ -64,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             from_beginning=args.from_beginning,
             max_messages=args.max,
             idle_timeout_s=args.timeout,
+            sealer=sealer,
         )
     )
 
@@ -75,6 +94,7 @@ async def tail(
     from_beginning: bool = False,
     max_messages: int | None = None,
     idle_timeout_s: float | None = None,
+    sealer: Sealer | None = None,
 ) -> int:
     partitions = await topic_partitions(settings, topics)
     tps = [TopicPartition(t, p) for t in dict.fromkeys(topics) for p in partitions[t]]
@@ -94,7 +114,7 @@ async def tail(
                 batches = await consumer.getmany(timeout_ms=500)
                 for _, records in sorted(batches.items()):
                     for record in records:
-                        print_json(record_json(record))
+                        print_json(record_json(record, sealer))
                         printed += 1
                         if max_messages is not None and printed >= max_messages:
                             return 0
@@ -106,19 +126,36 @@ async def tail(
             await consumer.stop()
 
 
-def record_json(record: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
-    """One message as a JSON-ready dict."""
+def record_json(
+    record: ConsumerRecord[bytes, bytes], sealer: Sealer | None = None
+) -> dict[str, Any]:
+    """One message as a JSON-ready dict; a sealed dead letter opened when ``sealer`` is given."""
+    raw, key = record.value, record.key
+    headers = {k: decode_text(v) for k, v in (record.headers or ())}
+    opened = None
+    if sealer is not None and "x-dlq-sealed" in headers and raw is not None:
+        source = str(headers.get("x-dlq-topic"))
+        try:
+            raw = sealer.unseal(raw, source)
+            if (sealed_key := headers.get("x-dlq-sealed-key")) is not None:
+                key = sealer.unseal(base64.b64decode(str(sealed_key)), source + "#key")
+            opened = True
+        except Exception:  # another key, or damaged: shown sealed, and said so
+            opened = False
     value: Any
     try:
-        value = json.loads(record.value) if record.value is not None else None
+        value = json.loads(raw) if raw is not None else None
     except ValueError:
-        value = repr(record.value)
-    return {
+        value = repr(raw)
+    found = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
         "timestamp": record.timestamp,
-        "key": decode_text(record.key),
-        "headers": {k: decode_text(v) for k, v in (record.headers or ())},
+        "key": decode_text(key),
+        "headers": headers,
         "value": value,
     }
+    if opened is not None:
+        found["opened"] = opened
+    return found

@@ -38,6 +38,7 @@ from contracts.topics import (
     dlq,
 )
 from services.cli.main import main
+from services.cli.tail import record_json
 from services.quota.bootstrap import build as build_quota
 from services.roster.adapters.orm import people
 from services.roster.bootstrap import build as build_roster
@@ -310,6 +311,10 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
     (dead,) = await read_topic(client.bootstrap, dlq(ROSTER_COMMANDS))
     assert dict(dead.headers)["x-dlq-sealed"].startswith(b"roster-personal-data:")
     assert lost.encode() not in dead.value
+    # The operator holding the roster's key reads it (`bianzhi tail … --open-sealed roster`).
+    shown = record_json(dead, roster.definition.sealer)
+    assert shown["opened"] is True and shown["key"] == lost and lost in str(shown["value"])
+    assert record_json(dead)["key"] is None and "opened" not in record_json(dead)
 
     # Where each record part or log line could hold a number: (place, text).
     seen: list[tuple[str, str]] = []
