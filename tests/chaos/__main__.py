@@ -19,12 +19,8 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-import asyncpg
-from sqlalchemy.engine import make_url
 
 from tests.chaos.platform import SERVICES
 from tests.chaos.scenarios import (
@@ -38,6 +34,7 @@ from tests.chaos.scenarios import (
     run_scenario,
     scaled,
 )
+from tests.support.databases import database
 
 SCENARIOS = (
     "kill9",
@@ -63,28 +60,13 @@ async def databases(base: str | None) -> AsyncIterator[dict[str, str]]:
     if not base:
         yield {}
         return
-    url = make_url(base)
-    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    made: dict[str, str] = {}
-    try:
-        for name in SERVICES:
-            dbname = f"chaos_{name}_{uuid.uuid4().hex[:8]}"
-            conn = await asyncpg.connect(admin)
-            try:
-                await conn.execute(f'CREATE DATABASE "{dbname}"')
-            finally:
-                await conn.close()
-            made[name] = url.set(database=dbname).render_as_string(hide_password=False)
-        yield made
-    finally:
-        for full in made.values():
-            conn = await asyncpg.connect(admin)
-            try:
-                await conn.execute(
-                    f'DROP DATABASE IF EXISTS "{make_url(full).database}" WITH (FORCE)'
-                )
-            finally:
-                await conn.close()
+    async with contextlib.AsyncExitStack() as stack:
+        yield {
+            name: await stack.enter_async_context(
+                database("postgres", Path("."), name, server=base)
+            )
+            for name in SERVICES
+        }
 
 
 async def one(name: str, args: argparse.Namespace, root: Path) -> Outcome:

@@ -24,12 +24,15 @@ def backends() -> list[str]:
 
 
 @asynccontextmanager
-async def database(backend: str, tmp_path: Path, name: str = "svc") -> AsyncIterator[str]:
-    """Yield a SQLAlchemy URL of an empty database of ``backend``; drop it afterwards."""
+async def database(
+    backend: str, tmp_path: Path, name: str = "svc", *, server: str | None = None
+) -> AsyncIterator[str]:
+    """Yield a SQLAlchemy URL of an empty database of ``backend``; drop it afterwards. A
+    PostgreSQL database is made on ``server`` (default: the suite's server)."""
     if backend == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}"
         return
-    base = postgres_url()
+    base = server or postgres_url()
     assert base, f"{POSTGRES_ENV} is not set"
     url = make_url(base)
     dbname = f"bz_{name}_{uuid.uuid4().hex[:10]}"
