@@ -499,6 +499,11 @@ async def test_an_unanswered_enrolment_times_out_and_a_late_occupation_is_undone
     assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
     res = await platform.result(platform.roster, cmd.id)
     assert (res.type, res.data["code"]) == (REJECTED, "timeout")
+    # Until quota confirms the undoing, the place may still be counted there: the roster's
+    # counts (what `bianzhi check` reads) show it as enrolling, not as nobody.
+    counts = await platform.get(f"/counts?org_id={org_id}")
+    (entry,) = counts["orgs"]
+    assert entry["categories"]["admin"] == {"held": 0, "changing": 0, "enrolling": 1}
     # Quota now sees the occupation (late) and then the compensation: nothing stays taken,
     # and the place goes back to the notice.
     await platform.pump()
@@ -513,6 +518,7 @@ async def test_an_unanswered_enrolment_times_out_and_a_late_occupation_is_undone
     async with platform.roster.sessions() as session:
         status = (await session.execute(select(sagas.c.status))).scalars().all()
     assert status == ["compensated"]
+    assert (await platform.get(f"/counts?org_id={org_id}"))["orgs"] == []
     # The same person can be enrolled on the notice now.
     again = await platform.send(enrol(number, org_id, notice_no))
     assert (await platform.result(platform.roster, again.id)).type == COMPLETED

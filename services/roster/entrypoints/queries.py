@@ -40,6 +40,22 @@ def _zero() -> dict[str, int]:
     return {"held": 0, "changing": 0, "enrolling": 0}
 
 
+async def _enrolments_being_undone(session: AsyncSession) -> list[tuple[str, str | None, str]]:
+    """(org, its division, category) of each timed-out enrolment whose compensation quota
+    has not confirmed yet (saga ``timed_out``; ``compensated`` once it has): the person's row
+    still names the org and category the enrolment asked quota for."""
+    rows = await session.execute(
+        select(people.c.org_id, org_projection.c.division_code, people.c.category)
+        .select_from(
+            sagas.join(people, people.c.person_id == sagas.c.person_id).outerjoin(
+                org_projection, org_projection.c.org_id == people.c.org_id
+            )
+        )
+        .where(sagas.c.kind == "enrol", sagas.c.status == "timed_out")
+    )
+    return [(org, division, category) for org, division, category in rows]
+
+
 def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession]) -> None:
     @router.get("/orgs/{org_id}/people")
     async def org_people(request: Request) -> tuple[int, Any]:
@@ -114,7 +130,8 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
     @router.get("/counts")
     async def counts(request: Request) -> tuple[int, Any]:
         """People per org and category — ``held`` (in a slot; ``changing`` of them are being
-        transferred or released) and ``enrolling`` (waiting for quota) — with each org's
+        transferred or released) and ``enrolling`` (waiting for quota, or a timed-out
+        enrolment quota has not yet confirmed undoing) — with each org's
         division, for one org
         (``org_id``), the orgs of a division and all below it (``division_code``), or all.
         What `bianzhi check` compares with quota's occupied counts."""
@@ -131,19 +148,21 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             )
             .where(people.c.status.in_([s.value for s in HOLDING]))
         )
+        only_org: str | None = None
+        prefix: str | None = None
         if org_id := request.arg("org_id"):
             try:
-                stmt = stmt.where(people.c.org_id == str(uuid.UUID(org_id)))
+                only_org = str(uuid.UUID(org_id))
             except ValueError:
                 raise HttpError(400, "invalid_query", "org_id must be a UUID") from None
+            stmt = stmt.where(people.c.org_id == only_org)
         if division := request.arg("division_code"):
             try:
                 identifiers.validate_division_code(division)
             except identifiers.IdentifierError as exc:
                 raise HttpError(400, "invalid_query", str(exc)) from None
-            stmt = stmt.where(
-                org_projection.c.division_code.like(identifiers.division_prefix(division) + "%")
-            )
+            prefix = identifiers.division_prefix(division)
+            stmt = stmt.where(org_projection.c.division_code.like(prefix + "%"))
         stmt = stmt.group_by(
             people.c.org_id, org_projection.c.division_code, people.c.category, people.c.status
         )
@@ -164,6 +183,22 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                     bucket["held"] += n
                     if status in (Status.TRANSFERRING, Status.RELEASING):
                         bucket["changing"] += n
+            # An enrolment that timed out is being undone in quota (its ReleaseSlot is on the
+            # way): until quota answers it may still count the place, so it counts as
+            # enrolling in its org, not as a mismatch.
+            for org, division_code, category in await _enrolments_being_undone(session):
+                if (only_org and org != only_org) or (
+                    prefix and not (division_code or "").startswith(prefix)
+                ):
+                    continue
+                entry = orgs.setdefault(
+                    org, {"org_id": org, "division_code": division_code, "categories": {}}
+                )
+                for bucket in (
+                    entry["categories"].setdefault(category, _zero()),
+                    totals.setdefault(category, _zero()),
+                ):
+                    bucket["enrolling"] += 1
         return 200, {"orgs": sorted(orgs.values(), key=lambda o: o["org_id"]), "totals": totals}
 
     @router.get("/sagas")
