@@ -128,10 +128,9 @@ def sigterm(service: str | None = None) -> Fault:
     async def inject(platform: Platform, gen: LoadGenerator, ledger: Ledger, i: int) -> float:
         name = service or SERVICES[i % len(SERVICES)]
         started = time.monotonic()
+        in_flight = len(ledger.unanswered())  # as the signal goes, not once it has drained
         code = await platform.services[name].stop()
-        ledger.record_fault(
-            "SIGTERM", service=name, exit_status=code, in_flight=len(ledger.unanswered())
-        )
+        ledger.record_fault("SIGTERM", service=name, exit_status=code, in_flight=in_flight)
         await platform.restart(name)
         return time.monotonic() - started
 
@@ -284,6 +283,10 @@ async def _inject_during(
         due = commands * (i + 1) // (count + 1)
         while gen.load_sent < due and not task.done():
             await asyncio.sleep(0.05)
+        # Each fault is meant to meet commands in flight: wait (briefly) for some.
+        patience = time.monotonic() + 5.0
+        while not ledger.unanswered() and not task.done() and time.monotonic() < patience:
+            await asyncio.sleep(0.01)
         took_s = await fault(platform, gen, ledger, i)
         last = ledger.faults[-1] if ledger.faults else {}
         say(
