@@ -760,6 +760,12 @@ class QuotaMachine(RuleBasedStateMachine):
             org, category = notice.org, notice.category
         else:
             org = elsewhere or "A"
+        self._occupy(person, org, category, number, post)
+
+    def _occupy(
+        self, person: str, org: str, category: Category, number: str, post: LeaderPost | None
+    ) -> None:
+        """Send one OccupySlot and expect what the model says of it."""
         command = OccupySlot(
             request_id=uuid.uuid4(),
             person_id=person_id(person),
@@ -791,19 +797,7 @@ class QuotaMachine(RuleBasedStateMachine):
         number = data.draw(st.sampled_from(usable) if usable else self.notice_strategy())
         notice = self.model.notices.get(number)
         org, category = (notice.org, notice.category) if notice else ("A", Category.ADMIN)
-        command = OccupySlot(
-            request_id=uuid.uuid4(),
-            person_id=person_id(person),
-            org_id=org_id(org),
-            category=category,
-            notice_no=number,
-            leader_post=post,
-        )
-        expected = self.model.run(
-            self.model.occupy, command.request_id, person, org, category, number, post
-        )
-        self.expect(command, expected)
-        self.occupations.append((command, person))
+        self._occupy(person, org, category, number, post)
 
     @precondition(lambda self: bool(self.occupations))
     @rule(data=st.data())
