@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 from typing import Any
 
@@ -25,7 +24,7 @@ from services.cli.common import (
     service_sealer,
     topic_partitions,
 )
-from services.runtime.sealing import Sealer
+from services.runtime.sealing import DLQ_SEALED_HEADER, Sealer, open_dead_letter
 from services.runtime.settings import Settings
 
 
@@ -133,12 +132,9 @@ def record_json(
     raw, key = record.value, record.key
     headers = {k: decode_text(v) for k, v in (record.headers or ())}
     opened = None
-    if sealer is not None and "x-dlq-sealed" in headers and raw is not None:
-        source = str(headers.get("x-dlq-topic"))
+    if sealer is not None and DLQ_SEALED_HEADER in headers and raw is not None:
         try:
-            raw = sealer.unseal(raw, source)
-            if (sealed_key := headers.get("x-dlq-sealed-key")) is not None:
-                key = sealer.unseal(base64.b64decode(str(sealed_key)), source + "#key")
+            raw, key = open_dead_letter(sealer, raw, {k: str(v) for k, v in headers.items()})
             opened = True
         except Exception:  # another key, or damaged: shown sealed, and said so
             opened = False

@@ -26,7 +26,7 @@ from services.runtime import metrics
 from services.runtime.db import is_transient
 from services.runtime.logging import mask_citizen_ids
 from services.runtime.rules import Rejection
-from services.runtime.sealing import Sealer
+from services.runtime.sealing import Sealer, seal_dead_letter
 from services.runtime.uow import UnitOfWork
 
 log = structlog.get_logger("bianzhi.messaging")
@@ -301,14 +301,9 @@ class Consumer:
         )
         value, key = raw.value or b"", raw.key
         if self.seal_dead_letter is not None:
-            # The key is the sender's choice and may be the very number (a citizen ID): it is
-            # sealed into a header and the record goes out without one.
-            value, sealed_with = self.seal_dead_letter.seal(value, raw.topic)
-            headers["x-dlq-sealed"] = sealed_with
-            if key is not None:
-                sealed_key, _ = self.seal_dead_letter.seal(key, raw.topic + "#key")
-                headers["x-dlq-sealed-key"] = base64.b64encode(sealed_key).decode()
-                key = None
+            value, sealed = seal_dead_letter(self.seal_dead_letter, raw.topic, value, key)
+            headers.update(sealed)
+            key = None
         await self.dead_letter(dlq(raw.topic), value, key, headers)
         metrics.DEAD_LETTERED.labels(self.service, raw.topic).inc()
         log.error("message sent to the dead-letter topic", dlq=dlq(raw.topic), error=error)

@@ -9,7 +9,8 @@ the key; it is not published); dead letters of its commands are sealed for good
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
     from services.runtime.relay import OutboxRecord, PublishBatch
 
 SEALED_HEADER = "x-bianzhi-sealed"
+# A sealed dead letter: the key's label, and the record key sealed (base64), if it had one.
+DLQ_SEALED_HEADER = "x-dlq-sealed"
+DLQ_SEALED_KEY_HEADER = "x-dlq-sealed-key"
 
 
 class Sealer(Protocol):
@@ -25,6 +29,35 @@ class Sealer(Protocol):
     def seal(self, value: bytes, topic: str) -> tuple[bytes, str]: ...
 
     def unseal(self, blob: bytes, topic: str) -> bytes: ...
+
+
+def seal_dead_letter(
+    sealer: Sealer, topic: str, value: bytes, key: bytes | None
+) -> tuple[bytes, dict[str, str]]:
+    """A dead letter of ``topic`` sealed: its value, and the headers that say so. The record
+    key is the sender's choice and may be the very number, so it is sealed into a header and
+    the dead letter goes out without one."""
+    sealed, label = sealer.seal(value, topic)
+    headers = {DLQ_SEALED_HEADER: label}
+    if key is not None:
+        sealed_key, _ = sealer.seal(key, topic + "#key")
+        headers[DLQ_SEALED_KEY_HEADER] = base64.b64encode(sealed_key).decode()
+    return sealed, headers
+
+
+def open_dead_letter(
+    sealer: Sealer, value: bytes, headers: Mapping[str, str]
+) -> tuple[bytes, bytes | None]:
+    """The original value and key of a dead letter ``seal_dead_letter`` sealed (its headers
+    name the topic it came from); raises when the key does not open it."""
+    source = headers["x-dlq-topic"]
+    sealed_key = headers.get(DLQ_SEALED_KEY_HEADER)
+    key = (
+        sealer.unseal(base64.b64decode(sealed_key), source + "#key")
+        if sealed_key is not None
+        else None
+    )
+    return sealer.unseal(value, source), key
 
 
 class SealedRowError(RuntimeError):

@@ -18,7 +18,8 @@ from contracts.topics import COMMAND_RESULTS, commands
 from services.runtime.app import ServiceRuntime
 from services.runtime.events import EventConsumer
 from services.runtime.messaging import RawMessage, event_routes
-from services.runtime.sealing import SEALED_HEADER
+from services.runtime.relay import OutboxRecord
+from services.runtime.sealing import opened
 
 _offsets = itertools.count()
 
@@ -123,7 +124,5 @@ class Wiring:
 
 def published(rt: ServiceRuntime, row: Any) -> bytes:
     """The value of an outbox row as the relay publishes it (a sealed row opened)."""
-    if SEALED_HEADER not in row.headers:
-        return bytes(row.value)
-    assert rt.definition.sealer is not None
-    return rt.definition.sealer.unseal(row.value, row.topic)
+    record = OutboxRecord(row.seq, row.topic, row.key, bytes(row.value), dict(row.headers))
+    return opened(record, rt.definition.sealer).value
