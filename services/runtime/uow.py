@@ -150,7 +150,7 @@ class UnitOfWork:
         """Keep many (command, result, code) at once; see ``store_result``."""
         if not results:
             return
-        await self._audit([(command, code) for command, _, code in results])
+        self._audit([(command, code) for command, _, code in results])
         stamp = now()
         await self.session.execute(
             insert(self.tables.command_results),
@@ -188,7 +188,7 @@ class UnitOfWork:
     async def store_result(self, command: Envelope, result: Envelope, code: str | None) -> None:
         """Keep a command's result so a re-sent command id gets the same result again, and
         append the command with its outcome to the audit chain."""
-        await self._audit([(command, code)])
+        self._audit([(command, code)])
         await self.session.execute(
             insert(self.tables.command_results).values(
                 command_id=command.id,
@@ -202,7 +202,7 @@ class UnitOfWork:
             )
         )
 
-    async def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
+    def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
         # Collected and appended at commit: one read of the chain head and one insert per
         # transaction, however many results it stores (a batch, a fetch of saga answers).
         if self._auditor is not None:
