@@ -30,12 +30,12 @@ PERSON_EVENTS = {
 }
 # Roster saga statuses that may still change something: waiting for quota's answer, a
 # transfer's or release's step being cancelled, and an enrolment's compensation under way
-# (`timed_out` is also where a transfer or release ends once its step was cancelled).
+# (`timed_out`; a transfer or release whose step was cancelled ends as `cancelled`).
 OPEN_SAGA_STATUSES = ("waiting", "cancelling", "timed_out")
 
 
 def saga_open(saga: dict[str, Any]) -> bool:
-    return saga["status"] != "timed_out" or saga["kind"] == "enrol"
+    return saga["status"] in OPEN_SAGA_STATUSES
 
 
 BAD = (

@@ -299,9 +299,9 @@ async def test_state_that_disagrees_is_counted(monkeypatch: pytest.MonkeyPatch) 
     api.answers["roster/sagas"] = {
         "sagas": [
             # an enrolment being compensated is still open; a transfer whose step was
-            # cancelled has ended (`timed_out` is its last status)
+            # cancelled has ended
             {"kind": "enrol", "status": "timed_out", "command_id": "c"},
-            {"kind": "transfer", "status": "timed_out", "command_id": "d"},
+            {"kind": "transfer", "status": "cancelled", "command_id": "d"},
         ]
     }
     world.move(world.people[api.people[1]], None)
@@ -318,4 +318,6 @@ async def test_state_that_disagrees_is_counted(monkeypatch: pytest.MonkeyPatch) 
     assert report.bad["invariant_more_than_one_slot"] == 1
     assert report.bad["check_mismatches"] == 1
     assert report.bad["sagas_open"] == 1
+    assert checker.saga_open({"kind": "enrol", "status": "timed_out"})
+    assert not checker.saga_open({"kind": "transfer", "status": "cancelled"})
     assert report.bad["orgs_state_mismatches"] == 1

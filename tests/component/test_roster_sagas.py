@@ -371,6 +371,60 @@ async def test_early_refusals_need_no_quota_round_trip(platform: Platform) -> No
     assert await platform.outbox(platform.roster, QUOTA_COMMANDS) == []
 
 
+async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_once(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org()
+    other = await platform.org()
+    notice_no = await platform.notice(org_id, 3)
+    numbers = [citizen(), citizen()]
+    cmds = [
+        enrol(numbers[0], org_id, notice_no).envelope(source="/tests", **CLERK),
+        # the same person again in the same fetch: refused, and the fetch is handled one by one
+        enrol(numbers[0], other, await platform.notice(other, 1)).envelope(
+            source="/tests", **CLERK
+        ),
+        enrol(numbers[1], org_id, notice_no).envelope(source="/tests", **CLERK),
+    ]
+    await platform.roster.command_consumer.process_batch(
+        [raw(ROSTER_COMMANDS, env) for env in cmds]
+    )
+    refused = await platform.result(platform.roster, cmds[1].id)
+    assert (refused.type, refused.data["code"]) == (REJECTED, "already_enrolled")
+    async with platform.roster.sessions() as session:
+        started = (await session.execute(select(sagas.c.command_id))).scalars().all()
+    assert sorted(started) == sorted([cmds[0].id, cmds[2].id])  # the refused one left none
+    steps = await platform._uncarried(platform.roster, QUOTA_COMMANDS)
+    assert len(steps) == 2
+    for row in steps:
+        await platform.quota.command_consumer.process(
+            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+        )
+    answers = [
+        raw(COMMAND_RESULTS, Envelope.from_bytes(row.value))
+        for row in await platform._uncarried(platform.quota, COMMAND_RESULTS)
+    ]
+    # Quota's answers in one fetch, then again (redelivered): each saga ends once.
+    await platform.roster_results.process_batch(answers)
+    await platform.roster_results.process_batch(answers)
+    for cmd in (cmds[0], cmds[2]):
+        res = await platform.result(platform.roster, cmd.id)
+        assert res.type == COMPLETED, res.data
+        row = await platform.person(res.data["subject"])
+        assert (row.status, row.enrolled_on) == ("active", date(2026, 3, 1))
+        assert [
+            h["event_type"] for h in (await platform.get(f"/people/{row.person_id}"))["history"]
+        ] == ["bianzhi.roster.PersonEnrolled.v1"]
+    assert len(await platform.events("PersonEnrolled")) == 2
+    assert await platform.counts(org_id) == (5, 2, 1)
+    async with platform.roster.sessions() as session:
+        ended = (await session.execute(select(sagas.c.status))).scalars().all()
+        audit = platform.roster.definition.tables.audit
+        audited = (await session.execute(select(audit.c.message_id))).scalars().all()
+    assert ended == ["completed", "completed"]
+    assert sorted(audited) == sorted(c.id for c in cmds)  # each command audited once
+
+
 # --- transfer, release, update --------------------------------------------------------------
 
 
@@ -504,6 +558,9 @@ async def test_an_unanswered_enrolment_times_out_and_a_late_occupation_is_undone
     counts = await platform.get(f"/counts?org_id={org_id}")
     (entry,) = counts["orgs"]
     assert entry["categories"]["admin"] == {"held": 0, "changing": 0, "enrolling": 1}
+    assert [s["kind"] for s in (await platform.get("/sagas?status=timed_out"))["sagas"]] == [
+        "enrol"
+    ]
     # Quota now sees the occupation (late) and then the compensation: nothing stays taken,
     # and the place goes back to the notice.
     await platform.pump()
@@ -640,6 +697,14 @@ async def test_an_overdue_transfer_that_never_reached_quota_is_cancelled(
     assert await platform.counts(source) == (5, 1, 0) and await platform.counts(target) == (5, 0, 1)
     assert len(await platform.results(platform.roster, cmd.id)) == 1
     assert await platform.events("PersonTransferred") == []
+    # The saga has ended as cancelled, not as an enrolment still being compensated.
+    async with platform.roster.sessions() as session:
+        ended = (
+            await session.execute(select(sagas.c.kind, sagas.c.status).order_by(sagas.c.kind))
+        ).all()
+    assert [tuple(r) for r in ended] == [("enrol", "completed"), ("transfer", "cancelled")]
+    assert (await platform.get("/sagas?status=cancelled"))["sagas"][0]["kind"] == "transfer"
+    assert (await platform.get("/sagas?status=timed_out"))["sagas"] == []
 
 
 async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: Platform) -> None:

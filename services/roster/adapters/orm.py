@@ -88,7 +88,9 @@ sagas = Table(
     Column("step_request_id", String(36), nullable=False, unique=True),
     Column("step_type", String(200), nullable=False),
     Column("compensation_request_id", String(36), nullable=True, unique=True),
-    # waiting | completed | rejected | timed_out | compensated
+    # waiting → completed | rejected; on a timeout, an enrolment: timed_out (compensation sent)
+    # → compensated; a transfer or release: cancelling (cancel sent) → cancelled | completed;
+    # compensation_failed when quota refused the compensation or the cancel.
     Column("status", String(16), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("deadline", DateTime(timezone=True), nullable=False),

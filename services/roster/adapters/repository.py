@@ -1,5 +1,12 @@
 """Data access of the roster service. Every state change is a conditional statement: the
-database, not a read in Python, decides whether a person may change state."""
+database, not a read in Python, decides whether a person may change state.
+
+The statements of the enrolment path are built once (``bindparam``) and run with their values,
+so SQLAlchemy neither builds nor compiles them again; a state change that needs the row after
+it returns it (``UPDATE … RETURNING``) instead of reading it first. Rows nobody reads in the same
+transaction (a person's history, a new saga) are written together when the unit of work
+commits (``flush``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Insert, bindparam, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -17,6 +24,52 @@ from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
 from services.runtime.db import insert_ignoring_duplicates
+
+_ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
+_BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
+_PERSON = select(people).where(people.c.person_id == bindparam("person_id"))
+# An enrolment's answer: the person enrolling under this saga becomes active (the row after).
+_ACTIVATE = (
+    update(people)
+    .where(
+        people.c.person_id == bindparam("b_person_id"),
+        people.c.status == "enrolling",
+        people.c.saga_id == bindparam("only_saga"),
+    )
+    .values(
+        status="active",
+        enrolled_on=bindparam("on"),
+        updated_at=bindparam("at"),
+        version=people.c.version + 1,
+    )
+    .returning(*people.c)
+)
+_HISTORY = insert(person_history)
+_SAGA = insert(sagas)
+# Quota's answer to a step ends a saga still waiting for it (the row after); a late answer,
+# or the answer to a compensation, finds none.
+_ANSWERED = (
+    update(sagas)
+    .where(sagas.c.step_request_id == bindparam("request_id"), sagas.c.status == "waiting")
+    .values(status=bindparam("ended"), finished_at=bindparam("at"))
+    .returning(*sagas.c)
+)
+_BY_REQUEST = select(sagas).where(
+    (sagas.c.step_request_id == bindparam("request_id"))
+    | (sagas.c.compensation_request_id == bindparam("request_id"))
+)
+# A new person, unless the blind index (or the person id) is taken: per dialect.
+_ADD: dict[str, Insert] = {}
+
+
+def _add_person(session: AsyncSession) -> Insert:
+    dialect = session.get_bind().dialect.name
+    stmt = _ADD.get(dialect)
+    if stmt is None:
+        stmt = _ADD[dialect] = insert_ignoring_duplicates(session, people).returning(
+            people.c.person_id
+        )
+    return stmt
 
 
 @dataclass(frozen=True)
@@ -33,26 +86,33 @@ class OrgProjection:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        # Orgs read in this transaction (a fetch of commands names the same orgs again and
+        # again); forgotten when this transaction changes them.
+        self._seen: dict[str, OrgRef | None] = {}
 
     async def get(self, org_id: UUID) -> OrgRef | None:
-        row = (
-            await self.session.execute(
-                select(org_projection).where(org_projection.c.org_id == str(org_id))
+        key = str(org_id)
+        if key in self._seen:
+            return self._seen[key]
+        row = (await self.session.execute(_ORG, {"org_id": key})).one_or_none()
+        ref = (
+            None
+            if row is None
+            else OrgRef(
+                org_id=UUID(row.org_id),
+                status=OrgStatus(row.status),
+                kind=OrgKind(row.kind) if row.kind else None,
+                division_code=row.division_code,
+                name=row.name,
             )
-        ).one_or_none()
-        if row is None:
-            return None
-        return OrgRef(
-            org_id=UUID(row.org_id),
-            status=OrgStatus(row.status),
-            kind=OrgKind(row.kind) if row.kind else None,
-            division_code=row.division_code,
-            name=row.name,
         )
+        self._seen[key] = ref
+        return ref
 
     async def upsert(self, org_id: UUID, **values: Any) -> None:
         """Change the known fields of an org; an org not seen yet gets a row (a merge or an
         abolition may be read before the registration)."""
+        self._seen.pop(str(org_id), None)
         values["updated_at"] = now()
         done = await self.session.execute(
             update(org_projection).where(org_projection.c.org_id == str(org_id)).values(**values)
@@ -71,29 +131,38 @@ class OrgProjection:
 
 
 class People:
-    """The people on the roster."""
+    """The people on the roster.
 
-    def __init__(self, session: AsyncSession) -> None:
+    With ``batch_history`` the history rows ``record`` is given are written by ``flush`` (the
+    roster's unit of work flushes at commit), all in one statement."""
+
+    def __init__(self, session: AsyncSession, *, batch_history: bool = False) -> None:
         self.session = session
+        self._history: list[dict[str, Any]] | None = [] if batch_history else None
 
     async def by_index(self, citizen_index: str) -> Row[Any] | None:
         return (
-            await self.session.execute(
-                select(people).where(people.c.citizen_index == citizen_index)
-            )
+            await self.session.execute(_BY_INDEX, {"citizen_index": citizen_index})
         ).one_or_none()
 
     async def get(self, person_id: UUID | str) -> Row[Any] | None:
-        return (
-            await self.session.execute(select(people).where(people.c.person_id == str(person_id)))
-        ).one_or_none()
+        return (await self.session.execute(_PERSON, {"person_id": str(person_id)})).one_or_none()
 
     async def add(self, values: dict[str, Any]) -> bool:
         """A new person; ``False`` when the blind index or person id is taken already."""
         stamp = now()
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
-        stmt = insert_ignoring_duplicates(self.session, people, [row]).returning(people.c.person_id)
-        return (await self.session.execute(stmt)).one_or_none() is not None
+        return (
+            await self.session.execute(_add_person(self.session), row)
+        ).one_or_none() is not None
+
+    async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
+        """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
+        the change, or ``None`` when they were not in that state."""
+        done = await self.session.execute(
+            _ACTIVATE, {"b_person_id": person_id, "only_saga": saga_id, "on": on, "at": now()}
+        )
+        return done.one_or_none()
 
     async def transition(
         self,
@@ -150,28 +219,43 @@ class People:
         details: dict[str, Any],
         command: Envelope | None,
     ) -> None:
-        await self.session.execute(
-            insert(person_history).values(
-                person_id=str(person_id),
-                event_id=event.id,
-                event_type=event.type,
-                org_id=str(org_id),
-                category=category,
-                effective_date=effective_date,
-                document=document,
-                details=details,
-                command_id=command.id if command else None,
-                actor_id=command.actorid if command else event.actorid,
-                recorded_at=now(),
-            )
-        )
+        row = {
+            "person_id": str(person_id),
+            "event_id": event.id,
+            "event_type": event.type,
+            "org_id": str(org_id),
+            "category": category,
+            "effective_date": effective_date,
+            "document": document,
+            "details": details,
+            "command_id": command.id if command else None,
+            "actor_id": command.actorid if command else event.actorid,
+            "recorded_at": now(),
+        }
+        if self._history is None:
+            await self.session.execute(_HISTORY, row)
+        else:
+            self._history.append(row)
+
+    async def flush(self) -> None:
+        """Write the history rows recorded since the last flush."""
+        if self._history:
+            rows, self._history = self._history, []
+            await self.session.execute(_HISTORY, rows)
+
+    def discard(self) -> None:
+        """Forget the history rows not written yet (the transaction was rolled back)."""
+        if self._history:
+            self._history = []
 
 
 class Sagas:
-    """The sagas of the roster: one per enrol, transfer or release command."""
+    """The sagas of the roster: one per enrol, transfer or release command. A saga started is
+    written by ``flush`` (at commit), with the others of the transaction."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._started: list[dict[str, Any]] = []
 
     async def start(
         self,
@@ -187,34 +271,45 @@ class Sagas:
         # The command's envelope is kept without its data (it holds the citizen ID): only
         # its id, type, correlation and actor are needed for the result.
         redacted = command.model_copy(update={"data": {}})
-        await self.session.execute(
-            insert(sagas).values(
-                saga_id=saga_id,
-                kind=kind,
-                person_id=str(person_id),
-                command_id=command.id,
-                command_envelope=redacted.to_bytes(),
-                step_request_id=saga_id,
-                step_type=step_type,
-                compensation_request_id=None,
-                status="waiting",
-                payload=payload,
-                deadline=deadline,
-                created_at=now(),
-                finished_at=None,
-            )
+        self._started.append(
+            {
+                "saga_id": saga_id,
+                "kind": kind,
+                "person_id": str(person_id),
+                "command_id": command.id,
+                "command_envelope": redacted.to_bytes(),
+                "step_request_id": saga_id,
+                "step_type": step_type,
+                "compensation_request_id": None,
+                "status": "waiting",
+                "payload": payload,
+                "deadline": deadline,
+                "created_at": now(),
+                "finished_at": None,
+            }
         )
+
+    async def flush(self) -> None:
+        """Write the sagas started since the last flush."""
+        if self._started:
+            rows, self._started = self._started, []
+            await self.session.execute(_SAGA, rows)
+
+    def discard(self) -> None:
+        """Forget the sagas not written yet (the transaction was rolled back)."""
+        self._started = []
+
+    async def answered(self, request_id: str, status: str) -> Row[Any] | None:
+        """End the saga waiting for its step ``request_id`` as ``status``; its row after, or
+        ``None`` when no saga waits for that step (a late answer, or a compensation's)."""
+        done = await self.session.execute(
+            _ANSWERED, {"request_id": request_id, "ended": status, "at": now()}
+        )
+        return done.one_or_none()
 
     async def by_request(self, request_id: str) -> Row[Any] | None:
         """The saga whose step or compensation is ``request_id``."""
-        return (
-            await self.session.execute(
-                select(sagas).where(
-                    (sagas.c.step_request_id == request_id)
-                    | (sagas.c.compensation_request_id == request_id)
-                )
-            )
-        ).one_or_none()
+        return (await self.session.execute(_BY_REQUEST, {"request_id": request_id})).one_or_none()
 
     async def finish(self, saga_id: str, from_status: str, status: str, **values: Any) -> bool:
         """End a saga that is still ``from_status``; ``False`` if another path ended it first."""

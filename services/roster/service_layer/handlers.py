@@ -112,30 +112,31 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
     cipher = uow.personal_data
     index = cipher.blind_index(cmd.citizen_id)
     saga_id = model.step_id(ctx.envelope.id, "occupy")
-    existing = await uow.people.by_index(index)
-    person_id = str(existing.person_id if existing else (cmd.person_id or uuid.uuid4()))
-    ctx.result_subject = person_id
-    if existing is not None and cmd.person_id is not None and str(cmd.person_id) != person_id:
-        raise Rejection(
-            ReasonCode.CONFLICT,
-            f"this citizen ID belongs to person {person_id} / 该身份证号已对应其他人员编号",
-            {"person_id": person_id, "given_person_id": str(cmd.person_id)},
-        )
+    # Most people are new: their row goes in at once, and the unique blind index (or person
+    # id) turns away a number already on the roster, which is then looked up.
+    person_id = str(cmd.person_id or uuid.uuid4())
     values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
-    if existing is None:
-        added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
-        if not added:  # the person id is someone else's, or the same person raced in
-            other = await uow.people.get(person_id)
+    previous: str | None = None
+    if not await uow.people.add({**identity(cmd, cipher, person_id, index), **values}):
+        existing = await uow.people.by_index(index)
+        if existing is None:  # the person id is someone else's
             raise Rejection(
                 ReasonCode.CONFLICT,
                 f"person id {person_id} is taken / 人员编号已被占用",
-                {"person_id": person_id, "taken": other is not None},
+                {"person_id": person_id, "taken": True},
             )
-        previous = None
-    else:
+        person_id = existing.person_id
+        if cmd.person_id is not None and str(cmd.person_id) != person_id:
+            raise Rejection(
+                ReasonCode.CONFLICT,
+                f"this citizen ID belongs to person {person_id} / 该身份证号已对应其他人员编号",
+                {"person_id": person_id, "given_person_id": str(cmd.person_id)},
+            )
         previous = existing.status
+        values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
         if not await uow.people.transition(person_id, model.ENROLLABLE, **values):
             raise model.already_enrolled(person_id, existing.org_id, existing.status)
+    ctx.result_subject = person_id
     await _start_saga(
         uow,
         ctx,

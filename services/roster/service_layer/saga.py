@@ -8,6 +8,12 @@ its slot request is cancelled in quota (``ReleaseSlot`` with ``occupy_request_id
 also undoes it if it took effect after all, so a late answer never counts twice. An overdue
 transfer or release is cancelled in quota if it has not taken effect (``CancelSlotRequest``)
 and ends on that answer: ``timeout`` when cancelled, completed when it had taken effect.
+
+Saga statuses: ``waiting`` (for quota's answer), then ``completed`` or ``rejected``; on a
+timeout an enrolment goes ``timed_out`` (its compensation on the way to quota) and then
+``compensated``, a transfer or release goes ``cancelling`` and then ``cancelled`` (or
+``completed`` when the step had taken effect); ``compensation_failed`` when quota refused the
+compensation or the cancel.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ def _ours(result: CommandResult) -> bool:
 
 
 async def step_completed(result: CommandCompleted, uow: RosterUnitOfWork, env: Envelope) -> None:
+    # The usual answer: the step of a saga still waiting for it, which it ends.
+    ended = await uow.sagas.answered(result.command_id, "completed")
+    if ended is not None:
+        await _succeeded(uow, ended, env)
+        return
     saga = await uow.sagas.by_request(result.command_id)
     if saga is None:
         return
@@ -53,45 +64,40 @@ async def step_completed(result: CommandCompleted, uow: RosterUnitOfWork, env: E
         if saga.kind == "enrol":
             await uow.sagas.finish(saga.saga_id, "timed_out", "compensated")
             log.info("saga compensated", saga_id=saga.saga_id, kind=saga.kind)
-        elif await uow.sagas.finish(saga.saga_id, "cancelling", "timed_out"):
+        elif await uow.sagas.finish(saga.saga_id, "cancelling", "cancelled"):
             # The step was cancelled before it took effect: nothing changed anywhere.
             await _undo_in_roster(uow, saga)
             await finish_command(uow, command_envelope(saga), uow.source, rejection=_timeout(saga))
-            log.warning("saga timed out, its step cancelled", saga_id=saga.saga_id)
+            log.warning("saga cancelled, its step overdue", saga_id=saga.saga_id, kind=saga.kind)
         return
-    if not await uow.sagas.finish(saga.saga_id, "waiting", "completed"):
-        log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
-        return
-    await _succeeded(uow, saga, env)
+    log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
 
 
 async def _succeeded(uow: RosterUnitOfWork, saga: Row[Any], env: Envelope) -> None:
     """Apply a step that took effect in quota and complete the saga's command."""
     command = command_envelope(saga)
-    person = await uow.people.get(saga.person_id)
-    assert person is not None
     if saga.kind == "enrol":
-        event = await _enrolled(uow, saga, person, command, env.id)
-    elif saga.kind == "transfer":
-        event = await _transferred(uow, saga, person, command, env.id)
+        event = await _enrolled(uow, saga, command, env.id)
     else:
-        event = await _released(uow, saga, person, command, env.id)
+        person = await uow.people.get(saga.person_id)
+        assert person is not None
+        if saga.kind == "transfer":
+            event = await _transferred(uow, saga, person, command, env.id)
+        else:
+            event = await _released(uow, saga, person, command, env.id)
     await finish_command(uow, command, uow.source, subject=saga.person_id, events=[event])
     log.info("saga completed", saga_id=saga.saga_id, kind=saga.kind, command_id=command.id)
 
 
 async def _enrolled(
-    uow: RosterUnitOfWork, saga: Row[Any], person: Row[Any], command: Envelope, cause: str
+    uow: RosterUnitOfWork, saga: Row[Any], command: Envelope, cause: str
 ) -> Envelope:
     payload = saga.payload or {}
     on = date.fromisoformat(payload["effective_date"])
-    await uow.people.transition(
-        saga.person_id,
-        {Status.ENROLLING},
-        only_saga=saga.saga_id,
-        status=Status.ACTIVE.value,
-        enrolled_on=on,
-    )
+    person = await uow.people.activate(saga.person_id, saga.saga_id, on)
+    if person is None:  # no longer enrolling under this saga: the event tells what quota did
+        person = await uow.people.get(saga.person_id)
+        assert person is not None
     document = payload.get("document")
     event = emit_caused(
         uow,
@@ -222,6 +228,10 @@ async def _released(
 
 
 async def step_rejected(result: CommandRejected, uow: RosterUnitOfWork, env: Envelope) -> None:
+    ended = await uow.sagas.answered(result.command_id, "rejected")
+    if ended is not None:
+        await _refused(uow, ended, result)
+        return
     saga = await uow.sagas.by_request(result.command_id)
     if saga is None:
         return
@@ -246,9 +256,11 @@ async def step_rejected(result: CommandRejected, uow: RosterUnitOfWork, env: Env
         )
         await uow.sagas.finish(saga.saga_id, saga.status, "compensation_failed")
         return
-    if not await uow.sagas.finish(saga.saga_id, "waiting", "rejected"):
-        log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
-        return
+    log.info("late answer ignored", saga_id=saga.saga_id, status=saga.status)
+
+
+async def _refused(uow: RosterUnitOfWork, saga: Row[Any], result: CommandRejected) -> None:
+    """Undo a step quota refused and refuse the saga's command with quota's reason."""
     await _undo_in_roster(uow, saga)
     command = command_envelope(saga)
     await finish_command(
@@ -281,8 +293,8 @@ async def time_out(uow: RosterUnitOfWork, saga: Row[Any]) -> bool:
 
     A transfer or release is one atomic step in quota: it is cancelled if it has not taken
     effect (``CancelSlotRequest``, keyed like the step so it arrives after it), and the saga
-    ends on quota's answer to that: refused with ``timeout`` when cancelled, completed as
-    usual when the step had taken effect after all.
+    ends on quota's answer to that: refused with ``timeout`` when cancelled (saga
+    ``cancelled``), completed as usual when the step had taken effect after all.
     """
     if saga.kind != "enrol":
         cancel = model.step_id(saga.command_id, "cancel")

@@ -3,8 +3,10 @@ the personal-data cipher."""
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import ClassVar, Self
 
+from contracts.envelope import Envelope
 from services.roster.adapters.repository import OrgProjection, People, Sagas
 from services.roster.domain.personal_data import PersonalDataCipher
 from services.runtime.uow import UnitOfWork
@@ -29,6 +31,41 @@ class RosterUnitOfWork(UnitOfWork):
     async def __aenter__(self) -> Self:
         await super().__aenter__()
         self.orgs = OrgProjection(self.session)
-        self.people = People(self.session)
+        self.people = People(self.session, batch_history=True)
         self.sagas = Sagas(self.session)
+        self._results: list[tuple[Envelope, Envelope, str | None]] = []
         return self
+
+    async def store_result(self, command: Envelope, result: Envelope, code: str | None) -> None:
+        # The results of the sagas a fetch of answers ends are kept (and audited) together
+        # at commit, in one statement; nothing reads them back in the same transaction.
+        self._results.append((command, result, code))
+
+    async def commit(self) -> None:
+        # What the transaction wrote for later (sagas started, history, results) goes in
+        # first, a statement per table, then the runtime's audit, outbox and commit.
+        await self.sagas.flush()
+        await self.people.flush()
+        if self._results:
+            results, self._results = self._results, []
+            await self.store_results(results)
+        await super().commit()
+
+    async def rollback(self) -> None:
+        self._discard()
+        await super().rollback()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.committed:
+            self._discard()
+        await super().__aexit__(exc_type, exc, tb)
+
+    def _discard(self) -> None:
+        self.sagas.discard()
+        self.people.discard()
+        self._results = []

@@ -1,0 +1,421 @@
+"""Benchmark: the CPU the roster spends per enrolment, in process, without a broker.
+
+Builds the roster service by its composition root on a fresh database (a SQLite file, or a fresh
+PostgreSQL database with ``--postgres URL``, dropped afterwards), with a personal-data key, and
+feeds its org projection ``OrgRegistered`` events for ``--orgs`` organs. Then, per fetch size in
+``--batches``, ``-n`` enrolments run through the real consumers, the same paths the Kafka
+consumers run, in fetches of that size:
+
+  command  ``EnrolPerson`` commands (a clerk of the province, a new valid citizen ID each,
+           round-robin over the orgs) to the command consumer's ``process_batch``: validation,
+           blind index, encryption, person and saga rows, ``OccupySlot`` into the outbox;
+  answer   quota's answers, built here as quota builds them (a ``CommandCompleted`` of each
+           ``OccupySlot`` the roster wrote, caused by it), to the results consumer's
+           ``process_batch``: saga end, person active, ``PersonEnrolled`` and its sealed
+           restricted counterpart, history, the command's result, the audit entry;
+  ignore   the roster's own ``EnrolPerson`` results, which come back on the same shared results
+           topic and are not the roster's to apply, to the same consumer.
+
+The relay does not run (it is the runtime's). Printed per phase: CPU ms per enrolment
+(``time.process_time``: this process, every thread, so the database driver's thread too) and
+SQL statements per enrolment (``before_cursor_execute``); then the checks (every person active,
+one ``PersonEnrolled`` per enrolment, no full citizen ID in any outbox row but the sealed ones).
+``--profile`` adds a cProfile top list of the timed parts. ``--baseline`` runs the same
+measurement first with ``services/roster`` as committed (``git archive HEAD``, read only) and
+the rest of the working tree, then with the working tree: a before/after in one run.
+Figures, not assertions: ``.venv/bin/python bench/roster_enrol_inprocess.py -n 1000 --baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import cProfile
+import io
+import json
+import os
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ("command", "answer", "ignore")
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    # Imported here so that --baseline can run this file against another tree.
+    from sqlalchemy import event, func, select
+
+    from contracts.codes import Category, EntryMethod, OrgKind
+    from contracts.common import Document
+    from contracts.envelope import CONTENT_TYPE, Envelope
+    from contracts.identifiers import compose_citizen_id
+    from contracts.orgs import OrgRegistered
+    from contracts.quota import OccupySlot
+    from contracts.results import CommandCompleted
+    from contracts.roster import EnrolPerson
+    from contracts.topics import (
+        COMMAND_RESULTS,
+        ORGS_EVENTS,
+        QUOTA_COMMANDS,
+        ROSTER_COMMANDS,
+        ROSTER_EVENTS,
+    )
+    from services.roster.adapters.orm import people
+    from services.roster.bootstrap import build
+    from services.runtime.events import EventConsumer
+    from services.runtime.messaging import RawMessage, caused_envelope, event_routes
+    from services.runtime.settings import Settings
+    from tests.support.databases import database
+
+    doc = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
+    offsets = iter(range(10**9))
+    approver = {"actorid": "li.na", "actorregion": "130000", "actorroles": "approver"}
+    clerk = {"actorid": "wang.fang", "actorregion": "130000", "actorroles": "clerk"}
+    people_made = iter(range(1, 10**9))
+    numbers: list[str] = []
+
+    def raw(topic: str, env: Envelope, key: str | None = None) -> RawMessage:
+        return RawMessage(
+            topic=topic,
+            partition=0,
+            offset=next(offsets),
+            key=(key or env.subject or env.id).encode(),
+            value=env.to_bytes(),
+            headers=(("content-type", CONTENT_TYPE.encode()),),
+        )
+
+    class NoDeadLetters:
+        async def __call__(self, *a: Any, **kw: Any) -> None:
+            raise AssertionError(f"dead-lettered: {a} {kw}")
+
+    def citizen() -> str:
+        n = next(people_made)
+        number = compose_citizen_id(
+            "130102", date(1960, 1, 1) + timedelta(days=n % 15000), n // 15000 % 1000
+        )
+        numbers.append(number)
+        return number
+
+    if args.inline_sqlite:
+        inline_sqlite()
+    sizes = [int(s) for s in args.batches.split(",")]
+    backend = "postgres" if args.postgres else "sqlite"
+    if args.postgres:
+        os.environ["BIANZHI_TEST_POSTGRES_URL"] = args.postgres
+    os.environ["BIANZHI_ROSTER_PERSONAL_DATA_KEY"] = base64.b64encode(os.urandom(32)).decode()
+    with tempfile.TemporaryDirectory(prefix="bench-roster-") as tmp:
+        async with database(backend, Path(tmp), "roster") as url:
+            os.environ["BIANZHI_ROSTER_DATABASE_URL"] = url
+            rt = build(
+                Settings(
+                    data_dir=Path(tmp),
+                    kafka_bootstrap="localhost:1",
+                    kafka_group_prefix="bench",
+                    log_level="WARNING",
+                )
+            )
+            rt.command_consumer.dead_letter = NoDeadLetters()
+            await rt.migrate()
+            try:
+                consumers = {}
+                for sub in rt.definition.event_subscriptions:
+                    consumers[sub.topic] = EventConsumer(
+                        routes=event_routes(sub.routes),
+                        service="roster",
+                        consumer=f"roster<-{sub.topic}",
+                        uow_factory=rt.uow,
+                        dead_letter=NoDeadLetters(),
+                    )
+                results = consumers[COMMAND_RESULTS]
+                orgs: list[uuid.UUID] = []
+                for i in range(args.orgs):
+                    org_id = uuid.uuid4()
+                    registered = OrgRegistered(
+                        org_id=org_id,
+                        name=f"测试单位{i}",
+                        kind=OrgKind.ORGAN,
+                        division_code="130102",
+                        document=doc,
+                        effective_date=doc.date,
+                    )
+                    env = registered.envelope(source="/bianzhi/orgs", **approver)
+                    await consumers[ORGS_EVENTS].process(raw(ORGS_EVENTS, env))
+                    orgs.append(org_id)
+
+                def enrol(k: int) -> RawMessage:
+                    cmd = EnrolPerson(
+                        citizen_id=citizen(),
+                        name="张伟",
+                        org_id=orgs[k % len(orgs)],
+                        category=Category.ADMIN,
+                        notice_no=f"冀编用〔2026〕bench-{k % len(orgs):03d}号",
+                        entry_method=EntryMethod.EXAM,
+                        effective_date=date(2026, 3, 1),
+                        document=doc,
+                        phone="13800138000",
+                    )
+                    return raw(ROSTER_COMMANDS, cmd.envelope(source="/bench", **clerk))
+
+                seen: dict[str, int] = {}
+
+                async def fresh(topic: str) -> list[Envelope]:
+                    table = rt.definition.tables.outbox
+                    async with rt.sessions() as session:
+                        rows = (
+                            await session.execute(
+                                select(table.c.seq, table.c.value)
+                                .where(table.c.topic == topic, table.c.seq > seen.get(topic, 0))
+                                .order_by(table.c.seq)
+                            )
+                        ).all()
+                    if rows:
+                        seen[topic] = rows[-1].seq
+                    return [Envelope.from_bytes(r.value) for r in rows]
+
+                def answer(step: Envelope) -> RawMessage:
+                    occupy = OccupySlot.model_validate(step.data)
+                    done = CommandCompleted(
+                        command_id=step.id,
+                        command_type=step.type,
+                        subject=occupy.subject_value(),
+                        events=[str(uuid.uuid4())],
+                    )
+                    env = caused_envelope(done, step, source="/bianzhi/quota")
+                    return raw(COMMAND_RESULTS, env, step.id)
+
+                statements = 0
+                # --sql: per statement, how often and how long (wall, to the driver and back).
+                per_sql: dict[str, list[float]] = {}
+                timing = False
+                warm = True
+
+                def count(conn: Any, cursor: Any, sql: str, *_: Any) -> None:
+                    nonlocal statements
+                    statements += 1
+                    if args.sql:
+                        conn.info["bench_sql"] = (sql, time.perf_counter())
+
+                def counted(conn: Any, *_: Any) -> None:
+                    started = conn.info.pop("bench_sql", None)
+                    if started is not None and timing and not warm:
+                        sql, at = started
+                        entry = per_sql.setdefault(" ".join(sql.split())[:110], [0, 0.0])
+                        entry[0] += 1
+                        entry[1] += time.perf_counter() - at
+
+                async def run(fetches: list[list[RawMessage]], consumer: Any) -> tuple[float, int]:
+                    nonlocal statements, timing
+                    statements = 0
+                    timing = True
+                    cpu = time.process_time()
+                    if profiler is not None:
+                        profiler.enable()
+                    for fetch in fetches:
+                        await consumer.process_batch(fetch)
+                    if profiler is not None:
+                        profiler.disable()
+                    timing = False
+                    return time.process_time() - cpu, statements
+
+                def chunks(items: list[RawMessage], size: int) -> list[list[RawMessage]]:
+                    return [items[i : i + size] for i in range(0, len(items), size)]
+
+                event.listen(rt.engine.sync_engine, "before_cursor_execute", count)
+                event.listen(rt.engine.sync_engine, "after_cursor_execute", counted)
+                profiler: cProfile.Profile | None = None
+                figures: dict[str, Any] = {}
+                k = 0
+                # A warm-up round (compile caches, the connection pool), then the timed ones.
+                for size in [10, *sizes]:
+                    n = 30 if size == 10 and not figures else args.n
+                    warm = not figures
+                    commands = [enrol(k + j) for j in range(n)]
+                    k += n
+                    took: dict[str, tuple[float, int]] = {}
+                    if not warm and args.profile:
+                        profiler = cProfile.Profile()
+                    took["command"] = await run(chunks(commands, size), rt.command_consumer)
+                    answers = [answer(s) for s in await fresh(QUOTA_COMMANDS)]
+                    assert len(answers) == n, (len(answers), n)
+                    took["answer"] = await run(chunks(answers, size), results)
+                    own = [raw(COMMAND_RESULTS, e, e.subject) for e in await fresh(COMMAND_RESULTS)]
+                    assert len(own) == n, (len(own), n)
+                    took["ignore"] = await run(chunks(own, size), results)
+                    if warm:
+                        figures["warm-up"] = True
+                        continue
+                    figures[str(size)] = {
+                        phase: {"cpu_ms": 1000 * cpu / n, "statements": st / n}
+                        for phase, (cpu, st) in took.items()
+                    } | {"enrolments": n}
+                    if profiler is not None:
+                        out = io.StringIO()
+                        stats = pstats.Stats(profiler, stream=out)
+                        stats.sort_stats("tottime").print_stats(args.profile_top)
+                        stats.sort_stats("cumulative").print_stats(args.profile_top)
+                        # The project's own functions only: where its share of the time goes.
+                        stats.print_stats(r"/(services|contracts)/", args.profile_top)
+                        figures[f"profile {size}"] = out.getvalue()
+                        profiler = None
+                if args.sql:
+                    figures["sql"] = "\n".join(
+                        f"  {n:7d} × {1e6 * t / n:7.0f} µs  {sql}"
+                        for sql, (n, t) in sorted(per_sql.items(), key=lambda i: -i[1][1])
+                    )
+                # The checks: everyone active, one event each, no number in clear in the outbox.
+                async with rt.sessions() as session:
+                    active = (
+                        await session.execute(
+                            select(func.count()).where(people.c.status == "active")
+                        )
+                    ).scalar_one()
+                    table = rt.definition.tables.outbox
+                    rows = (await session.execute(select(table.c.topic, table.c.value))).all()
+                events = [r for r in rows if r.topic == ROSTER_EVENTS]
+                text = "\n".join(r.value.decode(errors="replace") for r in rows)
+                leaked = sum(1 for number in numbers if number in text)
+                figures["check"] = (
+                    f"{active} active of {k} enrolled, {len(events)} PersonEnrolled, "
+                    f"{leaked} full citizen IDs in the outbox"
+                )
+                return figures
+            finally:
+                await rt.engine.dispose()
+                await rt.read_engine.dispose()
+
+
+def inline_sqlite() -> None:
+    """An experiment on the runtime, for its figures only: SQLite statements run on the event
+    loop's thread instead of a trip to aiosqlite's thread per statement (``services.runtime.db``
+    is patched in this process; nothing is changed on disk)."""
+    import sqlite3
+    from collections import deque
+    from collections.abc import Callable
+    from functools import partial
+
+    from services.runtime import db
+
+    async def _run(self: Any, call: Callable[[sqlite3.Cursor], object]) -> Any:
+        connection = self._connection
+        begin, connection.pending_begin = connection.pending_begin, None
+        cursor = connection._conn.cursor()
+        try:
+            if begin is not None:
+                cursor.execute(begin)
+            call(cursor)
+            rows = cursor.fetchall() if cursor.description else []
+            self.description, self.rowcount = cursor.description, cursor.rowcount
+            self.lastrowid = cursor.lastrowid
+        finally:
+            cursor.close()
+        self._rows = deque(rows)
+        return self
+
+    def _connect(database: str, **kwargs: Any) -> Any:
+        kwargs["check_same_thread"] = False
+        connection = db._OneTripConnection(partial(sqlite3.connect, database, **kwargs), 64)
+        connection._thread.daemon = True
+        return connection
+
+    db._OneTripCursor._run = _run  # type: ignore[method-assign]
+    db._connect_sqlite = _connect
+
+
+def baseline_tree(dest: Path) -> Path:
+    """A tree of the working copy with ``services/roster`` as committed."""
+    for part in ("contracts", "services", "tests"):
+        shutil.copytree(
+            ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    shutil.rmtree(dest / "services" / "roster")
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", "services/roster"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def report(label: str, figures: dict[str, Any]) -> None:
+    for size, f in figures.items():
+        if not isinstance(f, dict):
+            continue
+        total_cpu = sum(f[p]["cpu_ms"] for p in PHASES)
+        total_st = sum(f[p]["statements"] for p in PHASES)
+        parts = ", ".join(
+            f"{p} {f[p]['cpu_ms']:.3f} ms / {f[p]['statements']:.2f} st" for p in PHASES
+        )
+        say(
+            f"  {label:8s} batch {size:>3s}: {total_cpu:.3f} ms CPU, {total_st:.2f} statements "
+            f"per enrolment ({parts}; {f['enrolments']} enrolments)"
+        )
+    say(f"  {label:8s} {figures['check']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=1000, help="enrolments per fetch size")
+    parser.add_argument("--batches", default="100,10", help="fetch sizes, comma-separated")
+    parser.add_argument("--orgs", type=int, default=24)
+    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to use")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile top list")
+    parser.add_argument("--profile-top", type=int, default=35)
+    parser.add_argument("--sql", action="store_true", help="time each SQL statement (wall)")
+    parser.add_argument(
+        "--inline-sqlite",
+        action="store_true",
+        help="experiment: run SQLite statements on the event loop's thread (runtime patched "
+        "in this process only)",
+    )
+    parser.add_argument("--baseline", action="store_true", help="also run the committed roster")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.json:  # a child run: figures as JSON on the last line
+        figures = asyncio.run(measure(args))
+        print(json.dumps(figures))
+        return
+    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    runs: list[tuple[str, Path]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-roster-base-") as base:
+        if args.baseline:
+            runs.append(("baseline", baseline_tree(Path(base))))
+        runs.append(("current", ROOT))
+        child = [a for a in sys.argv[1:] if a != "--baseline"]
+        for label, tree in runs:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), *child, "--json"],
+                cwd=tree,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                say(done.stderr[-4000:])
+                raise SystemExit(f"the {label} run failed")
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            if "sql" in figures:
+                say(f"--- {label}: SQL statements (count × mean wall, all timed phases) ---")
+                say(figures["sql"])
+            for name, text in figures.items():
+                if name.startswith("profile"):
+                    say(f"--- {label}: cProfile of the timed part, batch {name.split()[1]} ---")
+                    say(text)
+            report(label, figures)
+    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
