@@ -31,7 +31,13 @@ from contracts.orgs import (
     OrgRenamed,
     OrgsMerged,
 )
-from contracts.quota import ApproveQuota, SetLeaderPosts, SetRegionLimit, TransferQuota
+from contracts.quota import (
+    ApproveQuota,
+    MergeEstablishments,
+    SetLeaderPosts,
+    SetRegionLimit,
+    TransferQuota,
+)
 from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, QUOTA_COMMANDS, QUOTA_EVENTS
 from services.quota.adapters.orm import (
     establishment,
@@ -732,3 +738,21 @@ async def test_a_batch_of_approvals_against_one_limit_ends_as_if_one_by_one(
     outcomes = [(await result(quota, e.id)).type for e in envs]
     assert outcomes == [COMPLETED, COMPLETED, REJECTED]
     assert [await approved(quota, o) for o in orgs] == [4, 4, None]
+
+
+async def test_an_org_merged_earlier_in_a_batch_is_seen_merged_later_in_it(
+    quota, projection
+) -> None:
+    """The org read by the first command of a fetch is closed by the second: the third sees it
+    closed (the org kept for the transaction is forgotten when the projection changes)."""
+    source, target = await org(projection), await org(projection, name="长安区人社局")
+    await completed(quota, approve(target, 3))
+    merge = MergeEstablishments(
+        request_id=uuid.uuid4(), source_org_ids=[source], target_org_id=target, document=DOC
+    )
+    envs = [envelope(approve(source, 4)), envelope(merge), envelope(approve(source, 6))]
+    await quota.command_consumer.process_batch([raw(QUOTA_COMMANDS, e) for e in envs])
+    outcomes = [await result(quota, e.id) for e in envs]
+    assert [r.type for r in outcomes] == [COMPLETED, COMPLETED, REJECTED]
+    assert outcomes[2].data["code"] == "org_not_active"
+    assert await approved(quota, target) == 7

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from contracts.codes import Category, LeaderPost, OrgKind
 from contracts.envelope import Envelope
@@ -23,7 +24,7 @@ from contracts.quota import (
     SetLeaderPosts,
 )
 from contracts.topics import COMMAND_RESULTS, QUOTA_COMMANDS
-from services.quota.adapters.orm import quota_ledger, slots
+from services.quota.adapters.orm import quota_ledger, slot_requests, slots
 from services.quota.bootstrap import build
 from services.quota.service_layer import handlers
 from services.runtime.app import ServiceRuntime
@@ -169,6 +170,49 @@ async def test_a_request_id_takes_effect_once(quota, projection) -> None:
     assert details["first_command_id"] == first.data["command_id"]
     assert details["event_type"] == "bianzhi.quota.SlotOccupied.v1"
     assert tuple(await counts(quota, org_id)) == (5, 1, 2)
+
+
+async def test_a_batch_of_occupations_ends_as_if_one_by_one(quota, projection) -> None:
+    """One fetch, one refused mid-way: every completed request names its event and left one
+    history row; the refused one left neither."""
+    org_id, notice_no = await setup(quota, projection, 10, 4)
+    taken = uuid.uuid4()
+    await completed(quota, occupy(org_id, notice_no, person_id=taken), **CLERK)
+    history = await count(quota, quota_ledger)
+    cmds = [occupy(org_id, notice_no) for _ in range(2)]
+    cmds.insert(1, occupy(org_id, notice_no, person_id=taken))  # already holds a slot
+    envs = [envelope(c, **CLERK) for c in cmds]
+    await quota.command_consumer.process_batch([raw(QUOTA_COMMANDS, e) for e in envs])
+    outcomes = [(await results(quota, e.id))[0] for e in envs]
+    assert [r.type for r in outcomes] == [
+        "bianzhi.CommandCompleted.v1",
+        "bianzhi.CommandRejected.v1",
+        "bianzhi.CommandCompleted.v1",
+    ]
+    assert outcomes[1].data["code"] == "already_enrolled"
+    assert tuple(await counts(quota, org_id)) == (10, 3, 1)
+    occupied = {e.data["request_id"]: e for e in await events(quota, "SlotOccupied")}
+    async with quota.sessions() as session:
+        requests = {r.request_id: r for r in await session.execute(select(slot_requests))}
+    for cmd, res in zip(cmds, outcomes, strict=True):
+        if res.type.endswith("Rejected.v1"):
+            assert str(cmd.request_id) not in requests
+            continue
+        event = occupied[str(cmd.request_id)]
+        assert res.data["events"] == [event.id]
+        row = requests[str(cmd.request_id)]
+        assert (row.event_id, row.event_type) == (event.id, event.type)
+    assert await count(quota, quota_ledger) == history + 2
+    assert (
+        await count(
+            quota,
+            quota_ledger,
+            quota_ledger.c.event_id.in_(
+                [occupied[str(c.request_id)].id for c in (cmds[0], cmds[2])]
+            ),
+        )
+        == 2
+    )
 
 
 async def test_move_slot_releases_and_occupies_atomically(quota, projection) -> None:

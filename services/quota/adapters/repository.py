@@ -14,7 +14,9 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
+    Insert,
     Row,
+    bindparam,
     delete,
     func,
     insert,
@@ -23,6 +25,8 @@ from sqlalchemy import (
     union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Category, Funding, LeaderPost, OrgKind, OrgStatus
@@ -53,27 +57,181 @@ ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
 
 
+# Statements of the slot path (OccupySlot and the like, the hottest commands), built once here and
+# executed with parameters: building a statement and its cache key costs more CPU than running it
+# (SQLAlchemy memoizes the cache key of a statement object and caches its compiled form).
+
+
+def _param(name: str, column: Any) -> Any:
+    """A bound parameter typed as ``column`` (so its value is processed as the column's)."""
+    return bindparam(name, type_=column.type)
+
+
+def _ignoring_duplicates(table: Any, returning: Any) -> dict[str, Insert]:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING …`` per dialect, values given at execution."""
+    return {
+        "postgresql": pg_insert(table).on_conflict_do_nothing().returning(returning),
+        "sqlite": sqlite_insert(table).on_conflict_do_nothing().returning(returning),
+    }
+
+
+def _dialect(session: AsyncSession) -> str:
+    return "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
+
+
+_ORG_GET = select(org_projection).where(org_projection.c.org_id == bindparam("b_org_id"))
+
+_EST_KEY = (
+    establishment.c.org_id == bindparam("b_org_id"),
+    establishment.c.category == bindparam("b_category"),
+)
+_OCCUPY_RESERVED = (
+    update(establishment)
+    .where(
+        *_EST_KEY,
+        establishment.c.reserved >= 1,
+        establishment.c.occupied + establishment.c.reserved <= establishment.c.approved,
+    )
+    .values(
+        reserved=establishment.c.reserved - 1,
+        occupied=establishment.c.occupied + 1,
+        version=establishment.c.version + 1,
+        updated_at=_param("b_now", establishment.c.updated_at),
+    )
+    .returning(establishment.c.occupied)
+)
+
+_EST_GET = select(
+    establishment.c.approved, establishment.c.occupied, establishment.c.reserved
+).where(*_EST_KEY)
+_VACATE = (
+    update(establishment)
+    .where(*_EST_KEY, establishment.c.occupied >= 1)
+    .values(
+        occupied=establishment.c.occupied - 1,
+        version=establishment.c.version + 1,
+        updated_at=_param("b_now", establishment.c.updated_at),
+    )
+    .returning(establishment.c.occupied)
+)
+_RESERVE_AGAIN = (
+    update(establishment)
+    .where(*_EST_KEY, establishment.c.occupied >= 1)
+    .values(
+        occupied=establishment.c.occupied - 1,
+        reserved=establishment.c.reserved + 1,
+        version=establishment.c.version + 1,
+        updated_at=_param("b_now", establishment.c.updated_at),
+    )
+)
+
+
+def _leader_post_change(held: Any, approved: Any, step: int) -> Any:
+    """Take (``step`` 1, within the approved count) or free (-1) one leader post."""
+    within = held + 1 <= approved if step > 0 else held >= 1
+    return (
+        update(leader_posts)
+        .where(
+            leader_posts.c.org_id == bindparam("b_org_id"),
+            leader_posts.c.unit_id == bindparam("b_unit_id"),
+            within,
+        )
+        .values(
+            {
+                held.name: held + step,
+                "version": leader_posts.c.version + 1,
+                "updated_at": _param("b_now", leader_posts.c.updated_at),
+            }
+        )
+    )
+
+
+_POST_COLUMNS = {
+    LeaderPost.PRINCIPAL: (leader_posts.c.principal_held, leader_posts.c.principal),
+    LeaderPost.DEPUTY: (leader_posts.c.deputy_held, leader_posts.c.deputy),
+}
+_HOLD_POST = {post: _leader_post_change(*cols, 1) for post, cols in _POST_COLUMNS.items()}
+_FREE_POST = {post: _leader_post_change(*cols, -1) for post, cols in _POST_COLUMNS.items()}
+
+_LEDGER_INSERT = insert(quota_ledger)
+
+_NOTICE_GET = select(notices).where(notices.c.notice_no == bindparam("b_notice_no"))
+_NOTICE_TAKE_ONE = (
+    update(notices)
+    .where(
+        notices.c.notice_no == bindparam("b_notice_no"),
+        notices.c.org_id == bindparam("b_org_id"),
+        notices.c.category == bindparam("b_category"),
+        notices.c.status == NoticeStatus.ISSUED.value,
+        notices.c.valid_until >= _param("b_on", notices.c.valid_until),
+        notices.c.used < notices.c.count,
+    )
+    .values(used=notices.c.used + 1, version=notices.c.version + 1)
+    .returning(notices.c.used)
+)
+
+_NOTICE_GIVE_BACK = (
+    update(notices)
+    .where(
+        notices.c.notice_no == bindparam("b_notice_no"),
+        notices.c.status == NoticeStatus.ISSUED.value,
+        notices.c.used >= 1,
+    )
+    .values(used=notices.c.used - 1, version=notices.c.version + 1)
+    .returning(*notices.c)
+)
+
+_CLAIM_REQUEST = _ignoring_duplicates(slot_requests, slot_requests.c.request_id)
+_REQUEST_GET = select(slot_requests).where(slot_requests.c.request_id == bindparam("b_request_id"))
+_REQUEST_DONE = (
+    update(slot_requests)
+    .where(slot_requests.c.request_id == bindparam("b_request_id"))
+    .values(event_id=bindparam("b_event_id"), event_type=bindparam("b_event_type"))
+)
+_SLOT_ADD = _ignoring_duplicates(slots, slots.c.person_id)
+_SLOT_HELD_BY = select(slots).where(slots.c.person_id == bindparam("b_person_id"))
+_SLOT_REMOVE = (
+    delete(slots)
+    .where(slots.c.person_id == bindparam("b_person_id"), slots.c.org_id == bindparam("b_org_id"))
+    .returning(*slots.c)
+)
+_SLOT_REMOVE_OF_REQUEST = (
+    delete(slots)
+    .where(
+        slots.c.person_id == bindparam("b_person_id"),
+        slots.c.org_id == bindparam("b_org_id"),
+        slots.c.request_id == bindparam("b_request_id"),
+    )
+    .returning(*slots.c)
+)
+
+
 class OrgProjection:
-    """Orgs as the orgs events describe them."""
+    """Orgs as the orgs events describe them.
+
+    An org read once is kept for the rest of the transaction (the commands of one fetch share
+    one, and often name the same orgs); every write here forgets what was kept.
+    """
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._seen: dict[UUID, OrgRef] = {}
 
     async def get(self, org_id: UUID) -> OrgRef | None:
-        row = (
-            await self.session.execute(
-                select(org_projection).where(org_projection.c.org_id == str(org_id))
-            )
-        ).one_or_none()
+        if (seen := self._seen.get(org_id)) is not None:
+            return seen
+        row = (await self.session.execute(_ORG_GET, {"b_org_id": str(org_id)})).one_or_none()
         if row is None:
             return None
-        return OrgRef(
+        org = OrgRef(
             org_id=UUID(row.org_id),
             status=OrgStatus(row.status),
             kind=OrgKind(row.kind) if row.kind else None,
             division_code=row.division_code,
             name=row.name,
         )
+        self._seen[org_id] = org
+        return org
 
     async def registered(
         self,
@@ -86,6 +244,7 @@ class OrgProjection:
         status: OrgStatus,
     ) -> None:
         """Keep a registered org; a merge seen before the registration keeps its status."""
+        self._seen.clear()
         values = {
             "name": name,
             "kind": kind.value,
@@ -102,6 +261,7 @@ class OrgProjection:
             )
 
     async def moved(self, org_id: UUID, parent_org_id: UUID, division_code: str) -> None:
+        self._seen.clear()
         await self.session.execute(
             update(org_projection)
             .where(org_projection.c.org_id == str(org_id))
@@ -109,6 +269,7 @@ class OrgProjection:
         )
 
     async def renamed(self, org_id: UUID, name: str) -> None:
+        self._seen.clear()
         await self.session.execute(
             update(org_projection)
             .where(org_projection.c.org_id == str(org_id))
@@ -117,6 +278,7 @@ class OrgProjection:
 
     async def set_status(self, org_ids: Iterable[UUID], status: OrgStatus) -> None:
         """Mark orgs merged or abolished; an org not seen yet is kept as a bare status row."""
+        self._seen.clear()
         ids = [str(i) for i in org_ids]
         stamp = now()
         await self.session.execute(
@@ -134,10 +296,16 @@ class OrgProjection:
 
 
 class Ledger:
-    """Establishment, region limits and leader posts, and their append-only history."""
+    """Establishment, region limits and leader posts, and their append-only history.
+
+    History rows are kept here and written by ``flush`` (one statement for all of them), which
+    the unit of work calls before it commits; nothing reads the history in the transaction that
+    writes it.
+    """
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._history: list[dict[str, Any]] = []
 
     # guards ---------------------------------------------------------------------------------
 
@@ -167,12 +335,7 @@ class Ledger:
         """The org's establishment of ``category``; all zero if none was ever approved."""
         row = (
             await self.session.execute(
-                select(
-                    establishment.c.approved, establishment.c.occupied, establishment.c.reserved
-                ).where(
-                    establishment.c.org_id == str(org_id),
-                    establishment.c.category == category.value,
-                )
+                _EST_GET, {"b_org_id": str(org_id), "b_category": category.value}
             )
         ).one_or_none()
         if row is None:
@@ -418,22 +581,10 @@ class Ledger:
     async def occupy_reserved(self, org_id: UUID, category: Category) -> int | None:
         """Turn one reserved place into an occupied one; the new occupied count, or ``None``
         when nothing is reserved or the org is over its approved count."""
-        held = establishment.c.occupied + establishment.c.reserved
         row = (
             await self.session.execute(
-                update(establishment)
-                .where(
-                    *self._est_key(org_id, category),
-                    establishment.c.reserved >= 1,
-                    held <= establishment.c.approved,
-                )
-                .values(
-                    reserved=establishment.c.reserved - 1,
-                    occupied=establishment.c.occupied + 1,
-                    version=establishment.c.version + 1,
-                    updated_at=now(),
-                )
-                .returning(establishment.c.occupied)
+                _OCCUPY_RESERVED,
+                {"b_org_id": str(org_id), "b_category": category.value, "b_now": now()},
             )
         ).one_or_none()
         return None if row is None else int(row.occupied)
@@ -442,14 +593,7 @@ class Ledger:
         """Free one occupied place; the new occupied count."""
         row = (
             await self.session.execute(
-                update(establishment)
-                .where(*self._est_key(org_id, category), establishment.c.occupied >= 1)
-                .values(
-                    occupied=establishment.c.occupied - 1,
-                    version=establishment.c.version + 1,
-                    updated_at=now(),
-                )
-                .returning(establishment.c.occupied)
+                _VACATE, {"b_org_id": str(org_id), "b_category": category.value, "b_now": now()}
             )
         ).one_or_none()
         if row is None:
@@ -459,46 +603,24 @@ class Ledger:
     async def reserve_again(self, org_id: UUID, category: Category) -> None:
         """Undo ``occupy_reserved``: the occupied place goes back to its notice's reservation."""
         done = await self.session.execute(
-            update(establishment)
-            .where(*self._est_key(org_id, category), establishment.c.occupied >= 1)
-            .values(
-                occupied=establishment.c.occupied - 1,
-                reserved=establishment.c.reserved + 1,
-                version=establishment.c.version + 1,
-                updated_at=now(),
-            )
+            _RESERVE_AGAIN,
+            {"b_org_id": str(org_id), "b_category": category.value, "b_now": now()},
         )
         if done.rowcount != 1:  # type: ignore[attr-defined]
             raise RuntimeError(f"ledger out of step: no occupied {category} place of {org_id}")
 
     async def hold_leader_post(self, org_id: UUID, unit_id: UUID | None, post: LeaderPost) -> bool:
         """Take one ``post`` unless every approved one is held."""
-        held, approved = _post_columns(post)
         done = await self.session.execute(
-            update(leader_posts)
-            .where(
-                leader_posts.c.org_id == str(org_id),
-                leader_posts.c.unit_id == _unit_key(unit_id),
-                held + 1 <= approved,
-            )
-            .values(
-                {held.name: held + 1, "version": leader_posts.c.version + 1, "updated_at": now()}
-            )
+            _HOLD_POST[post],
+            {"b_org_id": str(org_id), "b_unit_id": _unit_key(unit_id), "b_now": now()},
         )
         return done.rowcount == 1  # type: ignore[attr-defined]
 
     async def free_leader_post(self, org_id: UUID, unit_id: UUID | None, post: LeaderPost) -> None:
-        held, _ = _post_columns(post)
         await self.session.execute(
-            update(leader_posts)
-            .where(
-                leader_posts.c.org_id == str(org_id),
-                leader_posts.c.unit_id == _unit_key(unit_id),
-                held >= 1,
-            )
-            .values(
-                {held.name: held - 1, "version": leader_posts.c.version + 1, "updated_at": now()}
-            )
+            _FREE_POST[post],
+            {"b_org_id": str(org_id), "b_unit_id": _unit_key(unit_id), "b_now": now()},
         )
 
     # history --------------------------------------------------------------------------------
@@ -517,25 +639,35 @@ class Ledger:
         division_code: str | None = None,
         category: Category | None = None,
     ) -> None:
-        """Append one change to the ledger's history."""
-        await self.session.execute(
-            insert(quota_ledger).values(
-                event_id=event.id,
-                event_type=event.type,
-                command_id=command.id,
-                org_id=str(org_id) if org_id else None,
-                unit_id=str(unit_id) if unit_id else None,
-                division_code=division_code,
-                category=category.value if category else None,
-                document=document,
-                effective_date=effective_date,
-                recorded_at=now(),
-                actor_id=command.actorid,
-                actor_region=command.actorregion,
-                before=before,
-                after=after,
-            )
+        """Append one change to the ledger's history (written by ``flush``)."""
+        self._history.append(
+            {
+                "event_id": event.id,
+                "event_type": event.type,
+                "command_id": command.id,
+                "org_id": str(org_id) if org_id else None,
+                "unit_id": str(unit_id) if unit_id else None,
+                "division_code": division_code,
+                "category": category.value if category else None,
+                "document": document,
+                "effective_date": effective_date,
+                "recorded_at": now(),
+                "actor_id": command.actorid,
+                "actor_region": command.actorregion,
+                "before": before,
+                "after": after,
+            }
         )
+
+    async def flush(self) -> None:
+        """Write the history rows recorded so far, in their order, in one statement."""
+        if self._history:
+            rows, self._history = self._history, []
+            await self.session.execute(_LEDGER_INSERT, rows)
+
+    def discard(self) -> None:
+        """Forget the history rows not written yet (the transaction is rolled back)."""
+        self._history = []
 
 
 class Notices:
@@ -545,9 +677,7 @@ class Notices:
         self.session = session
 
     async def get(self, notice_no: str) -> Notice | None:
-        row = (
-            await self.session.execute(select(notices).where(notices.c.notice_no == notice_no))
-        ).one_or_none()
+        row = (await self.session.execute(_NOTICE_GET, {"b_notice_no": notice_no})).one_or_none()
         return None if row is None else _notice(row)
 
     async def add(
@@ -581,37 +711,29 @@ class Notices:
         ).returning(notices.c.notice_no)  # type: ignore[attr-defined]
         return (await self.session.execute(stmt)).one_or_none() is not None
 
-    async def use_one(self, notice_no: str, on: date) -> Notice | None:
-        """Consume one place of an issued, unexpired notice; the notice after, or ``None``."""
+    async def use_one(
+        self, notice_no: str, org_id: UUID, category: Category, on: date
+    ) -> int | None:
+        """Consume one place of a notice issued to ``org_id`` for ``category`` that is open and
+        unexpired on ``on``; the places used after, or ``None`` when it may give none."""
         row = (
             await self.session.execute(
-                update(notices)
-                .where(
-                    notices.c.notice_no == notice_no,
-                    notices.c.status == NoticeStatus.ISSUED.value,
-                    notices.c.valid_until >= on,
-                    notices.c.used < notices.c.count,
-                )
-                .values(used=notices.c.used + 1, version=notices.c.version + 1)
-                .returning(*notices.c)
+                _NOTICE_TAKE_ONE,
+                {
+                    "b_notice_no": notice_no,
+                    "b_org_id": str(org_id),
+                    "b_category": category.value,
+                    "b_on": on,
+                },
             )
         ).one_or_none()
-        return None if row is None else _notice(row)
+        return None if row is None else int(row.used)
 
     async def give_back(self, notice_no: str) -> Notice | None:
         """Return one used place to a notice that is still issued (a cancelled occupation);
         the notice after, or ``None`` when it is closed (its places are no longer reserved)."""
         row = (
-            await self.session.execute(
-                update(notices)
-                .where(
-                    notices.c.notice_no == notice_no,
-                    notices.c.status == NoticeStatus.ISSUED.value,
-                    notices.c.used >= 1,
-                )
-                .values(used=notices.c.used - 1, version=notices.c.version + 1)
-                .returning(*notices.c)
-            )
+            await self.session.execute(_NOTICE_GIVE_BACK, {"b_notice_no": notice_no})
         ).one_or_none()
         return None if row is None else _notice(row)
 
@@ -651,46 +773,53 @@ class Slots:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._dialect = _dialect(session)
 
     async def claim_request(
-        self, request_id: UUID, request_type: str, command_id: str, person_id: UUID, org_id: UUID
+        self,
+        request_id: UUID,
+        request_type: str,
+        command_id: str,
+        person_id: UUID,
+        org_id: UUID,
+        *,
+        event_id: str | None = None,
+        event_type: str | None = None,
     ) -> bool:
-        """Record a slot request as taking effect; ``False`` if its request_id already did."""
-        stmt = insert_ignoring_duplicates(
-            self.session,
-            slot_requests,
-            [
+        """Record a slot request as taking effect; ``False`` if its request_id already did.
+        ``event_id`` and ``event_type``: the event it will end with, when known already (else
+        ``request_done`` sets them)."""
+        row = (
+            await self.session.execute(
+                _CLAIM_REQUEST[self._dialect],
                 {
                     "request_id": str(request_id),
                     "request_type": request_type,
                     "command_id": command_id,
                     "person_id": str(person_id),
                     "org_id": str(org_id),
-                    "event_id": None,
-                    "event_type": None,
+                    "event_id": event_id,
+                    "event_type": event_type,
                     "created_at": now(),
-                }
-            ],
-        ).returning(slot_requests.c.request_id)  # type: ignore[attr-defined]
-        return (await self.session.execute(stmt)).one_or_none() is not None
+                },
+            )
+        ).one_or_none()
+        return row is not None
 
     async def request(self, request_id: UUID) -> Row[Any] | None:
         return (
-            await self.session.execute(
-                select(slot_requests).where(slot_requests.c.request_id == str(request_id))
-            )
+            await self.session.execute(_REQUEST_GET, {"b_request_id": str(request_id)})
         ).one_or_none()
 
     async def request_done(self, request_id: UUID, event: Envelope) -> None:
         await self.session.execute(
-            update(slot_requests)
-            .where(slot_requests.c.request_id == str(request_id))
-            .values(event_id=event.id, event_type=event.type)
+            _REQUEST_DONE,
+            {"b_request_id": str(request_id), "b_event_id": event.id, "b_event_type": event.type},
         )
 
     async def held_by(self, person_id: UUID) -> Row[Any] | None:
         return (
-            await self.session.execute(select(slots).where(slots.c.person_id == str(person_id)))
+            await self.session.execute(_SLOT_HELD_BY, {"b_person_id": str(person_id)})
         ).one_or_none()
 
     async def add(
@@ -704,10 +833,9 @@ class Slots:
         request_id: UUID,
     ) -> bool:
         """Record the slot ``person_id`` now holds; ``False`` if they hold one already."""
-        stmt = insert_ignoring_duplicates(
-            self.session,
-            slots,
-            [
+        row = (
+            await self.session.execute(
+                _SLOT_ADD[self._dialect],
                 {
                     "person_id": str(person_id),
                     "org_id": str(org_id),
@@ -717,22 +845,21 @@ class Slots:
                     "notice_no": notice_no,
                     "request_id": str(request_id),
                     "occupied_at": now(),
-                }
-            ],
-        ).returning(slots.c.person_id)  # type: ignore[attr-defined]
-        return (await self.session.execute(stmt)).one_or_none() is not None
+                },
+            )
+        ).one_or_none()
+        return row is not None
 
     async def remove(
         self, person_id: UUID, org_id: UUID, request_id: UUID | None = None
     ) -> Row[Any] | None:
         """Take away the slot ``person_id`` holds in ``org_id`` (only the one taken by
         ``request_id``, when given); the slot, or ``None``."""
-        stmt = delete(slots).where(
-            slots.c.person_id == str(person_id), slots.c.org_id == str(org_id)
-        )
-        if request_id is not None:
-            stmt = stmt.where(slots.c.request_id == str(request_id))
-        return (await self.session.execute(stmt.returning(*slots.c))).one_or_none()
+        params = {"b_person_id": str(person_id), "b_org_id": str(org_id)}
+        if request_id is None:
+            return (await self.session.execute(_SLOT_REMOVE, params)).one_or_none()
+        params["b_request_id"] = str(request_id)
+        return (await self.session.execute(_SLOT_REMOVE_OF_REQUEST, params)).one_or_none()
 
 
 def _notice(row: Any) -> Notice:
@@ -745,12 +872,6 @@ def _notice(row: Any) -> Notice:
         valid_until=row.valid_until,
         status=NoticeStatus(row.status),
     )
-
-
-def _post_columns(post: LeaderPost) -> tuple[Any, Any]:
-    if post is LeaderPost.PRINCIPAL:
-        return leader_posts.c.principal_held, leader_posts.c.principal
-    return leader_posts.c.deputy_held, leader_posts.c.deputy
 
 
 def unit_of(key: str) -> UUID | None:

@@ -12,7 +12,7 @@ import structlog
 from contracts import identifiers
 from contracts.codes import Category, LeaderPost, ReasonCode, Role
 from contracts.common import Document, effective_date
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, new_id
 from contracts.quota import (
     ApproveQuota,
     CancelQuotaUseNotice,
@@ -39,7 +39,7 @@ from contracts.quota import (
 from services.quota.adapters.repository import unit_of
 from services.quota.domain import model
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
-from services.runtime.messaging import CommandRoute, HandlerContext
+from services.runtime.messaging import CommandRoute, HandlerContext, caused_envelope
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.quota.handlers")
@@ -461,11 +461,21 @@ async def _claim_request(
     request_id: UUID,
     person_id: UUID,
     org_id: UUID,
+    *,
+    ends_with: tuple[str, str] | None = None,
 ) -> None:
     """The first statement of a slot request: a request_id that already took effect under
-    another message id is a conflict carrying the first outcome."""
+    another message id is a conflict carrying the first outcome. ``ends_with``: the id and type
+    of the event the request will end with, when known now (no ``request_done`` then)."""
+    event_id, event_type = ends_with or (None, None)
     if await uow.slots.claim_request(
-        request_id, ctx.envelope.type, ctx.envelope.id, person_id, org_id
+        request_id,
+        ctx.envelope.type,
+        ctx.envelope.id,
+        person_id,
+        org_id,
+        event_id=event_id,
+        event_type=event_type,
     ):
         return
     first = await uow.slots.request(request_id)
@@ -500,12 +510,11 @@ async def _occupy(
     on: date,
 ) -> int:
     """Occupy one slot against a notice; the org's occupied count after."""
-    notice = model.check_notice_usable(
-        await uow.notices.get(notice_no), notice_no, org_id, category, on
-    )
-    if await uow.notices.use_one(notice_no, on) is None:
-        # Taken, cancelled or expired since the read: say which.
-        model.check_notice_usable(await uow.notices.get(notice_no), notice_no, org_id, category, on)
+    if await uow.notices.use_one(notice_no, org_id, category, on) is None:
+        # The conditional update found no place to give: say why.
+        notice = model.check_notice_usable(
+            await uow.notices.get(notice_no), notice_no, org_id, category, on
+        )
         raise model.notice_exhausted(notice)
     if not await uow.slots.add(
         person_id, org_id, category, unit_id, leader_post, notice_no, request_id
@@ -581,8 +590,25 @@ async def _record_slot(
     )
 
 
+def _emit_with_id(ctx: HandlerContext, event: SlotOccupied, event_id: str) -> Envelope:
+    """``ctx.emit`` of an event whose id was chosen beforehand."""
+    env = caused_envelope(event, ctx.envelope, source=ctx.source, id=event_id)
+    ctx.emitted.append((env, event.TOPIC))
+    return env
+
+
 async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
-    await _claim_request(uow, ctx, cmd.request_id, cmd.person_id, cmd.org_id)
+    # The request is claimed with the id of the event it ends with: a rejection rolls both
+    # back, so the claim needs no second statement to mark it done.
+    event_id = new_id()
+    await _claim_request(
+        uow,
+        ctx,
+        cmd.request_id,
+        cmd.person_id,
+        cmd.org_id,
+        ends_with=(event_id, SlotOccupied.TYPE),
+    )
     org = await _holder(uow, ctx, cmd.org_id, cmd.category, "org")
     on = today()
     occupied = await _occupy(
@@ -596,7 +622,8 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
         unit_id=cmd.unit_id,
         on=on,
     )
-    event = ctx.emit(
+    event = _emit_with_id(
+        ctx,
         SlotOccupied(
             request_id=cmd.request_id,
             person_id=cmd.person_id,
@@ -606,9 +633,9 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
             leader_post=cmd.leader_post,
             unit_id=cmd.unit_id,
             occupied=occupied,
-        )
+        ),
+        event_id,
     )
-    await uow.slots.request_done(cmd.request_id, event)
     after = {"occupied": occupied, "notice_no": cmd.notice_no, "person_id": str(cmd.person_id)}
     if cmd.leader_post:
         after["leader_post"] = cmd.leader_post.value

@@ -3,6 +3,7 @@ quota-use notices and the slots."""
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Self
 
 from services.quota.adapters.repository import Ledger, Notices, OrgProjection, Slots
@@ -22,3 +23,22 @@ class QuotaUnitOfWork(UnitOfWork):
         self.notices = Notices(self.session)
         self.slots = Slots(self.session)
         return self
+
+    async def commit(self) -> None:
+        # The ledger's history rows of the whole transaction go in as one statement.
+        await self.ledger.flush()
+        await super().commit()
+
+    async def rollback(self) -> None:
+        self.ledger.discard()
+        await super().rollback()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.committed:
+            self.ledger.discard()
+        await super().__aexit__(exc_type, exc, tb)
