@@ -154,19 +154,37 @@ class Monolith:
         quota_model.require_category(org, cmd.category)
         people = People(session)
         index = self.cipher.blind_index(cmd.citizen_id)
-        existing = await people.by_index(index)
-        if existing is not None:
+        person_id = str(cmd.person_id or uuid.uuid4())
+        # roster: the person, the citizen ID encrypted and blind-indexed, masked for display;
+        # inserted first (as the roster does): the unique blind index turns away a number
+        # already on the roster, which is then looked up
+        added = await people.add(
+            {
+                **roster_handlers.identity(cmd, self.cipher, person_id, index),
+                **roster_handlers.person_values(
+                    cmd,
+                    self.cipher,
+                    person_id,
+                    status=roster_model.Status.ACTIVE,
+                    saga_id=None,
+                    enrolled_on=cmd.effective_date,
+                ),
+            }
+        )
+        if not added:
+            existing = await people.by_index(index)
+            if existing is None:
+                raise Rejection(ReasonCode.CONFLICT, f"person id {person_id} is taken")
             raise roster_model.already_enrolled(
                 existing.person_id, existing.org_id, existing.status
             )
-        person_id = str(cmd.person_id or uuid.uuid4())
         # quota: the notice (issued to this org and category, unexpired, places left), the slot
         # (one per person), a reserved place occupied (none while the org is over its count)
         notices = Notices(session)
-        notice = quota_model.check_notice_usable(
-            await notices.get(cmd.notice_no), cmd.notice_no, cmd.org_id, cmd.category, today
-        )
-        if await notices.use_one(cmd.notice_no, today) is None:
+        if await notices.use_one(cmd.notice_no, cmd.org_id, cmd.category, today) is None:
+            notice = quota_model.check_notice_usable(
+                await notices.get(cmd.notice_no), cmd.notice_no, cmd.org_id, cmd.category, today
+            )
             raise quota_model.notice_exhausted(notice)
         request_id = uuid.uuid4()
         if not await Slots(session).add(
@@ -190,22 +208,6 @@ class Monolith:
             raise quota_model.leader_posts_exceeded(
                 posts or quota_model.LeaderPosts(), cmd.leader_post
             )
-        # roster: the person, the citizen ID encrypted and blind-indexed, masked for display
-        added = await people.add(
-            {
-                **roster_handlers.identity(cmd, self.cipher, person_id, index),
-                **roster_handlers.person_values(
-                    cmd,
-                    self.cipher,
-                    person_id,
-                    status=roster_model.Status.ACTIVE,
-                    saga_id=None,
-                    enrolled_on=cmd.effective_date,
-                ),
-            }
-        )
-        if not added:
-            raise roster_model.already_enrolled(person_id, str(cmd.org_id), "active")
         # the history of both, as the services keep it
         actor = {"actorid": command.actorid, "actorregion": command.actorregion}
         slot_event = SlotOccupied(
@@ -253,6 +255,7 @@ class Monolith:
             details={"notice_no": cmd.notice_no, "entry_method": cmd.entry_method.value},
             command=command,
         )
+        await ledger.flush()  # quota's history rows are written together, as its unit of work does
 
     async def counts(self) -> dict[str, int]:
         from sqlalchemy import func, select
