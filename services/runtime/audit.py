@@ -18,6 +18,13 @@ chain head is read; on SQLite the write lock every transaction takes at ``BEGIN 
 (``services.runtime.db``) already does it. The entries are written in the caller's transaction,
 so an audit entry exists exactly when the command's effect (or its refusal) was committed.
 
+A command consumer appends in every transaction, so it does not read the head each time: it
+remembers the head its last committed append left (``AuditLog.remember``) and writes the next
+entries after it with ``ON CONFLICT DO NOTHING``. Under the append lock the table cannot change,
+and it can only have grown since that commit (another replica, another process); then the first
+new ``seq`` is taken and fewer rows come back than were written. Those rows are taken out again
+and the entries chained after the head as read, as without a remembered head.
+
 Every ``checkpoint_every`` entries a signed checkpoint of the chain head
 (``contracts.audit.AuditCheckpoint``) goes out on the service's events topic, so the chain can be
 anchored outside the database: deleting the newest entries is caught by ``verify`` against the
@@ -40,12 +47,17 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Insert,
     MetaData,
+    Select,
     String,
     Table,
+    delete,
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from contracts.audit import CHECKPOINTS, AuditCheckpoint
@@ -184,6 +196,10 @@ class AuditRecord:
     prev_hash: str
     hash: str
 
+    def row(self) -> dict[str, Any]:
+        """The stored row."""
+        return {"seq": self.seq, **self.entry.row(), "prev_hash": self.prev_hash, "hash": self.hash}
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> AuditRecord:
         entry = AuditEntry(
@@ -230,32 +246,56 @@ class AuditLog:
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        # (seq, hash) of the newest entry this process knows committed; see the module's doc.
+        self._known_head: tuple[int, str] | None = None
+        t = table
+        self._select_head: Select[Any] = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
+        self._insert = t.insert()
+        self._inserts_after_known: dict[str, Insert] = {}
+
+    def remember(self, head: AuditRecord) -> None:
+        """``head`` was committed: the next append may chain after it without reading the
+        table. Called by the owner of the transaction once it has committed."""
+        if self._known_head is None or head.seq > self._known_head[0]:
+            self._known_head = (head.seq, head.hash)
 
     async def append(self, db: Database, entries: Sequence[AuditEntry]) -> list[AuditRecord]:
         """Chain ``entries`` after the current head inside the caller's transaction."""
         if not entries:
             return []
-        if _dialect(db) == "postgresql":
+        dialect = _dialect(db)
+        if dialect == "postgresql":
             # Held until the transaction ends: the next appender reads the head we leave.
             await db.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(self.table)}
             )
-        head = await self.head(db)
-        seq, prev = (head.seq, head.hash) if head is not None else (0, GENESIS)
-        records = []
-        for entry in entries:
-            seq += 1
-            digest = entry_hash(entry, prev)
-            records.append(AuditRecord(seq, entry, prev, digest))
-            prev = digest
-        await db.execute(
-            self.table.insert(),
-            [
-                {"seq": r.seq, **r.entry.row(), "prev_hash": r.prev_hash, "hash": r.hash}
-                for r in records
-            ],
-        )
+        known = self._known_head
+        if known is not None:
+            records = _chain(entries, *known)
+            if await self._insert_after_known(db, dialect, records):
+                return records
+            self._known_head = None
+        row = (await db.execute(self._select_head)).first()
+        records = _chain(entries, *((row.seq, row.hash) if row is not None else (0, GENESIS)))
+        await db.execute(self._insert, [r.row() for r in records])
         return records
+
+    async def _insert_after_known(
+        self, db: Database, dialect: str, records: list[AuditRecord]
+    ) -> bool:
+        """Write ``records``, chained after the remembered head, unless the chain has grown
+        past it; ``False`` (and nothing written) when it has."""
+        stmt = self._inserts_after_known.get(dialect)
+        if stmt is None:
+            insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+            stmt = insert_fn(self.table).on_conflict_do_nothing().returning(self.table.c.seq)
+            self._inserts_after_known[dialect] = stmt
+        written = (await db.execute(stmt, [r.row() for r in records])).scalars().all()
+        if len(written) == len(records):
+            return True
+        if written:
+            await db.execute(delete(self.table).where(self.table.c.seq.in_(written)))
+        return False
 
     async def head(self, db: Database) -> AuditRecord | None:
         """The newest entry, if any."""
@@ -272,6 +312,17 @@ class AuditLog:
         if limit is not None:
             query = query.limit(limit)
         return [AuditRecord.from_row(r) for r in (await db.execute(query)).mappings()]
+
+
+def _chain(entries: Sequence[AuditEntry], seq: int, prev: str) -> list[AuditRecord]:
+    """``entries`` as the records that follow the entry ``seq`` whose hash is ``prev``."""
+    records = []
+    for entry in entries:
+        seq += 1
+        digest = entry_hash(entry, prev)
+        records.append(AuditRecord(seq, entry, prev, digest))
+        prev = digest
+    return records
 
 
 def verify(
@@ -389,14 +440,23 @@ class CommandAuditor:
         self, db: Database, outcomes: Sequence[tuple[Envelope, str | None]]
     ) -> list[tuple[Envelope, str]]:
         """Append one entry per ``(command, result code)``; the checkpoints now due."""
+        due, _ = await self.append(db, outcomes)
+        return due
+
+    async def append(
+        self, db: Database, outcomes: Sequence[tuple[Envelope, str | None]]
+    ) -> tuple[list[tuple[Envelope, str]], AuditRecord | None]:
+        """``record``, also returning the new head: once the transaction has committed, hand
+        it to ``committed`` and the next append need not read the head."""
         stamp = now()
         entries = [
             AuditEntry.of_command(env, service=self.service, code=code, at=stamp)
             for env, code in outcomes
         ]
         records = await self.log.append(db, entries)
+        head = records[-1] if records else None
         if self.signing_key is None or self.kid is None:
-            return []
+            return [], head
         due = []
         for record in checkpoints_due(records, self.checkpoint_every):
             checkpoint = make_checkpoint(self.service, record, self.signing_key, self.kid)
@@ -404,7 +464,11 @@ class CommandAuditor:
             due.append((env, checkpoint.TOPIC))
             metrics.AUDIT_CHECKPOINTS.labels(self.service).inc()
             log.info("audit checkpoint", head_seq=record.seq, head_hash=record.hash)
-        return due
+        return due, head
+
+    def committed(self, head: AuditRecord) -> None:
+        """The transaction that appended up to ``head`` has committed."""
+        self.log.remember(head)
 
 
 def command_auditor(

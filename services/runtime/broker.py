@@ -29,6 +29,27 @@ from services.runtime.messaging import RawMessage
 from services.runtime.relay import OutboxRecord
 from services.runtime.settings import Settings
 
+# The longest an idle batch subscriber waits in one poll (see ``subscribe``).
+IDLE_POLL_MS = 1_000
+
+
+def _poll_without_idle_sleep(subscriber: Any) -> None:
+    """Make a FastStream batch subscriber poll again at once after a poll that found nothing.
+
+    FastStream's batch subscriber sleeps for its whole poll timeout after an empty poll, and a
+    record that arrives during that sleep waits for it. A poll returns as soon as the consumer
+    holds records, so with no sleep after an empty one the poll timeout only bounds how often an
+    idle consumer wakes, and never delays a record.
+    """
+
+    async def get_msg(consumer: Any) -> tuple[Any, ...]:
+        batches = await consumer.getmany(
+            timeout_ms=subscriber.batch_timeout_ms, max_records=subscriber.max_records
+        )
+        return tuple(record for records in batches.values() for record in records)
+
+    subscriber.get_msg = get_msg
+
 
 def security_from(settings: Settings) -> BaseSecurity | None:
     """The client security the settings ask for (SASL_SSL with SCRAM-SHA-512 in production)."""
@@ -166,13 +187,17 @@ def subscribe(
         await process([RawMessage.from_record(r) for r in batch])
 
     names = [topics] if isinstance(topics, str) else list(topics)
+    # How long one poll waits for records: it returns as soon as the consumer holds any, so a
+    # long wait adds no latency (an idle consumer just wakes less often); see
+    # ``_poll_without_idle_sleep`` for why no sleep follows an empty poll.
+    batch_timeout_ms = max(fetch_max_wait_ms, IDLE_POLL_MS)
     on_batch.__name__ = "consume_" + "__".join(t.replace(".", "_").replace("-", "_") for t in names)
-    return broker.subscriber(
+    subscriber = broker.subscriber(
         *names,
         group_id=group_id,
         batch=True,
         max_records=max_records,
-        batch_timeout_ms=fetch_max_wait_ms,
+        batch_timeout_ms=batch_timeout_ms,
         ack_policy=AckPolicy.ACK,
         auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka_session_timeout_ms,
@@ -181,7 +206,9 @@ def subscribe(
         parser=_parse_any_headers,
         decoder=_raw_body,
         description=description,
-    )(on_batch)
+    )
+    _poll_without_idle_sleep(subscriber)
+    return subscriber(on_batch)
 
 
 def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], Awaitable[None]]:

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
 
     # Kafka producer: idempotence must stay off for the embedded broker, on for real Kafka.
     kafka_enable_idempotence: bool = False
-    kafka_linger_ms: int = Field(default=5, ge=0, le=1000)
+    # Relays publish a pass of rows at once, and rows queue while a request is in flight, so
+    # records share batches without waiting; a linger would only delay every result.
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
     kafka_max_batch_size: int = Field(default=256 * 1024, ge=16 * 1024)
     kafka_topic_partitions: int = Field(default=12, ge=1, le=1000)
     kafka_replication_factor: int = Field(default=1, ge=1, le=10)

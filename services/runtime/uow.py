@@ -8,13 +8,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
-from sqlalchemy import insert, select
+from sqlalchemy import Insert, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import SERVICES, commands
-from services.runtime.audit import CommandAuditor
+from services.runtime.audit import AuditRecord, CommandAuditor
 from services.runtime.db import insert_ignoring_duplicates
 from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
@@ -52,6 +52,7 @@ class UnitOfWork:
         self._sealer = sealer
         self._sealed_topics = sealed_topics if sealer is not None else frozenset()
         self._audit_pending: list[tuple[Envelope, str | None]] = []
+        self._audit_head: AuditRecord | None = None
         # The CloudEvents ``source`` of what this service writes (for work begun outside a
         # command handler: saga answers, timers).
         self.source = source
@@ -74,6 +75,7 @@ class UnitOfWork:
         self._session = self._sessions()
         self._staged = []
         self._audit_pending = []
+        self._audit_head = None
         self.committed = False
         return self
 
@@ -99,12 +101,13 @@ class UnitOfWork:
         """
         try:
             await self.session.execute(
-                insert(self.tables.inbox).values(
-                    consumer=consumer,
-                    message_id=envelope.id,
-                    message_type=envelope.type[:200],
-                    received_at=now(),
-                )
+                _insert(self.tables.inbox),
+                {
+                    "consumer": consumer,
+                    "message_id": envelope.id,
+                    "message_type": envelope.type[:200],
+                    "received_at": now(),
+                },
             )
         except IntegrityError:
             await self.session.rollback()
@@ -131,10 +134,14 @@ class UnitOfWork:
             }
             for env in envelopes
         ]
-        stmt = insert_ignoring_duplicates(
-            self.session, inbox, rows, on=["consumer", "message_id"]
-        ).returning(inbox.c.message_id)
-        return set((await self.session.execute(stmt)).scalars())
+        dialect = self.session.get_bind().dialect.name
+        stmt = _CLAIMS.get((inbox, dialect))
+        if stmt is None:
+            stmt = insert_ignoring_duplicates(
+                self.session, inbox, on=["consumer", "message_id"]
+            ).returning(inbox.c.message_id)
+            _CLAIMS[(inbox, dialect)] = stmt
+        return set((await self.session.execute(stmt, rows)).scalars())
 
     async def stored_results(self, command_ids: list[str]) -> dict[str, bytes]:
         """The stored result envelopes of these commands (those that have one)."""
@@ -153,7 +160,7 @@ class UnitOfWork:
         self._audit([(command, code) for command, _, code in results])
         stamp = now()
         await self.session.execute(
-            insert(self.tables.command_results),
+            _insert(self.tables.command_results),
             [
                 {
                     "command_id": command.id,
@@ -190,16 +197,17 @@ class UnitOfWork:
         append the command with its outcome to the audit chain."""
         self._audit([(command, code)])
         await self.session.execute(
-            insert(self.tables.command_results).values(
-                command_id=command.id,
-                command_type=command.type[:200],
-                result_type=result.type,
-                code=code,
-                actor_id=command.actorid,
-                actor_region=command.actorregion,
-                envelope=result.to_bytes(),
-                created_at=now(),
-            )
+            _insert(self.tables.command_results),
+            {
+                "command_id": command.id,
+                "command_type": command.type[:200],
+                "result_type": result.type,
+                "code": code,
+                "actor_id": command.actorid,
+                "actor_region": command.actorregion,
+                "envelope": result.to_bytes(),
+                "created_at": now(),
+            },
         )
 
     def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
@@ -212,7 +220,8 @@ class UnitOfWork:
         if self._auditor is None or not self._audit_pending:
             return
         pending, self._audit_pending = self._audit_pending, []
-        for checkpoint, topic in await self._auditor.record(self.session, pending):
+        checkpoints, self._audit_head = await self._auditor.append(self.session, pending)
+        for checkpoint, topic in checkpoints:
             self.stage(checkpoint, topic, checkpoint.subject)
 
     async def stored_result(self, command_id: str) -> bytes | None:
@@ -227,17 +236,34 @@ class UnitOfWork:
     async def commit(self) -> None:
         await self._append_audit()
         if self._staged:
-            await self.session.execute(insert(self.tables.outbox), self._staged)
+            await self.session.execute(_insert(self.tables.outbox), self._staged)
         await self.session.commit()
         self.committed = True
         self._staged = []
+        if self._audit_head is not None and self._auditor is not None:
+            self._auditor.committed(self._audit_head)
+            self._audit_head = None
         if self._on_commit is not None:
             self._on_commit()
 
     async def rollback(self) -> None:
         self._staged = []
         self._audit_pending = []
+        self._audit_head = None
         await self.session.rollback()
+
+
+# Statements built once, values passed as parameters: building a statement with its values
+# (and its cache key from them) in every transaction cost more than running it.
+_INSERTS: dict[Table, Insert] = {}
+_CLAIMS: dict[tuple[Table, str], Insert] = {}
+
+
+def _insert(table: Table) -> Insert:
+    stmt = _INSERTS.get(table)
+    if stmt is None:
+        stmt = _INSERTS[table] = insert(table)
+    return stmt
 
 
 def outbox_row(envelope: Envelope, topic: str, key: str | None) -> dict[str, Any]:

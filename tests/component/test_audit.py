@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import MetaData, Table, delete, select, update
+from sqlalchemy import MetaData, Table, delete, event, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from contracts.audit import OrgsAuditCheckpoint
@@ -130,6 +131,63 @@ async def test_concurrent_appends_never_fork_the_chain(chain: tuple[AsyncEngine,
     records = await stored(engine, table)
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     assert len(records) >= 30
+    assert verify(records) is None
+
+
+async def append_remembering(
+    engine: AsyncEngine, log: AuditLog, batch: list[AuditEntry]
+) -> list[AuditRecord]:
+    """What a service's unit of work does: append, commit, remember the new head."""
+    async with session_factory(engine)() as session:
+        records = await log.append(session, batch)
+        await session.commit()
+    log.remember(records[-1])
+    return records
+
+
+def head_reads(engine: AsyncEngine) -> list[str]:
+    """The statements that read the audit table, as they are run on ``engine`` from now on."""
+    seen: list[str] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM audit_log" in statement:
+            seen.append(statement)
+
+    return seen
+
+
+async def test_a_remembered_head_is_chained_to_without_reading_it(
+    chain: tuple[AsyncEngine, Table],
+) -> None:
+    engine, table = chain
+    log = AuditLog(table)
+    first = await append_remembering(engine, log, entries(2))
+    reads = head_reads(engine)
+    second = await append_remembering(engine, log, entries(3, start=2))
+    assert reads == []
+    assert second[0].prev_hash == first[-1].hash
+    records = await stored(engine, table)
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert verify(records) is None
+
+
+async def test_a_head_remembered_by_one_replica_and_moved_by_another_never_forks_the_chain(
+    chain: tuple[AsyncEngine, Table],
+) -> None:
+    engine, table = chain
+    a, b = AuditLog(table), AuditLog(table)  # two replicas on one database
+    written = entries(12)
+    await append_remembering(engine, a, written[0:2])  # a: head 2
+    await append_remembering(engine, b, written[2:5])  # b reads head 2, leaves 5
+    # a remembers 2: both its seqs are taken by now.
+    await append_remembering(engine, a, written[5:7])  # a: 7
+    # b remembers 5: of its four seqs 6..9, 6 and 7 are taken and 8 and 9 are free.
+    await append_remembering(engine, b, written[7:11])  # b: 11
+    await append_remembering(engine, a, written[11:])  # a remembers 7, the head is 11
+    records = await stored(engine, table)
+    assert [r.seq for r in records] == list(range(1, 13))
+    assert [r.entry.message_id for r in records] == [e.message_id for e in written]
     assert verify(records) is None
 
 
@@ -395,3 +453,28 @@ def test_cli_without_a_database_or_with_a_bad_head_is_a_one_line_error(
     assert "--head '12:abc': expected SEQ:HASH" in capsys.readouterr().err
     assert main(["audit", "verify", "payroll"]) == 2
     assert "SERVICE 'payroll'" in capsys.readouterr().err
+
+
+async def test_a_unit_of_work_that_fails_to_commit_leaves_the_remembered_head_alone(
+    runtime: ServiceRuntime,
+) -> None:
+    commands = [command(n) for n in range(3)]
+
+    async def store(n: int, *, broken: bool = False) -> None:
+        async with runtime.uow() as uow:
+            env = commands[n]
+            await uow.store_result(env, env, None)
+            if broken:  # a row the outbox refuses: the commit fails after the audit append
+                uow.stage(env, None, None)  # type: ignore[arg-type]
+            await uow.commit()
+
+    await store(0)
+    with pytest.raises(IntegrityError):
+        await store(1, broken=True)
+    await store(2)
+    records = await stored(runtime.engine, runtime.definition.tables.audit)
+    assert [(r.seq, r.entry.message_id) for r in records] == [
+        (1, commands[0].id),
+        (2, commands[2].id),
+    ]
+    assert verify(records) is None

@@ -6,7 +6,7 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Insert, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Funding, OrgKind, OrgStatus
@@ -82,9 +82,8 @@ class OrgRepository:
         stamp = now()
         inserted = (
             await self.session.execute(
-                insert_ignoring_duplicates(self.session, orgs, on=["org_id"])
-                .values(**_columns(org), created_at=stamp, updated_at=stamp, version=1)
-                .returning(orgs.c.org_id)
+                _add_statement(self.session),
+                {**_columns(org), "created_at": stamp, "updated_at": stamp, "version": 1},
             )
         ).scalar_one_or_none()
         if inserted is None:
@@ -155,7 +154,7 @@ class OrgRepository:
         """Write the buffered history rows in one statement, in the order they were recorded."""
         if self._history:
             rows, self._history = self._history, []
-            await self.session.execute(insert(org_history), rows)
+            await self.session.execute(_INSERT_HISTORY, rows)
 
 
 class ConcurrentChange(TransientError):
@@ -163,6 +162,21 @@ class ConcurrentChange(TransientError):
 
     def __init__(self, org_id: UUID) -> None:
         super().__init__(f"org {org_id} changed concurrently")
+
+
+# Built once per dialect, values passed as parameters: building the statement with its values
+# each time (and its cache key from them) cost more than running it.
+_ADD: dict[str, Insert] = {}
+_INSERT_HISTORY = insert(org_history)
+
+
+def _add_statement(session: AsyncSession) -> Insert:
+    dialect = session.get_bind().dialect.name
+    stmt = _ADD.get(dialect)
+    if stmt is None:
+        stmt = insert_ignoring_duplicates(session, orgs, on=["org_id"]).returning(orgs.c.org_id)
+        _ADD[dialect] = stmt
+    return stmt
 
 
 def _columns(org: Org) -> dict[str, Any]:
