@@ -109,8 +109,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         numbers.append(number)
         return number
 
-    if args.inline_sqlite:
-        inline_sqlite()
+    if args.sqlite_inline:
+        os.environ["BIANZHI_SQLITE_INLINE"] = str(args.sqlite_inline == "on")
     sizes = [int(s) for s in args.batches.split(",")]
     backend = "postgres" if args.postgres else "sqlite"
     if args.postgres:
@@ -297,43 +297,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 await rt.read_engine.dispose()
 
 
-def inline_sqlite() -> None:
-    """An experiment on the runtime, for its figures only: SQLite statements run on the event
-    loop's thread instead of a trip to aiosqlite's thread per statement (``services.runtime.db``
-    is patched in this process; nothing is changed on disk)."""
-    import sqlite3
-    from collections import deque
-    from collections.abc import Callable
-    from functools import partial
-
-    from services.runtime import db
-
-    async def _run(self: Any, call: Callable[[sqlite3.Cursor], object]) -> Any:
-        connection = self._connection
-        begin, connection.pending_begin = connection.pending_begin, None
-        cursor = connection._conn.cursor()
-        try:
-            if begin is not None:
-                cursor.execute(begin)
-            call(cursor)
-            rows = cursor.fetchall() if cursor.description else []
-            self.description, self.rowcount = cursor.description, cursor.rowcount
-            self.lastrowid = cursor.lastrowid
-        finally:
-            cursor.close()
-        self._rows = deque(rows)
-        return self
-
-    def _connect(database: str, **kwargs: Any) -> Any:
-        kwargs["check_same_thread"] = False
-        connection = db._OneTripConnection(partial(sqlite3.connect, database, **kwargs), 64)
-        connection._thread.daemon = True
-        return connection
-
-    db._OneTripCursor._run = _run  # type: ignore[method-assign]
-    db._connect_sqlite = _connect
-
-
 def baseline_tree(dest: Path) -> Path:
     """A tree of the working copy with ``services/roster`` as committed."""
     for part in ("contracts", "services", "tests"):
@@ -374,10 +337,10 @@ def main() -> None:
     parser.add_argument("--profile-top", type=int, default=35)
     parser.add_argument("--sql", action="store_true", help="time each SQL statement (wall)")
     parser.add_argument(
-        "--inline-sqlite",
-        action="store_true",
-        help="experiment: run SQLite statements on the event loop's thread (runtime patched "
-        "in this process only)",
+        "--sqlite-inline",
+        choices=("on", "off"),
+        help="the sqlite_inline setting (SQLite statements on the event loop's thread); "
+        "default: BIANZHI_SQLITE_INLINE, else on",
     )
     parser.add_argument("--baseline", action="store_true", help="also run the committed roster")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)

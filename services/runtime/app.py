@@ -108,7 +108,7 @@ class ServiceRuntime:
         self.security = security if security is not None else SecuritySettings()
         self.name = definition.name
         self.database_url = settings.database_url(definition.name)
-        self.engine: AsyncEngine = create_engine(self.database_url)
+        self.engine: AsyncEngine = create_engine(self.database_url, inline=settings.sqlite_inline)
         self.sessions = session_factory(self.engine)
         self.read_engine: AsyncEngine = (
             create_engine(self.database_url, read_only=True)

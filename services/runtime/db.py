@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from services.runtime.rules import TransientError
+from services.runtime.settings import Settings
 
 
 def is_sqlite(url: str) -> bool:
@@ -35,22 +38,34 @@ def is_sqlite(url: str) -> bool:
 _json_serializer = partial(json.dumps, ensure_ascii=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10, read_only: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, read_only: bool = False, inline: bool | None = None
+) -> AsyncEngine:
     """An async engine for ``url``; SQLite gets WAL, a busy timeout and immediate write locks.
 
     ``read_only`` (SQLite): transactions begin deferred and may not write, so readers (queries,
     the relay's scans) never queue for the write lock; in WAL mode they see the last commit.
+
+    ``inline`` (SQLite): statements run on the event loop's thread rather than on the
+    connection's own thread (see ``_OneTripCursor``). Unset, it is the ``sqlite_inline``
+    setting for an engine that writes; a reader keeps the thread, as one query over a large
+    table would hold the loop for as long as it takes.
     """
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if inline is None:
+            inline = not read_only and Settings().sqlite_inline
         engine = create_async_engine(
             url,
-            connect_args={"timeout": 30, "async_creator_fn": _connect_sqlite},
+            connect_args={
+                "timeout": _INLINE_BUSY_TIMEOUT_MS / 1000 if inline else _BUSY_TIMEOUT_MS / 1000,
+                "async_creator_fn": partial(_connect_sqlite, inline=inline),
+            },
             json_serializer=_json_serializer,
         )
-        _tune_sqlite(engine, read_only=read_only)
+        _tune_sqlite(engine, read_only=read_only, inline=inline)
         return engine
     return create_async_engine(
         url,
@@ -61,17 +76,26 @@ def create_engine(url: str, *, pool_size: int = 10, read_only: bool = False) -> 
     )
 
 
-def _tune_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
+# How long a statement waits for a lock another connection holds: on the connection's thread,
+# long enough to ride out a writer of another process; on the event loop's thread not at all
+# (a statement that would wait goes to the connection's thread instead, see ``_OneTripCursor``).
+_BUSY_TIMEOUT_MS = 30_000
+_INLINE_BUSY_TIMEOUT_MS = 0
+
+
+def _tune_sqlite(engine: AsyncEngine, *, read_only: bool, inline: bool) -> None:
     # pysqlite's own transaction handling defers BEGIN and upgrades read locks late, which
     # deadlocks concurrent writers; take the write lock at BEGIN instead (SQLAlchemy recipe).
+    busy_timeout = _INLINE_BUSY_TIMEOUT_MS if inline else _BUSY_TIMEOUT_MS
+
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=30000")
         if read_only:
             cursor.execute("PRAGMA query_only=ON")
         cursor.close()
@@ -84,7 +108,8 @@ def _tune_sqlite(engine: AsyncEngine, *, read_only: bool) -> None:
 
 
 class _OneTripCursor:
-    """A cursor whose statement, rows and cleanup take one trip to the connection's thread.
+    """A cursor whose statement, rows and cleanup take one trip to the connection's thread, or
+    none: on an inline connection they run on the event loop's thread.
 
     aiosqlite's own cursor takes a trip (a queue hand-off and a wake-up of the event loop)
     to open, to execute, to fetch and to close: four per statement. On a machine whose cores
@@ -92,6 +117,15 @@ class _OneTripCursor:
     these. Here each statement runs, fetches everything and closes its sqlite3 cursor in
     one call on the connection's thread; the rows are then read from memory. A ``BEGIN`` travels
     with the statement after it, and ending a transaction that has not begun takes no trip.
+
+    A trip still costs several times what the statement does; an inline connection runs its
+    statements in place, without waiting for any lock (its busy timeout is zero): a statement
+    that finds the database locked by another connection (a writer of another process) and
+    has begun no transaction, so has done nothing, goes to the connection's thread and waits
+    there, with the long busy timeout, while the loop goes on. ``COMMIT`` and ``ROLLBACK``
+    always take the trip: a commit may checkpoint the WAL, which writes and syncs the database
+    file. Between inline statements the loop gets a turn every ``_INLINE_SLICE_S``, as it
+    did at every trip.
     """
 
     arraysize = 1
@@ -104,21 +138,29 @@ class _OneTripCursor:
         self.lastrowid: int | None = None
 
     async def _run(self, call: Callable[[sqlite3.Cursor], object]) -> Self:
+        global _inline_since
         connection = self._connection
+        if connection.inline and time.perf_counter() - _inline_since > _INLINE_SLICE_S:
+            await asyncio.sleep(0)
+            _inline_since = time.perf_counter()
         begin, connection.pending_begin = connection.pending_begin, None
-
-        def trip() -> tuple[list[Any], Any, int, int | None]:
-            cursor = connection._conn.cursor()
+        outcome: _Outcome | None = None
+        if connection.inline:
+            if not connection._running or connection._connection is None:
+                raise ValueError("Connection closed")  # as a trip would
+            conn = connection._connection
+            changes = conn.total_changes
             try:
-                if begin is not None:
-                    cursor.execute(begin)
-                call(cursor)
-                rows = cursor.fetchall() if cursor.description else []
-                return rows, cursor.description, cursor.rowcount, cursor.lastrowid
-            finally:
-                cursor.close()
-
-        rows, self.description, self.rowcount, self.lastrowid = await connection._execute(trip)
+                outcome = _trip(conn, begin, call)
+            except sqlite3.OperationalError as exc:
+                # Only a statement that has changed nothing, in no transaction, runs again.
+                if not _is_busy(exc) or conn.in_transaction or conn.total_changes != changes:
+                    raise
+        if outcome is None:
+            outcome = await connection._execute(
+                _patient_trip if connection.inline else _trip, connection._conn, begin, call
+            )
+        rows, self.description, self.rowcount, self.lastrowid = outcome
         self._rows = deque(rows)
         return self
 
@@ -156,6 +198,44 @@ class _OneTripCursor:
 
 _BEGINS = frozenset({"BEGIN", "BEGIN IMMEDIATE"})
 
+_Outcome = tuple[list[Any], Any, int, int | None]
+
+# Inline statements run back to back hold the loop; past this long, the next one lets it turn.
+_INLINE_SLICE_S = 0.005
+_inline_since = 0.0
+
+
+def _trip(
+    conn: sqlite3.Connection, begin: str | None, call: Callable[[sqlite3.Cursor], object]
+) -> _Outcome:
+    """Run a statement (after ``begin``), fetch its rows and close its cursor."""
+    cursor = conn.cursor()
+    try:
+        if begin is not None:
+            cursor.execute(begin)
+        call(cursor)
+        rows = cursor.fetchall() if cursor.description else []
+        return rows, cursor.description, cursor.rowcount, cursor.lastrowid
+    finally:
+        cursor.close()
+
+
+def _patient_trip(
+    conn: sqlite3.Connection, begin: str | None, call: Callable[[sqlite3.Cursor], object]
+) -> _Outcome:
+    """``_trip`` on an inline connection's thread: waiting for locks as long as any trip does."""
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}").close()
+    try:
+        return _trip(conn, begin, call)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_TIMEOUT_MS}").close()
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (by another connection or a table lock)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
 
 class _OneTripConnection(aiosqlite.Connection):
     """An aiosqlite connection whose cursors take one trip per statement."""
@@ -163,6 +243,9 @@ class _OneTripConnection(aiosqlite.Connection):
     # A BEGIN not yet sent: it goes with the next statement (if it fails, that statement fails
     # with its error, which SQLAlchemy handles as any failure of a transaction's first step).
     pending_begin: str | None = None
+    # Statements run on the event loop's thread (the sqlite3 connection is shared with the
+    # connection's own thread, which runs the rest; never both at once: each call is awaited).
+    inline: bool = False
 
     def cursor(self) -> _OneTripCursor:  # type: ignore[override]
         return _OneTripCursor(self)
@@ -184,9 +267,12 @@ class _OneTripConnection(aiosqlite.Connection):
         await super().rollback()
 
 
-def _connect_sqlite(database: str, **kwargs: Any) -> _OneTripConnection:
+def _connect_sqlite(database: str, *, inline: bool = False, **kwargs: Any) -> _OneTripConnection:
     """What ``aiosqlite.connect`` does, with the one-trip connection (SQLAlchemy awaits it)."""
+    if inline:  # made on the connection's thread, used on the loop's too
+        kwargs["check_same_thread"] = False
     connection = _OneTripConnection(partial(sqlite3.connect, database, **kwargs), 64)
+    connection.inline = inline
     connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own connections
     return connection
 

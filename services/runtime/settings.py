@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     retry_initial_s: float = Field(default=0.1, gt=0)
     retry_max_s: float = Field(default=5.0, gt=0)
 
+    # SQLite: a writing engine runs its statements on the event loop's thread, without a trip
+    # to the connection's thread; one that would wait for a lock still takes the trip.
+    sqlite_inline: bool = True
+
     def database_url(self, service: str) -> str:
         """``BIANZHI_<SVC>_DATABASE_URL``, else a SQLite file per service in the data directory."""
         url = os.environ.get(f"BIANZHI_{service.upper()}_DATABASE_URL")

@@ -1,0 +1,161 @@
+"""Benchmark: the CPU orgs spends per ``RegisterOrg``, in process, without a broker.
+
+Builds the orgs service by its composition root on a fresh SQLite file and hands ``-n``
+``RegisterOrg`` commands (an approver of the province, a new organ each) to the command
+consumer's ``process_batch`` in fetches of each ``--batches`` size: the path the Kafka consumer
+runs (parse, authorize, one transaction per fetch, results and events into the outbox). The
+relay does not run. Each setting of ``sqlite_inline`` named by ``--inline`` (default: off then
+on) runs in a process of its own, so the two are measured in one run.
+
+Printed per batch size: CPU ms per command (``time.process_time``: this process, every thread,
+so the database driver's thread too), SQL statements per command and wall ms per command.
+Figures, not assertions: ``.venv/bin/python bench/orgs_register_inprocess.py -n 1000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from sqlalchemy import event, func, select
+
+    from contracts.codes import OrgKind
+    from contracts.common import Document
+    from contracts.envelope import CONTENT_TYPE
+    from contracts.orgs import RegisterOrg
+    from contracts.topics import ORGS_COMMANDS
+    from services.orgs.bootstrap import build
+    from services.runtime.messaging import RawMessage
+    from services.runtime.settings import Settings
+
+    doc = Document(title="基准测试批复", number="冀编〔2026〕99号", date=date(2026, 1, 1))
+    approver = {"actorid": "bench", "actorregion": "130000", "actorroles": "approver"}
+    offsets = iter(range(10**9))
+    made = iter(range(10**9))
+
+    def register() -> RawMessage:
+        org_id = uuid.uuid4()
+        cmd = RegisterOrg(
+            org_id=org_id,
+            name=f"基准测试单位{next(made):06d}",
+            kind=OrgKind.PUBLIC_INSTITUTION,
+            division_code="130102",
+            functions=["承担基准测试"],
+            document=doc,
+        )
+        env = cmd.envelope(source="/bench", **approver)
+        return RawMessage(
+            topic=ORGS_COMMANDS,
+            partition=0,
+            offset=next(offsets),
+            key=str(org_id).encode(),
+            value=env.to_bytes(),
+            headers=(("content-type", CONTENT_TYPE.encode()),),
+        )
+
+    class NoDeadLetters:
+        async def __call__(self, *a: Any, **kw: Any) -> None:
+            raise AssertionError(f"dead-lettered: {a} {kw}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-orgs-") as tmp:
+        os.environ["BIANZHI_ORGS_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp}/orgs.db"
+        rt = build(
+            Settings(
+                data_dir=Path(tmp),
+                kafka_bootstrap="localhost:1",
+                kafka_group_prefix="bench",
+                log_level="WARNING",
+            )
+        )
+        rt.command_consumer.dead_letter = NoDeadLetters()
+        await rt.migrate()
+        try:
+            statements = 0
+
+            def count(*_: Any) -> None:
+                nonlocal statements
+                statements += 1
+
+            event.listen(rt.engine.sync_engine, "before_cursor_execute", count)
+            for _ in range(3):  # warm-up: compile caches, the connection pool
+                await rt.command_consumer.process_batch([register() for _ in range(10)])
+            figures: dict[str, Any] = {}
+            for size in [int(s) for s in args.batches.split(",")]:
+                fetches = [[register() for _ in range(size)] for _ in range(args.n // size)]
+                done = sum(len(f) for f in fetches)
+                statements = 0
+                wall, cpu = time.perf_counter(), time.process_time()
+                for fetch in fetches:
+                    await rt.command_consumer.process_batch(fetch)
+                cpu = time.process_time() - cpu
+                wall = time.perf_counter() - wall
+                figures[size] = {
+                    "cpu_ms": 1000 * cpu / done,
+                    "wall_ms": 1000 * wall / done,
+                    "statements": statements / done,
+                    "commands": done,
+                }
+            orgs = rt.definition.metadata.tables["orgs"]
+            async with rt.sessions() as session:
+                count_ = (await session.execute(select(func.count()).select_from(orgs))).scalar()
+            figures["check"] = f"{count_} orgs of {next(made)} registered"
+            return figures
+        finally:
+            await rt.engine.dispose()
+            await rt.read_engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=1000, help="commands per batch size")
+    parser.add_argument("--batches", default="100,10,1", help="fetch sizes, comma-separated")
+    parser.add_argument("--inline", default="off,on", help="sqlite_inline settings to run")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.json:  # a child run: figures as JSON on the last line
+        print(json.dumps(asyncio.run(measure(args))))
+        return
+    print(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    for setting in args.inline.split(","):
+        child = sys.argv[1:]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BIANZHI_SQLITE_INLINE": setting}
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), *child, "--json"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            print(done.stderr[-4000:])
+            raise SystemExit(f"the run with sqlite_inline={setting} failed")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        for size, f in figures.items():
+            if size == "check":
+                continue
+            print(
+                f"  inline {setting:3s} batch {size:>3s}: {f['cpu_ms']:.3f} ms CPU/command, "
+                f"{f['statements']:.2f} statements/command, {f['wall_ms']:.3f} ms wall/command "
+                f"({f['commands']} commands)",
+                flush=True,
+            )
+        print(f"  inline {setting:3s} {figures['check']}", flush=True)
+    print(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""SQLite statements on the event loop's thread (``runtime.db``, the ``sqlite_inline`` setting).
+
+An inline connection runs statements in place and never waits for a lock there: a statement
+that finds the database locked by another connection waits on the connection's own thread
+while the loop goes on. Statements, transactions and rollbacks behave as on the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, insert, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.runtime import db
+from services.runtime.db import create_engine
+
+metadata = MetaData()
+items = Table(
+    "items",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String, nullable=False, unique=True),
+)
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'inline.db'}"
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(sqlite_url(tmp_path), inline=True)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def locker(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """Another connection to the file, as another process's would be; ``BEGIN EXCLUSIVE`` on
+    it locks every writer out."""
+    conn = sqlite3.connect(tmp_path / "inline.db", timeout=0, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
+async def driver_connection(conn: AsyncConnection) -> Any:
+    return (await conn.get_raw_connection()).driver_connection
+
+
+async def names(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(items.c.name).order_by(items.c.id))).scalars())
+
+
+class Ticker:
+    """A task that counts the turns the loop gives it."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.ticks += 1
+            await asyncio.sleep(0)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def test_a_writer_locked_out_waits_off_the_loop(
+    engine: AsyncEngine, locker: sqlite3.Connection
+) -> None:
+    async with engine.connect() as conn:
+        assert (await driver_connection(conn)).inline
+        # On the loop, a statement waits for no lock.
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() == 0
+    locker.execute("BEGIN EXCLUSIVE")
+    ticks_when_writing: list[int] = []
+    ticker = Ticker()
+
+    def writing(*_: Any) -> None:
+        ticks_when_writing.append(ticker.ticks)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", writing)
+
+    async def write() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(insert(items).values(name="甲"))
+
+    writer = asyncio.create_task(write())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        # The writer has tried and is waiting for the lock; the loop has gone on meanwhile.
+        assert ticks_when_writing
+        assert not writer.done()
+        assert ticker.ticks > ticks_when_writing[0]
+        locker.execute("ROLLBACK")
+        await writer
+    finally:
+        ticker.stop()
+        event.remove(engine.sync_engine, "before_cursor_execute", writing)
+    assert await names(engine) == ["甲"]
+    # Back from the connection's thread, the connection waits for no lock on the loop again.
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA busy_timeout"))).scalar_one() == 0
+
+
+async def test_a_reader_is_not_locked_out_by_a_writer(
+    engine: AsyncEngine, locker: sqlite3.Connection
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(items).values(name="甲"))
+    locker.execute("BEGIN EXCLUSIVE")
+    locker.execute("INSERT INTO items (name) VALUES ('乙')")
+    # WAL: the last commit is there to read, inline, while another connection writes.
+    read_only = create_engine(str(engine.url), read_only=True, inline=True)
+    try:
+        async with read_only.connect() as conn:
+            rows = (await conn.execute(select(items.c.name))).scalars().all()
+        assert rows == ["甲"]
+    finally:
+        await read_only.dispose()
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "thread"])
+async def test_statements_transactions_and_rollbacks(tmp_path: Path, inline: bool) -> None:
+    engine = create_engine(sqlite_url(tmp_path), inline=inline)
+    try:
+        async with engine.begin() as conn:
+            assert (await driver_connection(conn)).inline is inline
+            await conn.run_sync(metadata.create_all)
+        async with engine.begin() as conn:
+            first = await conn.execute(insert(items).values(name="甲"))
+            assert first.inserted_primary_key == (1,)
+            many = await conn.execute(insert(items), [{"name": "乙"}, {"name": "丙"}])
+            assert many.rowcount == 2
+        # A transaction rolled back leaves nothing.
+        async with engine.connect() as conn:
+            await conn.execute(insert(items).values(name="丁"))
+            await conn.rollback()
+        # A savepoint rolled back undoes its part only.
+        async with engine.begin() as conn:
+            await conn.execute(update(items).where(items.c.name == "甲").values(name="甲一"))
+            nested = await conn.begin_nested()
+            await conn.execute(insert(items).values(name="戊"))
+            await nested.rollback()
+        assert await names(engine) == ["甲一", "乙", "丙"]
+        # A statement refused fails as itself; the transaction rolls back and the connection
+        # goes on.
+        with pytest.raises(IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(insert(items).values(name="己"))
+                await conn.execute(insert(items).values(name="乙"))
+        async with engine.begin() as conn:
+            result = await conn.execute(update(items).values(name=items.c.name + "！"))
+            assert result.rowcount == 3
+            rows = (await conn.execute(select(items.c.id, items.c.name))).all()
+        assert [tuple(r) for r in rows] == [(1, "甲一！"), (2, "乙！"), (3, "丙！")]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_setting_chooses_inline_for_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = sqlite_url(tmp_path)
+
+    async def inline_of(engine: AsyncEngine) -> bool:
+        try:
+            async with engine.connect() as conn:
+                return bool((await driver_connection(conn)).inline)
+        finally:
+            await engine.dispose()
+
+    monkeypatch.delenv("BIANZHI_SQLITE_INLINE", raising=False)
+    assert await inline_of(create_engine(url))
+    assert not await inline_of(create_engine(url, read_only=True))
+    monkeypatch.setenv("BIANZHI_SQLITE_INLINE", "false")
+    assert not await inline_of(create_engine(url))
+
+
+async def test_a_read_only_engine_refuses_writes_inline(engine: AsyncEngine) -> None:
+    read_only = create_engine(str(engine.url), read_only=True, inline=True)
+    try:
+        with pytest.raises(OperationalError, match="readonly"):
+            async with read_only.begin() as conn:
+                await conn.execute(insert(items).values(name="甲"))
+    finally:
+        await read_only.dispose()
+    assert await names(engine) == []
+
+
+async def test_inline_statements_let_the_loop_turn(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "_INLINE_SLICE_S", 0.0)  # a turn before every statement
+    ticker = Ticker()
+    seen: list[int] = []
+    try:
+        async with engine.begin() as conn:
+            for _ in range(5):
+                await conn.execute(select(items.c.id))
+                seen.append(ticker.ticks)
+    finally:
+        ticker.stop()
+    assert seen == sorted(seen)
+    assert seen[-1] > seen[0]
