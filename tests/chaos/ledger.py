@@ -227,17 +227,26 @@ class Reader:
         self._task = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
+        """Stop reading and close the consumer for good, even when its broker is gone."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         try:
             await asyncio.wait_for(self.consumer.stop(), 20)
+            return
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
         except Exception:  # the broker is gone
             pass
+        # With the broker gone, a fetch of the consumer is usually in its retry back-off; the
+        # consumer's stop cancels it, gets that cancellation back and ends before it closes its
+        # client, whose metadata task then retries the dead broker for the rest of the process.
+        # A second stop() does nothing (the consumer already counts as closed) and aiokafka has
+        # no public way to close the client, hence the private attribute.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.consumer._client.close(), 20)
 
     async def _read(self) -> None:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 import uuid
@@ -216,13 +217,23 @@ class LoadGenerator:
         self.reader = Reader(self.bootstrap, self.ledger, self._on_first_result)
         await self.reader.start()
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[str]:
+        """Close the reader and the producer for good, even when their broker is gone (then the
+        producer drops what it could not deliver once its request timeout has passed: aiokafka
+        has no public way to drop it sooner). Returns the Kafka client tasks that ran before
+        and still run after (waited for a few seconds, so that a fetch or send finishing its
+        last attempt is not counted): none, when every client closed for good."""
+        before = kafka_tasks()
         if self.reader is not None:
-            await quietly(self.reader.stop())
-            self.reader = None
+            reader, self.reader = self.reader, None
+            await quietly(reader.stop(), timeout=60.0)
         if self.producer is not None:
-            await quietly(self.producer.stop())
-            self.producer = None
+            producer, self.producer = self.producer, None
+            await quietly(producer.stop(), timeout=60.0)
+        if not before:
+            return []
+        _, left = await asyncio.wait(before, timeout=5.0)
+        return sorted(describe_task(task) for task in left)
 
     async def switch_broker(self, bootstrap: str) -> None:
         """Follow the platform to a fresh broker: read everything on it from the beginning."""
@@ -1022,6 +1033,28 @@ class LoadGenerator:
         for cid in missing:
             await self.resend(cid)
         return len(missing)
+
+
+def kafka_tasks() -> set[asyncio.Task[Any]]:
+    """The running asyncio tasks of Kafka clients (aiokafka's background tasks)."""
+    return {
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and _AIOKAFKA_DIR in _code_file(task.get_coro())
+    }
+
+
+_AIOKAFKA_DIR = f"{os.sep}aiokafka{os.sep}"
+
+
+def _code_file(coro: Any) -> str:
+    code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+    return str(getattr(code, "co_filename", ""))
+
+
+def describe_task(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", repr(coro))
 
 
 async def quietly(stopping: Any, timeout: float = 20.0) -> None:

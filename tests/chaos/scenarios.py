@@ -445,6 +445,7 @@ async def run_recovery(
         bootstrap=first.bootstrap, data_dir=data_dir, database_urls=dict(database_urls or {})
     )
     gen = generator(first.bootstrap, ledger, scale, seed)
+    closing: asyncio.Task[list[str]] | None = None
     try:
         say("scenario recovery: set-up")
         await _setup(platform, gen, scale)
@@ -461,6 +462,9 @@ async def run_recovery(
         ledger.record_fault("broker lost", unanswered=len(ledger.unanswered()))
         load.cancel()
         await asyncio.gather(load, return_exceptions=True)
+        # The front-end closes its clients of the lost broker for good now, while the fresh
+        # broker starts: left open, they would retry the dead broker for the rest of the run.
+        closing = asyncio.create_task(gen.stop())
         say(f"  broker lost with {len(ledger.unanswered())} commands unanswered")
         # The front-end's producer and reader follow once the fresh broker exists.
         second = EmbeddedBroker(log_path=data_dir / "broker-2.log")
@@ -479,6 +483,7 @@ async def run_recovery(
             f"  fresh broker, {replayed} outbox rows re-published, "
             f"services ready: {recovered:.1f} s"
         )
+        left_running = await closing
         await gen.switch_broker(second.bootstrap)
         # Give the re-published results a moment to arrive before re-sending by id.
         await asyncio.sleep(3.0)
@@ -494,6 +499,9 @@ async def run_recovery(
         report.extra["outbox_rows_republished"] = replayed
         report.extra["resent_after_loss"] = resent
         report.extra["tracebacks_in_service_logs"] = platform.tracebacks()
+        # A Kafka client task of the lost broker still running after its client was closed.
+        report.bad["kafka_tasks_of_lost_broker_left"] = len(left_running)
+        report.examples["kafka_tasks_of_lost_broker_left"] += left_running[:5]
         return Outcome(
             name="recovery",
             report=report,
@@ -504,6 +512,8 @@ async def run_recovery(
             faults=list(ledger.faults),
         )
     finally:
+        if closing is not None:
+            await asyncio.gather(closing, return_exceptions=True)
         await gen.stop()
         await platform.stop()
         ledger.close()
