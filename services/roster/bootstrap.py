@@ -38,7 +38,7 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
         event_subscriptions=(
             EventSubscription(ORGS_EVENTS, ORG_EVENTS),
             # Quota's answers to the roster's slot requests.
-            EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),
+            EventSubscription(COMMAND_RESULTS, RESULT_ROUTES, saga_answers=True),
         ),
         background=(sweep_overdue_sagas,),
         # A roster command carries a citizen ID in full, and so does a restricted event: dead

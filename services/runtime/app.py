@@ -57,6 +57,9 @@ class EventSubscription:
 
     topic: str
     routes: Sequence[EventRoute]
+    # The answers to this service's saga steps come on it: a saga waits for them as a command
+    # waits to be handled, so the projections' consumer fetches with the commands' short wait.
+    saga_answers: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,12 @@ class ServiceRuntime:
         ]
         # Every projection of a service shares one consumer (one group member for all its
         # topics): a member per topic in one group would make them rebalance each other.
+        # Saga answers among them make it as hot a path as the commands.
+        self.projection_fetch_max_wait_ms = (
+            settings.kafka_command_fetch_max_wait_ms
+            if any(sub.saga_answers for sub in definition.event_subscriptions)
+            else settings.kafka_event_fetch_max_wait_ms
+        )
         self.projections = {
             sub.topic: EventConsumer(
                 routes=event_routes(sub.routes), consumer=f"{self.name}<-{sub.topic}", **common
@@ -184,7 +193,7 @@ class ServiceRuntime:
                     group_id=f"{settings.kafka_group_prefix}-{self.name}-projection",
                     process=self._project,
                     settings=settings,
-                    fetch_max_wait_ms=settings.kafka_event_fetch_max_wait_ms,
+                    fetch_max_wait_ms=self.projection_fetch_max_wait_ms,
                     max_records=settings.kafka_event_batch_size,
                     description=f"Projections kept by {self.name}",
                 )

@@ -75,3 +75,27 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
     args = sub._connection_args
     assert (args["session_timeout_ms"], args["heartbeat_interval_ms"]) == (3000, 1000)
     assert args["fetch_max_wait_ms"] == 25
+
+
+@pytest.mark.parametrize(
+    ("service", "wait_kind"),
+    [("orgs", "command"), ("roster", "command"), ("quota", "event"), ("notify", "event")],
+)
+def test_a_projection_that_receives_saga_answers_fetches_as_fast_as_commands(
+    tmp_path: Path, service: str, wait_kind: str
+) -> None:
+    # Orgs and roster read the answers to their saga steps among their projections: a saga
+    # waits on that fetch as a command does. Quota and notify only follow other services.
+    import importlib
+
+    settings = service_settings(
+        tmp_path,
+        "localhost:1",
+        kafka_command_fetch_max_wait_ms=7,
+        kafka_event_fetch_max_wait_ms=300,
+    )
+    runtime = importlib.import_module(f"services.{service}.bootstrap").build(settings)
+    command_topic = f"bianzhi.{service}.commands.v1"
+    (projection,) = [s for s in subscribers_of(runtime) if s.topic_names != [command_topic]]
+    expected = {"command": 7, "event": 300}[wait_kind]
+    assert projection._connection_args["fetch_max_wait_ms"] == expected
