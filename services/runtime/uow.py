@@ -87,6 +87,7 @@ class UnitOfWork:
     ) -> None:
         try:
             if not self.committed:
+                self._forget_deferred()
                 await self.session.rollback()
         finally:
             await self.session.close()
@@ -233,7 +234,16 @@ class UnitOfWork:
         )
         return row.scalar_one_or_none()
 
+    async def _write_deferred(self) -> None:
+        """Write what a service keeps for the end of its transaction (rows nothing reads back
+        in it, written together, a statement per table); ``commit`` calls it first."""
+
+    def _forget_deferred(self) -> None:
+        """Forget what ``_write_deferred`` would have written: the transaction is rolled back
+        or left without a commit."""
+
     async def commit(self) -> None:
+        await self._write_deferred()
         await self._append_audit()
         if self._staged:
             await self.session.execute(_insert(self.tables.outbox), self._staged)
@@ -247,6 +257,7 @@ class UnitOfWork:
             self._on_commit()
 
     async def rollback(self) -> None:
+        self._forget_deferred()
         self._staged = []
         self._audit_pending = []
         self._audit_head = None

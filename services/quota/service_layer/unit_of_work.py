@@ -3,7 +3,6 @@ quota-use notices and the slots."""
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Self
 
 from services.quota.adapters.repository import Ledger, Notices, OrgProjection, Slots
@@ -24,21 +23,9 @@ class QuotaUnitOfWork(UnitOfWork):
         self.slots = Slots(self.session)
         return self
 
-    async def commit(self) -> None:
+    async def _write_deferred(self) -> None:
         # The ledger's history rows of the whole transaction go in as one statement.
         await self.ledger.flush()
-        await super().commit()
 
-    async def rollback(self) -> None:
+    def _forget_deferred(self) -> None:
         self.ledger.discard()
-        await super().rollback()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self.committed:
-            self.ledger.discard()
-        await super().__aexit__(exc_type, exc, tb)

@@ -3,7 +3,6 @@ the personal-data cipher."""
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import ClassVar, Self
 
 from contracts.envelope import Envelope
@@ -41,31 +40,16 @@ class RosterUnitOfWork(UnitOfWork):
         # at commit, in one statement; nothing reads them back in the same transaction.
         self._results.append((command, result, code))
 
-    async def commit(self) -> None:
+    async def _write_deferred(self) -> None:
         # What the transaction wrote for later (sagas started, history, results) goes in
-        # first, a statement per table, then the runtime's audit, outbox and commit.
+        # before the runtime's audit and outbox, a statement per table.
         await self.sagas.flush()
         await self.people.flush()
         if self._results:
             results, self._results = self._results, []
             await self.store_results(results)
-        await super().commit()
 
-    async def rollback(self) -> None:
-        self._discard()
-        await super().rollback()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self.committed:
-            self._discard()
-        await super().__aexit__(exc_type, exc, tb)
-
-    def _discard(self) -> None:
+    def _forget_deferred(self) -> None:
         self.sagas.discard()
         self.people.discard()
         self._results = []
