@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from inprocess import ROOT, NoDeadLetters, load_average, raw_message, run_child, say
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -35,7 +34,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from contracts.codes import OrgKind
     from contracts.common import Document
-    from contracts.envelope import CONTENT_TYPE
     from contracts.orgs import RegisterOrg
     from contracts.topics import ORGS_COMMANDS
     from services.orgs.bootstrap import build
@@ -44,7 +42,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     doc = Document(title="基准测试批复", number="冀编〔2026〕99号", date=date(2026, 1, 1))
     approver = {"actorid": "bench", "actorregion": "130000", "actorroles": "approver"}
-    offsets = iter(range(10**9))
     made = iter(range(10**9))
 
     def register() -> RawMessage:
@@ -57,19 +54,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             functions=["承担基准测试"],
             document=doc,
         )
-        env = cmd.envelope(source="/bench", **approver)
-        return RawMessage(
-            topic=ORGS_COMMANDS,
-            partition=0,
-            offset=next(offsets),
-            key=str(org_id).encode(),
-            value=env.to_bytes(),
-            headers=(("content-type", CONTENT_TYPE.encode()),),
-        )
-
-    class NoDeadLetters:
-        async def __call__(self, *a: Any, **kw: Any) -> None:
-            raise AssertionError(f"dead-lettered: {a} {kw}")
+        return raw_message(ORGS_COMMANDS, cmd.envelope(source="/bench", **approver))
 
     with tempfile.TemporaryDirectory(prefix="bench-orgs-") as tmp:
         os.environ["BIANZHI_ORGS_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp}/orgs.db"
@@ -129,32 +114,20 @@ def main() -> None:
     if args.json:  # a child run: figures as JSON on the last line
         print(json.dumps(asyncio.run(measure(args))))
         return
-    print(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    say(f"load average {load_average()}")
     for setting in args.inline.split(","):
-        child = sys.argv[1:]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BIANZHI_SQLITE_INLINE": setting}
-        done = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), *child, "--json"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            print(done.stderr[-4000:])
-            raise SystemExit(f"the run with sqlite_inline={setting} failed")
-        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        label = f"inline {setting:3s}"
+        figures = run_child(__file__, sys.argv[1:], ROOT, label, BIANZHI_SQLITE_INLINE=setting)
         for size, f in figures.items():
             if size == "check":
                 continue
-            print(
-                f"  inline {setting:3s} batch {size:>3s}: {f['cpu_ms']:.3f} ms CPU/command, "
+            say(
+                f"  {label} batch {size:>3s}: {f['cpu_ms']:.3f} ms CPU/command, "
                 f"{f['statements']:.2f} statements/command, {f['wall_ms']:.3f} ms wall/command "
-                f"({f['commands']} commands)",
-                flush=True,
+                f"({f['commands']} commands)"
             )
-        print(f"  inline {setting:3s} {figures['check']}", flush=True)
-    print(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+        say(f"  {label} {figures['check']}")
+    say(f"load average {load_average()}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ import io
 import json
 import os
 import pstats
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,11 +35,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
+from inprocess import NoDeadLetters, current_and_baseline, load_average, raw_message, say
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,7 +44,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from contracts.codes import Category, OrgKind
     from contracts.common import Document
-    from contracts.envelope import CONTENT_TYPE, Envelope
     from contracts.orgs import OrgRegistered
     from contracts.quota import ApproveQuota, IssueQuotaUseNotice, OccupySlot
     from contracts.topics import ORGS_EVENTS, QUOTA_COMMANDS
@@ -61,23 +54,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from tests.support.databases import database
 
     doc = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
-    offsets = iter(range(10**9))
     approver = {"actorid": "li.na", "actorregion": "130000", "actorroles": "approver"}
     clerk = {"actorid": "wang.fang", "actorregion": "130000", "actorroles": "clerk"}
-
-    def raw(topic: str, env: Envelope) -> RawMessage:
-        return RawMessage(
-            topic=topic,
-            partition=0,
-            offset=next(offsets),
-            key=(env.subject or env.id).encode(),
-            value=env.to_bytes(),
-            headers=(("content-type", CONTENT_TYPE.encode()),),
-        )
-
-    class NoDeadLetters:
-        async def __call__(self, *a: Any, **kw: Any) -> None:
-            raise AssertionError(f"dead-lettered: {a} {kw}")
 
     sizes = [int(s) for s in args.batches.split(",")]
     total = args.n * len(sizes)
@@ -119,7 +97,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         effective_date=doc.date,
                     )
                     env = registered.envelope(source="/orgs", **approver)
-                    await projection.process(raw(ORGS_EVENTS, env))
+                    await projection.process(raw_message(ORGS_EVENTS, env))
                     notice_no = f"冀编用〔2026〕bench-{i:03d}号"
                     setup = [
                         ApproveQuota(
@@ -140,7 +118,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     ]
                     for cmd in setup:
                         env = cmd.envelope(source="/bench", **approver)
-                        await rt.command_consumer.process(raw(QUOTA_COMMANDS, env))
+                        await rt.command_consumer.process(raw_message(QUOTA_COMMANDS, env))
                     orgs.append((org_id, notice_no))
 
                 def occupy(k: int) -> RawMessage:
@@ -154,14 +132,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         notice_no=notice_no,
                     )
                     env = cmd.envelope(source="/bianzhi/roster", id=str(request_id), **clerk)
-                    return RawMessage(
-                        topic=QUOTA_COMMANDS,
-                        partition=0,
-                        offset=next(offsets),
-                        key=str(org_id).encode(),
-                        value=env.to_bytes(),
-                        headers=(("content-type", CONTENT_TYPE.encode()),),
-                    )
+                    return raw_message(QUOTA_COMMANDS, env, str(org_id))
 
                 statements = 0
 
@@ -223,20 +194,6 @@ async def occupied_total(rt: Any) -> int:
         return int((await session.execute(select(func.sum(establishment.c.occupied)))).scalar())
 
 
-def baseline_tree(dest: Path) -> Path:
-    """A tree of the working copy with ``services/quota`` as committed."""
-    for part in ("contracts", "services", "tests"):
-        shutil.copytree(
-            ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-    shutil.rmtree(dest / "services" / "quota")
-    archive = subprocess.run(
-        ["git", "archive", "HEAD", "services/quota"], cwd=ROOT, check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 def report(label: str, figures: dict[str, Any]) -> None:
     for size, f in figures.items():
         if size in ("check", "profile"):
@@ -264,29 +221,15 @@ def main() -> None:
         figures = asyncio.run(measure(args))
         print(json.dumps(figures))
         return
-    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
-    runs: list[tuple[str, Path]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-quota-base-") as base:
-        if args.baseline:
-            runs.append(("baseline", baseline_tree(Path(base))))
-        runs.append(("current", ROOT))
-        child = [a for a in sys.argv[1:] if a != "--baseline"]
-        for label, tree in runs:
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            done = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), *child, "--json"],
-                cwd=tree,
-                env=env,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            figures = json.loads(done.stdout.strip().splitlines()[-1])
-            if "profile" in figures:
-                say(f"--- {label}: cProfile of the timed part ---")
-                say(figures["profile"])
-            report(label, figures)
-    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    say(f"load average {load_average()}")
+    for label, figures in current_and_baseline(
+        __file__, sys.argv[1:], package="services/quota", baseline=args.baseline
+    ):
+        if "profile" in figures:
+            say(f"--- {label}: cProfile of the timed part ---")
+            say(figures["profile"])
+        report(label, figures)
+    say(f"load average {load_average()}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,6 @@ import io
 import json
 import os
 import pstats
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,12 +44,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from inprocess import NoDeadLetters, current_and_baseline, load_average, raw_message, say
+
 PHASES = ("command", "answer", "ignore")
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +55,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from contracts.codes import Category, EntryMethod, OrgKind
     from contracts.common import Document
-    from contracts.envelope import CONTENT_TYPE, Envelope
+    from contracts.envelope import Envelope
     from contracts.identifiers import compose_citizen_id
     from contracts.orgs import OrgRegistered
     from contracts.quota import OccupySlot
@@ -81,25 +76,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from tests.support.databases import database
 
     doc = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
-    offsets = iter(range(10**9))
     approver = {"actorid": "li.na", "actorregion": "130000", "actorroles": "approver"}
     clerk = {"actorid": "wang.fang", "actorregion": "130000", "actorroles": "clerk"}
     people_made = iter(range(1, 10**9))
     numbers: list[str] = []
-
-    def raw(topic: str, env: Envelope, key: str | None = None) -> RawMessage:
-        return RawMessage(
-            topic=topic,
-            partition=0,
-            offset=next(offsets),
-            key=(key or env.subject or env.id).encode(),
-            value=env.to_bytes(),
-            headers=(("content-type", CONTENT_TYPE.encode()),),
-        )
-
-    class NoDeadLetters:
-        async def __call__(self, *a: Any, **kw: Any) -> None:
-            raise AssertionError(f"dead-lettered: {a} {kw}")
 
     def citizen() -> str:
         n = next(people_made)
@@ -152,7 +132,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         effective_date=doc.date,
                     )
                     env = registered.envelope(source="/bianzhi/orgs", **approver)
-                    await consumers[ORGS_EVENTS].process(raw(ORGS_EVENTS, env))
+                    await consumers[ORGS_EVENTS].process(raw_message(ORGS_EVENTS, env))
                     orgs.append(org_id)
 
                 def enrol(k: int) -> RawMessage:
@@ -167,7 +147,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         document=doc,
                         phone="13800138000",
                     )
-                    return raw(ROSTER_COMMANDS, cmd.envelope(source="/bench", **clerk))
+                    return raw_message(ROSTER_COMMANDS, cmd.envelope(source="/bench", **clerk))
 
                 seen: dict[str, int] = {}
 
@@ -194,7 +174,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         events=[str(uuid.uuid4())],
                     )
                     env = caused_envelope(done, step, source="/bianzhi/quota")
-                    return raw(COMMAND_RESULTS, env, step.id)
+                    return raw_message(COMMAND_RESULTS, env, step.id)
 
                 statements = 0
                 # --sql: per statement, how often and how long (wall, to the driver and back).
@@ -251,7 +231,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     answers = [answer(s) for s in await fresh(QUOTA_COMMANDS)]
                     assert len(answers) == n, (len(answers), n)
                     took["answer"] = await run(chunks(answers, size), results)
-                    own = [raw(COMMAND_RESULTS, e, e.subject) for e in await fresh(COMMAND_RESULTS)]
+                    own = [
+                        raw_message(COMMAND_RESULTS, e, e.subject)
+                        for e in await fresh(COMMAND_RESULTS)
+                    ]
                     assert len(own) == n, (len(own), n)
                     took["ignore"] = await run(chunks(own, size), results)
                     if warm:
@@ -297,20 +280,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 await rt.read_engine.dispose()
 
 
-def baseline_tree(dest: Path) -> Path:
-    """A tree of the working copy with ``services/roster`` as committed."""
-    for part in ("contracts", "services", "tests"):
-        shutil.copytree(
-            ROOT / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-    shutil.rmtree(dest / "services" / "roster")
-    archive = subprocess.run(
-        ["git", "archive", "HEAD", "services/roster"], cwd=ROOT, check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 def report(label: str, figures: dict[str, Any]) -> None:
     for size, f in figures.items():
         if not isinstance(f, dict):
@@ -349,35 +318,19 @@ def main() -> None:
         figures = asyncio.run(measure(args))
         print(json.dumps(figures))
         return
-    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
-    runs: list[tuple[str, Path]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-roster-base-") as base:
-        if args.baseline:
-            runs.append(("baseline", baseline_tree(Path(base))))
-        runs.append(("current", ROOT))
-        child = [a for a in sys.argv[1:] if a != "--baseline"]
-        for label, tree in runs:
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            done = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), *child, "--json"],
-                cwd=tree,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                say(done.stderr[-4000:])
-                raise SystemExit(f"the {label} run failed")
-            figures = json.loads(done.stdout.strip().splitlines()[-1])
-            if "sql" in figures:
-                say(f"--- {label}: SQL statements (count × mean wall, all timed phases) ---")
-                say(figures["sql"])
-            for name, text in figures.items():
-                if name.startswith("profile"):
-                    say(f"--- {label}: cProfile of the timed part, batch {name.split()[1]} ---")
-                    say(text)
-            report(label, figures)
-    say(f"load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
+    say(f"load average {load_average()}")
+    for label, figures in current_and_baseline(
+        __file__, sys.argv[1:], package="services/roster", baseline=args.baseline
+    ):
+        if "sql" in figures:
+            say(f"--- {label}: SQL statements (count × mean wall, all timed phases) ---")
+            say(figures["sql"])
+        for name, text in figures.items():
+            if name.startswith("profile"):
+                say(f"--- {label}: cProfile of the timed part, batch {name.split()[1]} ---")
+                say(text)
+        report(label, figures)
+    say(f"load average {load_average()}")
 
 
 if __name__ == "__main__":
