@@ -664,11 +664,12 @@ def print_service_figures(
         )
     applied = delta(r0, r1, "bianzhi_messages_handled_total", type=COMPLETED, outcome="applied")
     ignored = delta(r0, r1, "bianzhi_messages_handled_total", type=COMPLETED, outcome="ignored")
-    busy = delta(r0, r1, "bianzhi_handler_latency_seconds_sum", type=COMPLETED)
+    # A fetch of answers is applied in one transaction, whose time each applied answer records.
+    per_answer = delta(r0, r1, "bianzhi_handler_latency_seconds_sum", type=COMPLETED)
     say(
-        f"  {label} roster answers (projection, one transaction per result): {applied:.0f} "
-        f"applied + {ignored:.0f} ignored results, mean "
-        f"{busy / max(applied + ignored, 1) * 1000:.2f} ms per result, busy {busy:.1f} s"
+        f"  {label} roster answers (projection, a transaction per fetch): {applied:.0f} "
+        f"applied + {ignored:.0f} ignored results, mean transaction of an answer's fetch "
+        f"{per_answer / max(applied, 1) * 1000:.2f} ms"
     )
     for name, b, a in (("roster", r0, r1), ("quota", q0, q1)):
         say(

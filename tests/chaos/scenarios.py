@@ -113,8 +113,9 @@ def kill9(service: str | None = None, down_s: float = 1.0) -> Fault:
     async def inject(platform: Platform, gen: LoadGenerator, ledger: Ledger, i: int) -> float:
         name = service or SERVICES[i % len(SERVICES)]
         started = time.monotonic()
+        in_flight = len(ledger.unanswered())  # as the signal goes, not once it has landed
         await platform.services[name].kill()
-        ledger.record_fault("kill -9", service=name, in_flight=len(ledger.unanswered()))
+        ledger.record_fault("kill -9", service=name, in_flight=in_flight)
         await asyncio.sleep(down_s)
         await platform.restart(name)
         return time.monotonic() - started
@@ -166,12 +167,10 @@ def database_outage(service: str | None = None, seconds: float = 5.0) -> Fault:
         url = platform.database_urls[name]
         started = time.monotonic()
         if url.startswith("sqlite"):
+            in_flight = len(ledger.unanswered())  # as the lock is taken, not once it is held
             async with sqlite_locked(url):
                 ledger.record_fault(
-                    "sqlite locked",
-                    service=name,
-                    seconds=seconds,
-                    in_flight=len(ledger.unanswered()),
+                    "sqlite locked", service=name, seconds=seconds, in_flight=in_flight
                 )
                 await asyncio.sleep(seconds)
         else:
