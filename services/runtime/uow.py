@@ -196,20 +196,7 @@ class UnitOfWork:
     async def store_result(self, command: Envelope, result: Envelope, code: str | None) -> None:
         """Keep a command's result so a re-sent command id gets the same result again, and
         append the command with its outcome to the audit chain."""
-        self._audit([(command, code)])
-        await self.session.execute(
-            _insert(self.tables.command_results),
-            {
-                "command_id": command.id,
-                "command_type": command.type[:200],
-                "result_type": result.type,
-                "code": code,
-                "actor_id": command.actorid,
-                "actor_region": command.actorregion,
-                "envelope": result.to_bytes(),
-                "created_at": now(),
-            },
-        )
+        await self.store_results([(command, result, code)])
 
     def _audit(self, outcomes: list[tuple[Envelope, str | None]]) -> None:
         # Collected and appended at commit: one read of the chain head and one insert per
