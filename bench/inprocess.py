@@ -5,6 +5,7 @@ package as committed (``--baseline``)."""
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -12,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,37 @@ def current_and_baseline(
             tree = baseline_tree(Path(base), package)
             yield "baseline", run_child(script, child, tree, "baseline")
         yield "current", run_child(script, child, ROOT, "current")
+
+
+async def service_runtime(build: Callable[[Any], Any], name: str, url: str, data_dir: Path) -> Any:
+    """Service ``name`` built by its composition root on the database ``url`` and migrated,
+    with no broker (its consumers are called directly) and nothing allowed to be dead-lettered.
+    """
+    from services.runtime.settings import Settings
+
+    os.environ[f"BIANZHI_{name.upper()}_DATABASE_URL"] = url
+    runtime = build(
+        Settings(
+            data_dir=data_dir,
+            kafka_bootstrap="localhost:1",
+            kafka_group_prefix="bench",
+            log_level="WARNING",
+        )
+    )
+    runtime.command_consumer.dead_letter = NoDeadLetters()
+    await runtime.migrate()
+    return runtime
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, per: str, batches: str, package: str, profile_top: int
+) -> None:
+    """The options every in-process benchmark of a service's database takes."""
+    parser.add_argument("-n", type=int, default=1000, help=f"{per} per fetch size")
+    parser.add_argument("--batches", default=batches, help="fetch sizes, comma-separated")
+    parser.add_argument("--orgs", type=int, default=24)
+    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to use")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile top list")
+    parser.add_argument("--profile-top", type=int, default=profile_top)
+    parser.add_argument("--baseline", action="store_true", help=f"also run the committed {package}")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from inprocess import ROOT, NoDeadLetters, load_average, raw_message, run_child, say
+from inprocess import ROOT, load_average, raw_message, run_child, say, service_runtime
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,7 +37,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from contracts.topics import ORGS_COMMANDS
     from services.orgs.bootstrap import build
     from services.runtime.messaging import RawMessage
-    from services.runtime.settings import Settings
 
     doc = Document(title="基准测试批复", number="冀编〔2026〕99号", date=date(2026, 1, 1))
     approver = {"actorid": "bench", "actorregion": "130000", "actorroles": "approver"}
@@ -57,17 +55,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         return raw_message(ORGS_COMMANDS, cmd.envelope(source="/bench", **approver))
 
     with tempfile.TemporaryDirectory(prefix="bench-orgs-") as tmp:
-        os.environ["BIANZHI_ORGS_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp}/orgs.db"
-        rt = build(
-            Settings(
-                data_dir=Path(tmp),
-                kafka_bootstrap="localhost:1",
-                kafka_group_prefix="bench",
-                log_level="WARNING",
-            )
-        )
-        rt.command_consumer.dead_letter = NoDeadLetters()
-        await rt.migrate()
+        rt = await service_runtime(build, "orgs", f"sqlite+aiosqlite:///{tmp}/orgs.db", Path(tmp))
         try:
             statements = 0
 

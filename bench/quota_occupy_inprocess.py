@@ -35,7 +35,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from inprocess import NoDeadLetters, current_and_baseline, load_average, raw_message, say
+from inprocess import (
+    NoDeadLetters,
+    add_common_arguments,
+    current_and_baseline,
+    load_average,
+    raw_message,
+    say,
+    service_runtime,
+)
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,7 +58,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from services.quota.bootstrap import build
     from services.runtime.events import EventConsumer
     from services.runtime.messaging import RawMessage, event_routes
-    from services.runtime.settings import Settings
     from tests.support.databases import database
 
     doc = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
@@ -64,17 +71,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         os.environ["BIANZHI_TEST_POSTGRES_URL"] = args.postgres
     with tempfile.TemporaryDirectory(prefix="bench-quota-") as tmp:
         async with database(backend, Path(tmp), "quota") as url:
-            os.environ["BIANZHI_QUOTA_DATABASE_URL"] = url
-            rt = build(
-                Settings(
-                    data_dir=Path(tmp),
-                    kafka_bootstrap="localhost:1",
-                    kafka_group_prefix="bench",
-                    log_level="WARNING",
-                )
-            )
-            rt.command_consumer.dead_letter = NoDeadLetters()
-            await rt.migrate()
+            rt = await service_runtime(build, "quota", url, Path(tmp))
             try:
                 (sub,) = rt.definition.event_subscriptions
                 projection = EventConsumer(
@@ -208,14 +205,7 @@ def report(label: str, figures: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=1000, help="commands per batch size")
-    parser.add_argument("--batches", default="50,1", help="fetch sizes, comma-separated")
-    parser.add_argument("--orgs", type=int, default=24)
-    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to use")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile top list")
-    parser.add_argument("--profile-top", type=int, default=30)
-    parser.add_argument("--baseline", action="store_true", help="also run the committed quota")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    add_common_arguments(parser, per="commands", batches="50,1", package="quota", profile_top=30)
     args = parser.parse_args()
     if args.json:  # a child run: figures as JSON on the last line
         figures = asyncio.run(measure(args))

@@ -44,7 +44,15 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from inprocess import NoDeadLetters, current_and_baseline, load_average, raw_message, say
+from inprocess import (
+    NoDeadLetters,
+    add_common_arguments,
+    current_and_baseline,
+    load_average,
+    raw_message,
+    say,
+    service_runtime,
+)
 
 PHASES = ("command", "answer", "ignore")
 
@@ -72,7 +80,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from services.roster.bootstrap import build
     from services.runtime.events import EventConsumer
     from services.runtime.messaging import RawMessage, caused_envelope, event_routes
-    from services.runtime.settings import Settings
     from tests.support.databases import database
 
     doc = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
@@ -98,17 +105,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["BIANZHI_ROSTER_PERSONAL_DATA_KEY"] = base64.b64encode(os.urandom(32)).decode()
     with tempfile.TemporaryDirectory(prefix="bench-roster-") as tmp:
         async with database(backend, Path(tmp), "roster") as url:
-            os.environ["BIANZHI_ROSTER_DATABASE_URL"] = url
-            rt = build(
-                Settings(
-                    data_dir=Path(tmp),
-                    kafka_bootstrap="localhost:1",
-                    kafka_group_prefix="bench",
-                    log_level="WARNING",
-                )
-            )
-            rt.command_consumer.dead_letter = NoDeadLetters()
-            await rt.migrate()
+            rt = await service_runtime(build, "roster", url, Path(tmp))
             try:
                 consumers = {}
                 for sub in rt.definition.event_subscriptions:
@@ -298,12 +295,9 @@ def report(label: str, figures: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=1000, help="enrolments per fetch size")
-    parser.add_argument("--batches", default="100,10", help="fetch sizes, comma-separated")
-    parser.add_argument("--orgs", type=int, default=24)
-    parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to use")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile top list")
-    parser.add_argument("--profile-top", type=int, default=35)
+    add_common_arguments(
+        parser, per="enrolments", batches="100,10", package="roster", profile_top=35
+    )
     parser.add_argument("--sql", action="store_true", help="time each SQL statement (wall)")
     parser.add_argument(
         "--sqlite-inline",
@@ -311,8 +305,6 @@ def main() -> None:
         help="the sqlite_inline setting (SQLite statements on the event loop's thread); "
         "default: BIANZHI_SQLITE_INLINE, else on",
     )
-    parser.add_argument("--baseline", action="store_true", help="also run the committed roster")
-    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.json:  # a child run: figures as JSON on the last line
         figures = asyncio.run(measure(args))
