@@ -31,7 +31,7 @@ def definition() -> ServiceDefinition:
         migrations_dir=Path(__file__).parent / "migrations",
         register_queries=register_queries,
         # Quota's answers to the merge and abolish sagas' steps.
-        event_subscriptions=(EventSubscription(COMMAND_RESULTS, RESULT_ROUTES, saga_answers=True),),
+        event_subscriptions=(EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),),
     )
 
 

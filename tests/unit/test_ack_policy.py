@@ -79,13 +79,15 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
 
 @pytest.mark.parametrize(
     ("service", "wait_kind"),
-    [("orgs", "command"), ("roster", "command"), ("quota", "event"), ("notify", "event")],
+    [("roster", "command"), ("orgs", "event"), ("quota", "event"), ("notify", "event")],
 )
 def test_a_projection_that_receives_saga_answers_fetches_as_fast_as_commands(
     tmp_path: Path, service: str, wait_kind: str
 ) -> None:
-    # Orgs and roster read the answers to their saga steps among their projections: a saga
-    # waits on that fetch as a command does. Quota and notify only follow other services.
+    # The roster reads the answers to its enrolment, transfer and release steps among its
+    # projections: a saga waits on that fetch as a command does. Orgs' sagas (merge, abolish)
+    # are rare and its projection would wake for every result of its own; quota and notify
+    # only follow other services.
     import importlib
 
     settings = service_settings(
