@@ -47,7 +47,6 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
-    Insert,
     MetaData,
     Select,
     String,
@@ -56,14 +55,13 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from contracts.audit import CHECKPOINTS, AuditCheckpoint
 from contracts.codes import ReasonCode
 from contracts.envelope import Envelope, now
 from services.runtime import metrics
+from services.runtime.db import ignoring_duplicates
 from services.runtime.security_settings import SecuritySettings
 from services.runtime.signing import (
     b64url,
@@ -251,7 +249,6 @@ class AuditLog:
         t = table
         self._select_head: Select[Any] = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
         self._insert = t.insert()
-        self._inserts_after_known: dict[str, Insert] = {}
 
     def remember(self, head: AuditRecord) -> None:
         """``head`` was committed: the next append may chain after it without reading the
@@ -263,8 +260,7 @@ class AuditLog:
         """Chain ``entries`` after the current head inside the caller's transaction."""
         if not entries:
             return []
-        dialect = _dialect(db)
-        if dialect == "postgresql":
+        if _dialect(db) == "postgresql":
             # Held until the transaction ends: the next appender reads the head we leave.
             await db.execute(
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(self.table)}
@@ -272,7 +268,7 @@ class AuditLog:
         known = self._known_head
         if known is not None:
             records = _chain(entries, *known)
-            if await self._insert_after_known(db, dialect, records):
+            if await self._insert_after_known(db, records):
                 return records
             self._known_head = None
         row = (await db.execute(self._select_head)).first()
@@ -280,16 +276,10 @@ class AuditLog:
         await db.execute(self._insert, [r.row() for r in records])
         return records
 
-    async def _insert_after_known(
-        self, db: Database, dialect: str, records: list[AuditRecord]
-    ) -> bool:
+    async def _insert_after_known(self, db: Database, records: list[AuditRecord]) -> bool:
         """Write ``records``, chained after the remembered head, unless the chain has grown
         past it; ``False`` (and nothing written) when it has."""
-        stmt = self._inserts_after_known.get(dialect)
-        if stmt is None:
-            insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-            stmt = insert_fn(self.table).on_conflict_do_nothing().returning(self.table.c.seq)
-            self._inserts_after_known[dialect] = stmt
+        stmt = ignoring_duplicates(db, self.table, returning=self.table.c.seq)
         written = (await db.execute(stmt, [r.row() for r in records])).scalars().all()
         if len(written) == len(records):
             return True

@@ -8,17 +8,18 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
-from sqlalchemy import Insert, Table, event
+from sqlalchemy import Column, Insert, Table, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -292,6 +293,29 @@ def insert_ignoring_duplicates(
     if values is not None:
         stmt = stmt.values(list(values))
     return stmt.on_conflict_do_nothing(index_elements=list(on) if on else None)
+
+
+def ignoring_duplicates(
+    bind: AsyncSession | AsyncConnection,
+    table: Table,
+    *,
+    on: Sequence[str] | None = None,
+    returning: Column[Any] | None = None,
+) -> Insert:
+    """``insert_ignoring_duplicates`` for hot paths: built once per dialect and table, its rows
+    given at execution (``session.execute(stmt, rows)``); building a statement with its values,
+    and its cache key from them, every time costs more than running it."""
+    dialect = (bind if isinstance(bind, AsyncConnection) else bind.get_bind()).dialect.name
+    return _ignoring_duplicates(dialect, table, tuple(on) if on else None, returning)
+
+
+@cache
+def _ignoring_duplicates(
+    dialect: str, table: Table, on: tuple[str, ...] | None, returning: Column[Any] | None
+) -> Insert:
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert_fn(table).on_conflict_do_nothing(index_elements=list(on) if on else None)
+    return stmt if returning is None else stmt.returning(returning)
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

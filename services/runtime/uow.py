@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import SERVICES, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates
 from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
 
@@ -135,13 +135,9 @@ class UnitOfWork:
             }
             for env in envelopes
         ]
-        dialect = self.session.get_bind().dialect.name
-        stmt = _CLAIMS.get((inbox, dialect))
-        if stmt is None:
-            stmt = insert_ignoring_duplicates(
-                self.session, inbox, on=["consumer", "message_id"]
-            ).returning(inbox.c.message_id)
-            _CLAIMS[(inbox, dialect)] = stmt
+        stmt = ignoring_duplicates(
+            self.session, inbox, on=["consumer", "message_id"], returning=inbox.c.message_id
+        )
         return set((await self.session.execute(stmt, rows)).scalars())
 
     async def stored_results(self, command_ids: list[str]) -> dict[str, bytes]:
@@ -254,7 +250,6 @@ class UnitOfWork:
 # Statements built once, values passed as parameters: building a statement with its values
 # (and its cache key from them) in every transaction cost more than running it.
 _INSERTS: dict[Table, Insert] = {}
-_CLAIMS: dict[tuple[Table, str], Insert] = {}
 
 
 def _insert(table: Table) -> Insert:

@@ -6,14 +6,14 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Insert, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Funding, OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.orgs.adapters.orm import org_history, org_units, orgs
 from services.orgs.domain.model import Org, Unit
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates
 from services.runtime.rules import TransientError
 
 
@@ -82,7 +82,7 @@ class OrgRepository:
         stamp = now()
         inserted = (
             await self.session.execute(
-                _add_statement(self.session),
+                ignoring_duplicates(self.session, orgs, on=["org_id"], returning=orgs.c.org_id),
                 {**_columns(org), "created_at": stamp, "updated_at": stamp, "version": 1},
             )
         ).scalar_one_or_none()
@@ -164,19 +164,9 @@ class ConcurrentChange(TransientError):
         super().__init__(f"org {org_id} changed concurrently")
 
 
-# Built once per dialect, values passed as parameters: building the statement with its values
-# each time (and its cache key from them) cost more than running it.
-_ADD: dict[str, Insert] = {}
+# Built once, values passed as parameters: building the statement with its values each time
+# (and its cache key from them) cost more than running it.
 _INSERT_HISTORY = insert(org_history)
-
-
-def _add_statement(session: AsyncSession) -> Insert:
-    dialect = session.get_bind().dialect.name
-    stmt = _ADD.get(dialect)
-    if stmt is None:
-        stmt = insert_ignoring_duplicates(session, orgs, on=["org_id"]).returning(orgs.c.org_id)
-        _ADD[dialect] = stmt
-    return stmt
 
 
 def _columns(org: Org) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
-    Insert,
     Row,
     bindparam,
     delete,
@@ -25,8 +24,6 @@ from sqlalchemy import (
     union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import Category, Funding, LeaderPost, OrgKind, OrgStatus
@@ -51,7 +48,7 @@ from services.quota.domain.model import (
     NoticeStatus,
     OrgRef,
 )
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates
 
 ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
@@ -65,18 +62,6 @@ ORG_LEVEL = ""
 def _param(name: str, column: Any) -> Any:
     """A bound parameter typed as ``column`` (so its value is processed as the column's)."""
     return bindparam(name, type_=column.type)
-
-
-def _ignoring_duplicates(table: Any, returning: Any) -> dict[str, Insert]:
-    """``INSERT … ON CONFLICT DO NOTHING RETURNING …`` per dialect, values given at execution."""
-    return {
-        "postgresql": pg_insert(table).on_conflict_do_nothing().returning(returning),
-        "sqlite": sqlite_insert(table).on_conflict_do_nothing().returning(returning),
-    }
-
-
-def _dialect(session: AsyncSession) -> str:
-    return "postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"
 
 
 _ORG_GET = select(org_projection).where(org_projection.c.org_id == bindparam("b_org_id"))
@@ -181,14 +166,12 @@ _NOTICE_GIVE_BACK = (
     .returning(*notices.c)
 )
 
-_CLAIM_REQUEST = _ignoring_duplicates(slot_requests, slot_requests.c.request_id)
 _REQUEST_GET = select(slot_requests).where(slot_requests.c.request_id == bindparam("b_request_id"))
 _REQUEST_DONE = (
     update(slot_requests)
     .where(slot_requests.c.request_id == bindparam("b_request_id"))
     .values(event_id=bindparam("b_event_id"), event_type=bindparam("b_event_type"))
 )
-_SLOT_ADD = _ignoring_duplicates(slots, slots.c.person_id)
 _SLOT_HELD_BY = select(slots).where(slots.c.person_id == bindparam("b_person_id"))
 _SLOT_REMOVE = (
     delete(slots)
@@ -773,7 +756,6 @@ class Slots:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-        self._dialect = _dialect(session)
 
     async def claim_request(
         self,
@@ -791,7 +773,9 @@ class Slots:
         ``request_done`` sets them)."""
         row = (
             await self.session.execute(
-                _CLAIM_REQUEST[self._dialect],
+                ignoring_duplicates(
+                    self.session, slot_requests, returning=slot_requests.c.request_id
+                ),
                 {
                     "request_id": str(request_id),
                     "request_type": request_type,
@@ -835,7 +819,7 @@ class Slots:
         """Record the slot ``person_id`` now holds; ``False`` if they hold one already."""
         row = (
             await self.session.execute(
-                _SLOT_ADD[self._dialect],
+                ignoring_duplicates(self.session, slots, returning=slots.c.person_id),
                 {
                     "person_id": str(person_id),
                     "org_id": str(org_id),

@@ -16,14 +16,14 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import Insert, bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates
 
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
 _BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
@@ -58,18 +58,6 @@ _BY_REQUEST = select(sagas).where(
     (sagas.c.step_request_id == bindparam("request_id"))
     | (sagas.c.compensation_request_id == bindparam("request_id"))
 )
-# A new person, unless the blind index (or the person id) is taken: per dialect.
-_ADD: dict[str, Insert] = {}
-
-
-def _add_person(session: AsyncSession) -> Insert:
-    dialect = session.get_bind().dialect.name
-    stmt = _ADD.get(dialect)
-    if stmt is None:
-        stmt = _ADD[dialect] = insert_ignoring_duplicates(session, people).returning(
-            people.c.person_id
-        )
-    return stmt
 
 
 @dataclass(frozen=True)
@@ -153,7 +141,9 @@ class People:
         stamp = now()
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
         return (
-            await self.session.execute(_add_person(self.session), row)
+            await self.session.execute(
+                ignoring_duplicates(self.session, people, returning=people.c.person_id), row
+            )
         ).one_or_none() is not None
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
