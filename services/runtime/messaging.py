@@ -90,9 +90,10 @@ class HandlerContext:
     def actor_region(self) -> str:
         return self.envelope.actorregion or ""
 
-    def emit(self, event: Event, *, subject: str | None = None) -> Envelope:
-        """Queue ``event``; it is written to the outbox with the handler's transaction."""
-        env = caused_envelope(event, self.envelope, source=self.source, subject=subject)
+    def emit(self, event: Event, *, subject: str | None = None, id: str | None = None) -> Envelope:
+        """Queue ``event``; it is written to the outbox with the handler's transaction. ``id``:
+        the event's id when the handler chose it beforehand (a new one otherwise)."""
+        env = caused_envelope(event, self.envelope, source=self.source, subject=subject, id=id)
         self.emitted.append((env, event.TOPIC))
         return env
 

@@ -39,7 +39,7 @@ from contracts.quota import (
 from services.quota.adapters.repository import unit_of
 from services.quota.domain import model
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
-from services.runtime.messaging import CommandRoute, HandlerContext, caused_envelope
+from services.runtime.messaging import CommandRoute, HandlerContext
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.quota.handlers")
@@ -590,13 +590,6 @@ async def _record_slot(
     )
 
 
-def _emit_with_id(ctx: HandlerContext, event: SlotOccupied, event_id: str) -> Envelope:
-    """``ctx.emit`` of an event whose id was chosen beforehand."""
-    env = caused_envelope(event, ctx.envelope, source=ctx.source, id=event_id)
-    ctx.emitted.append((env, event.TOPIC))
-    return env
-
-
 async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
     # The request is claimed with the id of the event it ends with: a rejection rolls both
     # back, so the claim needs no second statement to mark it done.
@@ -622,8 +615,7 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
         unit_id=cmd.unit_id,
         on=on,
     )
-    event = _emit_with_id(
-        ctx,
+    event = ctx.emit(
         SlotOccupied(
             request_id=cmd.request_id,
             person_id=cmd.person_id,
@@ -634,7 +626,7 @@ async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext
             unit_id=cmd.unit_id,
             occupied=occupied,
         ),
-        event_id,
+        id=event_id,
     )
     after = {"occupied": occupied, "notice_no": cmd.notice_no, "person_id": str(cmd.person_id)}
     if cmd.leader_post:
