@@ -233,6 +233,7 @@ class ServiceRuntime:
             self.sessions,
             self.definition.tables,
             on_commit=self.relay.wake,
+            hand_over=self.relay.hand_over if self.relay.takes_hand_over else None,
             write_lock=self.write_lock,
             source=self.source,
             auditor=self.auditor,

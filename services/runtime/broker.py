@@ -26,7 +26,7 @@ from faststream.security import (
 )
 
 from services.runtime.messaging import RawMessage
-from services.runtime.relay import OutboxRecord
+from services.runtime.relay import OutboxRecord, PublishBatch
 from services.runtime.settings import Settings
 
 # The longest an idle batch subscriber waits in one poll (see ``subscribe``).
@@ -211,10 +211,11 @@ def subscribe(
     return subscriber(on_batch)
 
 
-def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], Awaitable[None]]:
-    """Publish outbox rows in order through ``broker``; returns once every row is acknowledged."""
+def outbox_publisher(broker: KafkaBroker) -> PublishBatch:
+    """Publish outbox rows in order through ``broker``: returns once every row is queued in the
+    producer, with the acknowledgement of them all to await (see ``PublishBatch``)."""
 
-    async def publish(records: Sequence[OutboxRecord]) -> None:
+    async def publish(records: Sequence[OutboxRecord]) -> Awaitable[None]:
         futures = []
         for rec in records:
             fut = await broker.publish(
@@ -226,7 +227,7 @@ def outbox_publisher(broker: KafkaBroker) -> Callable[[Sequence[OutboxRecord]], 
                 no_confirm=True,
             )
             futures.append(fut)
-        await asyncio.gather(*futures)
+        return asyncio.gather(*futures)
 
     return publish
 

@@ -11,6 +11,15 @@ write transaction makes the handlers queue for SQLite's single write lock. A cra
 that many published rows unmarked; they are published again on the next start, as any row a
 crash leaves between publish and mark.
 
+Also on SQLite, a unit of work hands the rows it committed straight to the relay
+(``hand_over``), and the relay publishes them without reading them back when they follow the
+last row it published (seq order is commit order there); anything else (a gap, rows written
+by someone else, a start) is read from the table as before. A pass does not wait for the
+broker's acknowledgement of the previous one: the records are queued in order, their
+acknowledgements are awaited in order by a task of their own, and only acknowledged rows are
+marked. A failed acknowledgement makes the relay publish again from the first row of that
+pass, as after a crash.
+
 On PostgreSQL several replicas may run a relay; a transaction-scoped advisory lock lets one of them
 publish at a time, so one key's rows never overtake each other, and ``FOR UPDATE SKIP LOCKED``
 keeps a stalled lock holder from blocking the rest of the table.
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,8 +58,23 @@ class OutboxRecord:
     correlation_id: str | None = None
 
 
-PublishBatch = Callable[[Sequence[OutboxRecord]], Awaitable[None]]
-"""Publishes records in order and returns once the broker acknowledged every one."""
+PublishBatch = Callable[[Sequence[OutboxRecord]], Awaitable[Awaitable[None] | None]]
+"""Queues records for the broker in order and returns once they are queued: with an awaitable
+of the broker's acknowledgement of every one, or ``None`` when they are acknowledged already."""
+
+
+async def publish_acknowledged(publish: PublishBatch, records: Sequence[OutboxRecord]) -> None:
+    """Publish ``records`` and return once the broker acknowledged every one."""
+    ack = await publish(records)
+    if ack is not None:
+        await ack
+
+
+def _retrieve(ack: Awaitable[None] | None) -> None:
+    # An acknowledgement nobody will await any more: its failure is handled (the rows are
+    # published again), so keep asyncio from reporting it as never retrieved.
+    if isinstance(ack, asyncio.Future):
+        ack.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 class OutboxRelay:
@@ -70,6 +95,8 @@ class OutboxRelay:
         mark_batch: int = 2000,
         # How often a running relay purges rows past retention (None: only when asked).
         purge_interval_s: float | None = 300.0,
+        # SQLite: how many passes may wait for their acknowledgement while the next is sent.
+        max_unacknowledged: int = 8,
     ) -> None:
         self.service = service
         self.sessions = sessions
@@ -95,6 +122,15 @@ class OutboxRelay:
         self._rewind_to: int | None = None
         self._marks: list[int] = []
         self._marker: asyncio.Task[None] | None = None
+        # Rows handed over by the transactions that committed them, in commit order.
+        self._handed: deque[OutboxRecord] = deque()
+        self._handed_limit = 4 * batch_size
+        # Passes sent and not yet acknowledged, oldest first: (seqs, acknowledgement).
+        self.max_unacknowledged = max_unacknowledged
+        self._unacked: deque[tuple[list[int], Awaitable[None] | None]] = deque()
+        self._acker: asyncio.Task[None] | None = None
+        self._acked = asyncio.Event()
+        self._failure: BaseException | None = None
         self._mark_now = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -108,6 +144,31 @@ class OutboxRelay:
     def wake(self) -> None:
         """Tell the relay new rows were committed (it also polls)."""
         self._wake.set()
+
+    @property
+    def takes_hand_over(self) -> bool:
+        """Whether committed rows may be handed over (SQLite: seq order is commit order)."""
+        return self._sqlite
+
+    def hand_over(self, records: Sequence[OutboxRecord]) -> None:
+        """Rows a transaction just committed, in seq order; called in commit order."""
+        if len(self._handed) + len(records) > self._handed_limit:
+            # The relay is behind (a slow broker): it reads the table until it catches up.
+            self._handed.clear()
+        else:
+            self._handed.extend(records)
+        self._wake.set()
+
+    def _take_handed(self) -> list[OutboxRecord]:
+        """The handed-over rows that follow the last one published, up to ``batch_size``."""
+        handed, upto = self._handed, self._published_upto
+        while handed and handed[0].seq <= upto:
+            handed.popleft()
+        taken: list[OutboxRecord] = []
+        while handed and len(taken) < self.batch_size and handed[0].seq == upto + 1:
+            taken.append(handed.popleft())
+            upto += 1
+        return taken
 
     def start(self) -> None:
         if self._task is None:
@@ -126,12 +187,14 @@ class OutboxRelay:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            if self._acker is not None:
+                await asyncio.wait_for(asyncio.shield(self._acker), drain_timeout_s)
             self._mark_now.set()
             if self._marker is not None:
                 await asyncio.wait_for(asyncio.shield(self._marker), drain_timeout_s)
         except TimeoutError:
             log.warning("outbox relay did not drain in time; rows stay for the next start")
-            for task in (self._task, self._marker):
+            for task in (self._task, self._acker, self._marker):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -187,23 +250,58 @@ class OutboxRelay:
         # never waits on the write lock: marks are written by a task of their own.
         if self._rewind_to is not None:
             self._published_upto, self._rewind_to = self._rewind_to, None
-        async with self.read_sessions() as session:
-            rows = (
-                await session.execute(self._select_after, {"after": self._published_upto})
-            ).all()
-        if not rows:
-            metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
-            return 0
-        records = [_record(r) for r in rows]
-        await self.publish(records)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure  # the pass "failed": the run loop retries after its delay
+        records = self._take_handed()
+        if not records:
+            async with self.read_sessions() as session:
+                rows = (
+                    await session.execute(self._select_after, {"after": self._published_upto})
+                ).all()
+            if not rows:
+                metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
+                return 0
+            records = [_record(r) for r in rows]
+        while len(self._unacked) >= self.max_unacknowledged:
+            self._acked.clear()
+            await self._acked.wait()
+            if self._rewind_to is not None:
+                return 0  # an acknowledgement failed: the next pass starts from there
+        ack = await self.publish(records)
         self._published_upto = records[-1].seq
-        self._marks.extend(r.seq for r in records)
-        if len(self._marks) >= self.mark_batch:
-            self._mark_now.set()
-        if self._marker is None or self._marker.done():
-            self._marker = asyncio.create_task(self._mark_pending())
+        self._unacked.append(([r.seq for r in records], ack))
+        if self._acker is None or self._acker.done():
+            self._acker = asyncio.create_task(self._await_acks())
         self._published(len(records))
         return len(records)
+
+    async def _await_acks(self) -> None:
+        """Await the passes' acknowledgements in order; acknowledged rows are marked."""
+        while self._unacked:
+            seqs, ack = self._unacked[0]
+            try:
+                if ack is not None:
+                    await ack
+            except Exception as exc:
+                # Some of these rows may not have reached the broker: publish again from the
+                # first of them, as after a crash (consumers' inboxes make repeats harmless).
+                log.warning("outbox rows were not acknowledged; publishing again", error=repr(exc))
+                for _, later in self._unacked:
+                    _retrieve(later)
+                self._unacked.clear()
+                self._rewind_to = min(seqs) - 1
+                self._failure = exc
+                self._acked.set()
+                self._wake.set()
+                return
+            self._unacked.popleft()
+            self._acked.set()
+            self._marks.extend(seqs)
+            if len(self._marks) >= self.mark_batch:
+                self._mark_now.set()
+            if self._marker is None or self._marker.done():
+                self._marker = asyncio.create_task(self._mark_pending())
 
     async def _mark_pending(self) -> None:
         while self._marks:
@@ -239,7 +337,7 @@ class OutboxRelay:
                 metrics.OUTBOX_BACKLOG.labels(self.service).set(0)
                 return 0
             records = [_record(r) for r in rows]
-            await self.publish(records)
+            await publish_acknowledged(self.publish, records)
             await self._mark(session, [r.seq for r in records])
         self._published(len(records))
         return len(records)
@@ -324,7 +422,7 @@ class OutboxRelay:
             if not rows:
                 return done
             records = [_record(r) for r in rows]
-            await self.publish(records)
+            await publish_acknowledged(self.publish, records)
             done += len(records)
             last_seq = records[-1].seq
             if progress is not None:

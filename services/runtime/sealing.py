@@ -10,7 +10,7 @@ the key; it is not published); dead letters of its commands are sealed for good
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
@@ -88,7 +88,7 @@ def opened(record: OutboxRecord, sealer: Sealer | None) -> OutboxRecord:
 def opening_publisher(publish: PublishBatch, sealer: Sealer | None) -> PublishBatch:
     """``publish`` that opens sealed rows first."""
 
-    async def publish_opened(records: Sequence[OutboxRecord]) -> None:
-        await publish([opened(r, sealer) for r in records])
+    async def publish_opened(records: Sequence[OutboxRecord]) -> Awaitable[None] | None:
+        return await publish([opened(r, sealer) for r in records])
 
     return publish_opened

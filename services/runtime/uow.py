@@ -4,7 +4,7 @@ transaction."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -16,6 +16,7 @@ from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import SERVICES, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
 from services.runtime.db import ignoring_duplicates
+from services.runtime.relay import OutboxRecord
 from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
 
@@ -36,6 +37,7 @@ class UnitOfWork:
         tables: MessagingTables,
         *,
         on_commit: Callable[[], None] | None = None,
+        hand_over: Callable[[Sequence[OutboxRecord]], None] | None = None,
         write_lock: asyncio.Lock | None = None,
         source: str = "",
         auditor: CommandAuditor | None = None,
@@ -59,6 +61,8 @@ class UnitOfWork:
         self._write_lock = write_lock
         self.tables = tables
         self._on_commit = on_commit
+        # Given (SQLite), the outbox rows a commit wrote go straight to the relay with their seq.
+        self._hand_over = hand_over
         self._staged: list[dict[str, Any]] = []
         self._session: AsyncSession | None = None
         self.committed = False
@@ -228,16 +232,46 @@ class UnitOfWork:
     async def commit(self) -> None:
         await self._write_deferred()
         await self._append_audit()
-        if self._staged:
-            await self.session.execute(_insert(self.tables.outbox), self._staged)
+        staged, seqs = self._staged, []
+        if staged:
+            if self._hand_over is None:
+                await self.session.execute(_insert(self.tables.outbox), staged)
+            else:
+                seqs = await self._insert_outbox_numbered(staged)
         await self.session.commit()
         self.committed = True
         self._staged = []
         if self._audit_head is not None and self._auditor is not None:
             self._auditor.committed(self._audit_head)
             self._audit_head = None
+        if seqs and self._hand_over is not None:
+            self._hand_over(
+                [
+                    OutboxRecord(
+                        seq=seq,
+                        topic=row["topic"],
+                        key=row["key"],
+                        value=row["value"],
+                        headers=row["headers"],
+                        correlation_id=row["correlation_id"],
+                    )
+                    for seq, row in zip(seqs, staged, strict=True)
+                ]
+            )
         if self._on_commit is not None:
             self._on_commit()
+
+    async def _insert_outbox_numbered(self, rows: list[dict[str, Any]]) -> list[int]:
+        """Insert outbox rows and return their seqs in the order of ``rows``.
+
+        Only with ``hand_over`` (SQLite, one writer at a time): the rows of one insert are
+        numbered in the order given, so the returned numbers sorted are theirs in order.
+        """
+        outbox = self.tables.outbox
+        stmt = _RETURNING_SEQ.get(outbox)
+        if stmt is None:
+            stmt = _RETURNING_SEQ[outbox] = insert(outbox).returning(outbox.c.seq)
+        return sorted((await self.session.execute(stmt, rows)).scalars())
 
     async def rollback(self) -> None:
         self._forget_deferred()
@@ -250,6 +284,7 @@ class UnitOfWork:
 # Statements built once, values passed as parameters: building a statement with its values
 # (and its cache key from them) in every transaction cost more than running it.
 _INSERTS: dict[Table, Insert] = {}
+_RETURNING_SEQ: dict[Table, Insert] = {}
 
 
 def _insert(table: Table) -> Insert:

@@ -1,17 +1,20 @@
-"""The outbox relay's marks, and the SQLite connection under every unit of work.
+"""The outbox relay's marks and hand-over, and the SQLite connection under every unit of work.
 
 On SQLite the relay marks published rows lazily (at most once per ``mark_interval_s``, sooner when
 many rows wait, always before ``stop()`` returns); on PostgreSQL it marks in the transaction that
 holds its advisory lock. Either way: every row is published once per pass in seq order, and every
-published row ends up marked. The SQLite connection takes one trip to its thread per statement;
-its transactions must behave exactly as the driver's own.
+published row ends up marked. On SQLite, rows a unit of work hands over are published without
+reading them back, and a pass goes out before the previous one is acknowledged. The SQLite
+connection takes one trip to its thread per statement; its transactions must behave exactly as
+the driver's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from contracts.envelope import Envelope, new_id, now
 from contracts.topics import ORGS_EVENTS
 from services.orgs.adapters.orm import messaging
+from services.orgs.bootstrap import build
 from services.runtime.app import ServiceRuntime
-from services.runtime.relay import OutboxRecord, OutboxRelay
+from services.runtime.relay import OutboxRecord, OutboxRelay, PublishBatch
+from services.runtime.uow import UnitOfWork
+from tests.conftest import service_settings
 
 
 def _envelope(n: int) -> Envelope:
@@ -50,21 +56,59 @@ async def _unmarked(runtime: ServiceRuntime) -> int:
         )
 
 
-def _relay(runtime: ServiceRuntime, sent: list[OutboxRecord], **kwargs: Any) -> OutboxRelay:
-    async def publish(records: Sequence[OutboxRecord]) -> None:
+def _relay(
+    runtime: ServiceRuntime,
+    sent: list[OutboxRecord],
+    publish: PublishBatch | None = None,
+    **kwargs: Any,
+) -> OutboxRelay:
+    async def record(records: Sequence[OutboxRecord]) -> None:
         sent.extend(records)
 
+    options: dict[str, Any] = {"poll_interval_s": 0.05, **kwargs}
     return OutboxRelay(
         service="orgs",
         engine=runtime.engine,
         sessions=runtime.sessions,
         tables=messaging,
-        publish=publish,
-        poll_interval_s=0.05,
+        publish=publish or record,
         write_lock=runtime.write_lock,
         read_sessions=runtime.read_sessions,
-        **kwargs,
+        **options,
     )
+
+
+async def _write_handed_over(
+    runtime: ServiceRuntime, relay: OutboxRelay, count: int, key: str = "k"
+) -> list[str]:
+    """Rows committed by a unit of work wired to ``relay`` as a service's are."""
+    envelopes = [_envelope(n) for n in range(count)]
+    uow = UnitOfWork(
+        runtime.sessions,
+        messaging,
+        on_commit=relay.wake,
+        hand_over=relay.hand_over if relay.takes_hand_over else None,
+        write_lock=runtime.write_lock,
+    )
+    async with uow:
+        for env in envelopes:
+            uow.stage(env, ORGS_EVENTS, key)
+        await uow.commit()
+    return [e.id for e in envelopes]
+
+
+@pytest.fixture
+async def sqlite_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ServiceRuntime]:
+    monkeypatch.setenv("BIANZHI_ORGS_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'orgs.db'}")
+    rt = build(service_settings(tmp_path, "localhost:1"))
+    await rt.migrate()
+    try:
+        yield rt
+    finally:
+        await rt.engine.dispose()
+        await rt.read_engine.dispose()
 
 
 async def _until(check: Any, timeout: float = 20.0) -> None:
@@ -210,3 +254,89 @@ async def test_purge_keeps_the_newest_row_so_numbering_goes_on(runtime: ServiceR
     assert kept == [sent[3].seq]
     assert Envelope.from_bytes(sent[4].value).id == fresh[0]
     assert sent[4].seq > sent[3].seq
+
+
+async def test_rows_handed_over_are_published_without_reading_them_back(
+    runtime: ServiceRuntime,
+) -> None:
+    sent: list[OutboxRecord] = []
+    relay = _relay(runtime, sent, mark_interval_s=0.01)
+    reads = 0
+    real_reads = runtime.read_sessions
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return real_reads()
+
+    relay.read_sessions = counted  # type: ignore[assignment]
+    # Passes run one at a time here, each right after its commit.
+    assert await relay.publish_once() == 0  # nothing handed over yet: the table is read
+    ids = await _write_handed_over(runtime, relay, 5)
+    assert await relay.publish_once() == 5
+    more = await _write_handed_over(runtime, relay, 3)
+    assert await relay.publish_once() == 3
+    await _until(lambda: _is_zero(_unmarked(runtime)))
+    assert [Envelope.from_bytes(r.value).id for r in sent] == ids + more
+    assert [r.seq for r in sent] == sorted(r.seq for r in sent)
+    # SQLite: only the first pass read the table. PostgreSQL takes no hand-over: its relay
+    # reads under its advisory lock, not through read sessions.
+    assert relay.takes_hand_over == (runtime.write_lock is not None)
+    assert reads == (1 if relay.takes_hand_over else 0)
+
+
+async def test_rows_the_relay_was_not_handed_are_read_and_published_in_order(
+    runtime: ServiceRuntime,
+) -> None:
+    sent: list[OutboxRecord] = []
+    relay = _relay(runtime, sent, poll_interval_s=3600)
+    relay.start()
+    try:
+        # Committed by a unit of work wired to another relay (another writer, a CLI): a gap
+        # before the rows handed over next, so the relay reads the table.
+        first = await _write_rows(runtime, 3)
+        then = await _write_handed_over(runtime, relay, 2)
+        await _until(lambda: _count_sent(sent, 5))
+    finally:
+        await relay.stop()
+    assert [Envelope.from_bytes(r.value).id for r in sent] == first + then
+    assert await _unmarked(runtime) == 0
+
+
+async def test_a_pass_goes_out_before_the_last_is_acknowledged_and_a_failed_one_goes_again(
+    sqlite_runtime: ServiceRuntime,
+) -> None:
+    runtime = sqlite_runtime
+    passes: list[list[str]] = []
+    acks: list[asyncio.Future[None]] = []
+
+    async def publish(records: Sequence[OutboxRecord]) -> Awaitable[None]:
+        passes.append([Envelope.from_bytes(r.value).id for r in records])
+        acks.append(asyncio.get_running_loop().create_future())
+        return acks[-1]
+
+    relay = _relay(runtime, [], publish, poll_interval_s=3600, mark_interval_s=0.01)
+    relay.start()
+    try:
+        first = await _write_handed_over(runtime, relay, 3)
+        await _until(lambda: _is_true(len(passes) == 1))
+        second = await _write_handed_over(runtime, relay, 2)
+        # Sent while the first pass still waits for the broker.
+        await _until(lambda: _is_true(len(passes) == 2))
+        assert not acks[0].done()
+        assert passes == [first, second]
+        assert await _unmarked(runtime) == 5  # nothing acknowledged, nothing marked
+        acks[0].set_exception(ConnectionResetError("broker went away"))
+        acks[1].set_result(None)
+        # The failed pass goes again from its first row (the second with it, as after a crash).
+        await _until(lambda: _is_true(len(passes) == 3))
+        assert passes[2] == first + second
+        acks[2].set_result(None)
+        await _until(lambda: _is_zero(_unmarked(runtime)))
+    finally:
+        await relay.stop()
+    assert len(passes) == 3
+
+
+async def _is_true(value: bool) -> bool:
+    return value

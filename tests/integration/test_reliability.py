@@ -493,11 +493,11 @@ async def test_shutdown_drains_the_in_flight_handler(
         relay = runtime.relay
         real_publish, real_stop = relay.publish, relay.stop
 
-        async def publish(records: Any) -> None:
+        async def publish(records: Any) -> Any:
             if any(quick.id.encode() in r.value for r in records):
                 quick_publishing.set()
                 await relay_stopping.wait()
-            await real_publish(records)
+            return await real_publish(records)
 
         async def stop(drain_timeout_s: float = 10.0) -> None:
             relay_stopping.set()
