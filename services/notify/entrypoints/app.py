@@ -8,4 +8,4 @@ from services.notify.bootstrap import build
 
 
 def create_app() -> AsgiFastStream:
-    return build().app
+    return build().process_app()
