@@ -5,13 +5,18 @@ stage — region limits, organs, the institutions under them, quota and leader p
 notices, people — each stage waiting for the results of the one before. A stage whose service
 does not answer stops the demo with a clear summary instead of hanging (the batch's stall
 timeout). Running it again is harmless: every command id is derived from seed, scope and key.
+The plan is dated (notice numbers, ages): a data directory remembers the date its first demo of
+a scope and seed was loaded on (`demo.json`), so a run in a later year loads the same plan again
+instead of a second province beside the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 from contracts import identifiers
@@ -50,6 +55,7 @@ SOURCE = f"{CLI_SOURCE}/demo"
 # projection caught up is `not_found`, and is retried under a new (deterministic) id.
 CATCH_UP = RetryPolicy(frozenset({ReasonCode.NOT_FOUND.value}), attempts=40, delay_s=0.5)
 RETRIED_STAGES = frozenset({"quota", "notices", "people"})
+DEMO_FILE = "demo.json"
 
 
 def register(subcommands: Any) -> None:
@@ -82,7 +88,10 @@ def register(subcommands: Any) -> None:
         "--as-of",
         type=date.fromisoformat,
         metavar="DATE",
-        help="the day the data is dated (default: today, China Standard Time)",
+        help=(
+            "the day the data is dated (default: the day the first demo of this scope and seed "
+            "was loaded from this data directory, else today, China Standard Time)"
+        ),
     )
     parser.add_argument("--actor", default="bianzhi-demo", metavar="ID", help="the acting user")
     add_broker_options(parser)
@@ -112,8 +121,13 @@ def run(args: argparse.Namespace) -> int:
     if within is None or not within.current:
         raise CliError(f"--within {args.within!r}: expected a current GB/T 2260 division code")
     settings = broker_settings(args)
-    as_of = args.as_of or office_today()
+    as_of, remembered = demo_date(settings.data_dir, within.code, args.seed, args.as_of)
     say(f"demo of {within.name} ({within.code}): {args.people} people, seed {args.seed}")
+    if remembered:
+        say(
+            f"dated {as_of.isoformat()}, as the demo loaded before from {settings.data_dir} "
+            "(--as-of to date it otherwise)"
+        )
     plan = demo_data.build_plan(args.people, seed=args.seed, within=within.code, as_of=as_of)
     say(
         f"{len(plan.orgs)} orgs, {len(plan.limits)} region limits, {len(plan.quotas)} quotas, "
@@ -134,6 +148,40 @@ def run(args: argparse.Namespace) -> int:
     )
     print_json(summary, pretty=True)
     return exit_status(summary)
+
+
+def demo_date(data_dir: Path, within: str, seed: int, given: date | None) -> tuple[date, bool]:
+    """The day the plan is dated, and whether it is the one ``data_dir`` remembered.
+
+    ``given`` (``--as-of``) wins. Otherwise the date of the first demo of this scope and seed
+    loaded from ``data_dir``, so that running it again in a later year sends the same commands
+    (same ids, no second effect) instead of a second plan; else today. The date used is
+    remembered when ``data_dir`` exists (the embedded platform's) and has none for them yet.
+    """
+    path = data_dir / DEMO_FILE
+    key = f"{within}/seed-{seed}"
+    dated: dict[str, str] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            loaded = {}
+        found = loaded.get("dated") if isinstance(loaded, dict) else None
+        if isinstance(found, dict):
+            dated = {str(k): str(v) for k, v in found.items()}
+    remembered: date | None = None
+    if key in dated:
+        try:
+            remembered = date.fromisoformat(dated[key])
+        except ValueError:
+            remembered = None
+    as_of = given or remembered or office_today()
+    if remembered is None and data_dir.is_dir():
+        dated[key] = as_of.isoformat()
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"dated": dated}, indent=2) + "\n")
+        tmp.replace(path)
+    return as_of, given is None and remembered is not None
 
 
 def _running_services(settings: Settings) -> list[str] | None:
