@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from faststream import AckPolicy
-from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka import KafkaBroker
 from faststream.message import StreamMessage
 from faststream.security import (
     BaseSecurity,
@@ -121,10 +121,16 @@ def make_broker(settings: Settings, *, client_id: str) -> KafkaBroker:
     )
 
 
-async def _raw_body(msg: StreamMessage[Any]) -> bytes:
-    # Envelopes are parsed by the consumer itself, so that garbage reaches the DLQ path
-    # instead of failing inside the framework.
-    return msg.body
+async def _records(msg: StreamMessage[Any]) -> tuple[Any, ...]:
+    """What a subscriber's handler is given: the records of the fetch themselves.
+
+    Envelopes are parsed by the consumer itself, so that garbage reaches the DLQ path instead
+    of failing inside the framework. The records come as the decoded body, not through a
+    ``message`` parameter: FastStream resolves such a parameter from its context with a plain
+    function, which fast_depends runs in a worker thread, one thread hop per fetch.
+    """
+    records = msg.raw_message
+    return tuple(records) if isinstance(records, tuple | list) else (records,)
 
 
 def _is_text(value: bytes | None) -> bool:
@@ -181,10 +187,8 @@ def subscribe(
     together once ``process`` has returned, that is once every record in it has been handled.
     """
 
-    async def on_batch(bodies: list[bytes], message: KafkaMessage) -> None:
-        records = message.raw_message
-        batch = records if isinstance(records, tuple | list) else (records,)
-        await process([RawMessage.from_record(r) for r in batch])
+    async def on_batch(records: Any) -> None:
+        await process([RawMessage.from_record(r) for r in records])
 
     names = [topics] if isinstance(topics, str) else list(topics)
     # How long one poll waits for records: it returns as soon as the consumer holds any, so a
@@ -204,7 +208,7 @@ def subscribe(
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
         fetch_max_wait_ms=fetch_max_wait_ms,
         parser=_parse_any_headers,
-        decoder=_raw_body,
+        decoder=_records,
         description=description,
     )
     _poll_without_idle_sleep(subscriber)

@@ -84,3 +84,45 @@ async def test_an_empty_poll_is_not_followed_by_a_sleep(monkeypatch: pytest.Monk
     assert await subscriber.get_msg(consumer) == ("a", "b", "c")
     assert slept == []
     assert consumer.polls == [{"timeout_ms": IDLE_POLL_MS, "max_records": 7}] * 2
+
+
+async def test_a_fetch_reaches_the_consumer_without_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # FastStream resolves a handler's ``message`` parameter with a plain function, which
+    # fast_depends runs in a worker thread: a thread hop per fetch on the hot path. The
+    # handler takes the fetch's records as its body instead.
+    import anyio.to_thread
+    from faststream.kafka import TestKafkaBroker
+
+    hops: list[Any] = []
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def run_sync(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await real_run_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)
+    got: list[RawMessage] = []
+
+    async def process(batch: Sequence[RawMessage]) -> None:
+        got.extend(batch)
+
+    settings = Settings()
+    broker = make_broker(settings, client_id="test")
+    subscribe(
+        broker,
+        "bianzhi.tests.v1",
+        group_id="g",
+        process=process,
+        settings=settings,
+        fetch_max_wait_ms=10,
+        max_records=7,
+    )
+    async with TestKafkaBroker(broker) as br:
+        await br.publish(b"not even json", topic="bianzhi.tests.v1", key=b"k", headers={"h": "v"})
+    assert [(r.value, r.key, r.topic) for r in got] == [
+        (b"not even json", b"k", "bianzhi.tests.v1")
+    ]
+    assert ("h", b"v") in got[0].headers
+    assert hops == []
