@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from contracts.codes import Category, LeaderPost, OrgKind
 from contracts.envelope import Envelope
+from contracts.orgs import OrgAbolished, OrgRegistered
 from contracts.quota import (
     CancelQuotaUseNotice,
     MoveSlot,
@@ -32,12 +33,14 @@ from tests.component import test_quota_handlers
 from tests.component.test_orgs_handlers import count, outbox, results
 from tests.component.test_quota_handlers import (
     DOC,
+    ORG_DOC,
     DeadLetters,
     approve,
     completed,
     envelope,
     events,
     org,
+    org_event,
     raw,
     rejected,
 )
@@ -170,6 +173,39 @@ async def test_a_request_id_takes_effect_once(quota, projection) -> None:
     assert details["first_command_id"] == first.data["command_id"]
     assert details["event_type"] == "bianzhi.quota.SlotOccupied.v1"
     assert tuple(await counts(quota, org_id)) == (5, 1, 2)
+
+
+async def test_a_request_meets_the_org_as_quota_knows_it_when_claimed(quota, projection) -> None:
+    """The claim of a request reads its org along: an org quota has not heard of yet is
+    refused and leaves no claim behind (the same request takes effect once the org is known),
+    an org abolished since is refused as no longer active."""
+    later, request_id = uuid.uuid4(), uuid.uuid4()
+    await rejected(
+        quota, occupy(later, "冀编用〔2026〕9号", request_id=request_id), "not_found", **CLERK
+    )
+    assert await count(quota, slot_requests) == 0
+    await org_event(
+        projection,
+        OrgRegistered(
+            org_id=later,
+            name="石家庄市长安区审计局",
+            kind=OrgKind.ORGAN,
+            division_code="130102",
+            document=ORG_DOC,
+            effective_date=ORG_DOC.date,
+        ),
+    )
+    await completed(quota, approve(later, 3))
+    notice = issue(later, 2)
+    await completed(quota, notice)
+    await completed(quota, occupy(later, notice.notice_no, request_id=request_id), **CLERK)
+    assert tuple(await counts(quota, later)) == (3, 1, 1)
+    await org_event(
+        projection, OrgAbolished(org_id=later, document=ORG_DOC, effective_date=ORG_DOC.date)
+    )
+    await rejected(quota, occupy(later, notice.notice_no), "org_not_active", **CLERK)
+    assert tuple(await counts(quota, later)) == (3, 1, 1)
+    assert await count(quota, slot_requests) == 1
 
 
 async def test_a_batch_of_occupations_ends_as_if_one_by_one(quota, projection) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from contracts.base import Message
 from contracts.codes import Category, EntryMethod, OrgKind, ReleaseReason
@@ -366,9 +366,21 @@ async def test_early_refusals_need_no_quota_round_trip(platform: Platform) -> No
         source="/orgs", **APPROVER
     )
     await platform.roster_orgs.process(raw(ORGS_EVENTS, env))
-    cmd = await platform.send(enrol(citizen(), closed, notice_no), pump=False)
+    refused = citizen()
+    cmd = await platform.send(enrol(refused, closed, notice_no), pump=False)
     assert (await platform.result(platform.roster, cmd.id)).data["code"] == "org_not_active"
     assert await platform.outbox(platform.roster, QUOTA_COMMANDS) == []
+    # A refused person's row, written before the org was checked, went with the refusal.
+    async with platform.roster.sessions() as session:
+        assert (await session.execute(select(func.count()).select_from(people))).scalar() == 0
+    # A person already on the roster meets the same checks first.
+    open_org = await platform.org()
+    first = await platform.send(enrol(refused, open_org, await platform.notice(open_org, 1)))
+    assert (await platform.result(platform.roster, first.id)).type == COMPLETED
+    cmd = await platform.send(enrol(refused, outside, notice_no), pump=False)
+    assert (await platform.result(platform.roster, cmd.id)).data["code"] == "forbidden"
+    cmd = await platform.send(enrol(refused, open_org, notice_no), pump=False)
+    assert (await platform.result(platform.roster, cmd.id)).data["code"] == "already_enrolled"
 
 
 async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_once(

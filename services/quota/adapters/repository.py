@@ -21,6 +21,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
     union_all,
     update,
 )
@@ -189,6 +190,46 @@ _SLOT_REMOVE_OF_REQUEST = (
 )
 
 
+# A slot request is claimed with the org it names as the org projection has it (a scalar
+# subquery per column in RETURNING, all ``None`` when the projection has no such org): every
+# slot handler reads that org next, and a read of its own would be a statement more. The
+# condition is written out: SQLite's RETURNING is compiled without table names, which would
+# leave both sides of ``org_id = org_id`` to the subquery's own table.
+_ORG_COLUMNS = ("status", "kind", "division_code", "name")
+_OF_REQUEST = text(f"{org_projection.name}.org_id = {slot_requests.name}.org_id")
+_CLAIMED_WITH_ORG = (
+    slot_requests.c.request_id,
+    *(
+        select(org_projection.c[name]).where(_OF_REQUEST).scalar_subquery().label(f"org_{name}")
+        for name in _ORG_COLUMNS
+    ),
+)
+_CLAIMS: dict[str, Any] = {}
+
+
+def _claiming(session: AsyncSession) -> Any:
+    """``Slots.claim_request``'s statement in the session's dialect, built once."""
+    dialect = session.get_bind().dialect.name
+    stmt = _CLAIMS.get(dialect)
+    if stmt is None:
+        stmt = _CLAIMS[dialect] = insert_ignoring_duplicates(session, slot_requests).returning(
+            *_CLAIMED_WITH_ORG
+        )
+    return stmt
+
+
+def _org_ref(
+    org_id: UUID | str, status: str, kind: str | None, division_code: str | None, name: str | None
+) -> OrgRef:
+    return OrgRef(
+        org_id=org_id if isinstance(org_id, UUID) else UUID(org_id),
+        status=OrgStatus(status),
+        kind=OrgKind(kind) if kind else None,
+        division_code=division_code,
+        name=name,
+    )
+
+
 class OrgProjection:
     """Orgs as the orgs events describe them.
 
@@ -206,15 +247,18 @@ class OrgProjection:
         row = (await self.session.execute(_ORG_GET, {"b_org_id": str(org_id)})).one_or_none()
         if row is None:
             return None
-        org = OrgRef(
-            org_id=UUID(row.org_id),
-            status=OrgStatus(row.status),
-            kind=OrgKind(row.kind) if row.kind else None,
-            division_code=row.division_code,
-            name=row.name,
-        )
+        org = _org_ref(row.org_id, row.status, row.kind, row.division_code, row.name)
         self._seen[org_id] = org
         return org
+
+    def seen_with(self, org_id: UUID, row: Row[Any]) -> None:
+        """Keep the org as read by the statement of ``row`` (``Slots.claim_request``'s) for
+        the rest of the transaction, as ``get`` keeps what it reads: its ``org_…`` columns,
+        all ``None`` when the projection has no such org (then nothing is kept)."""
+        if row.org_status is not None:
+            self._seen[org_id] = _org_ref(
+                org_id, row.org_status, row.org_kind, row.org_division_code, row.org_name
+            )
 
     async def registered(
         self,
@@ -767,15 +811,16 @@ class Slots:
         *,
         event_id: str | None = None,
         event_type: str | None = None,
-    ) -> bool:
-        """Record a slot request as taking effect; ``False`` if its request_id already did.
+    ) -> Row[Any] | None:
+        """Record a slot request as taking effect; ``None`` if its request_id already did.
         ``event_id`` and ``event_type``: the event it will end with, when known already (else
-        ``request_done`` sets them)."""
-        row = (
+        ``request_done`` sets them). The row returned holds the ``request_id`` and the org
+        ``org_id`` as the org projection has it (``org_status``, ``org_kind``,
+        ``org_division_code``, ``org_name``; all ``None`` when unknown there):
+        ``OrgProjection.seen_with`` keeps it."""
+        return (
             await self.session.execute(
-                ignoring_duplicates(
-                    self.session, slot_requests, returning=slot_requests.c.request_id
-                ),
+                _claiming(self.session),
                 {
                     "request_id": str(request_id),
                     "request_type": request_type,
@@ -788,7 +833,6 @@ class Slots:
                 },
             )
         ).one_or_none()
-        return row is not None
 
     async def request(self, request_id: UUID) -> Row[Any] | None:
         return (

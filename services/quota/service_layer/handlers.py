@@ -468,7 +468,7 @@ async def _claim_request(
     another message id is a conflict carrying the first outcome. ``ends_with``: the id and type
     of the event the request will end with, when known now (no ``request_done`` then)."""
     event_id, event_type = ends_with or (None, None)
-    if await uow.slots.claim_request(
+    claimed = await uow.slots.claim_request(
         request_id,
         ctx.envelope.type,
         ctx.envelope.id,
@@ -476,7 +476,10 @@ async def _claim_request(
         org_id,
         event_id=event_id,
         event_type=event_type,
-    ):
+    )
+    if claimed is not None:
+        # The claim read the org too: the handler's checks of it need no statement more.
+        uow.orgs.seen_with(org_id, claimed)
         return
     first = await uow.slots.request(request_id)
     details: dict[str, Any] = {"request_id": str(request_id)}
@@ -640,8 +643,11 @@ async def _cancel_if_pending(
     """Cancel the slot request ``request_id`` if it has not taken effect: claiming its id here,
     in this transaction, makes it a conflict should it arrive later. ``False`` when it had
     already been carried out or cancelled."""
-    if not await uow.slots.claim_request(
-        request_id, f"cancelled by {ctx.envelope.type}", ctx.envelope.id, person_id, org_id
+    if (
+        await uow.slots.claim_request(
+            request_id, f"cancelled by {ctx.envelope.type}", ctx.envelope.id, person_id, org_id
+        )
+        is None
     ):
         return False
     log.info("slot request cancelled before it took effect", request=str(request_id))

@@ -16,14 +16,14 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
-from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates
+from services.runtime.db import insert_ignoring_duplicates
 
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
 _BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
@@ -43,6 +43,20 @@ _ACTIVATE = (
         version=people.c.version + 1,
     )
     .returning(*people.c)
+)
+# A new person goes in with the org they are enrolled in as the org projection has it (a
+# scalar subquery per column in RETURNING, all ``None`` when the projection has no such org):
+# the enrolment's checks need the org, and a read of its own would be a statement more.
+# The condition is written out: SQLite's RETURNING is compiled without table names, which
+# would leave both sides of ``org_id = org_id`` to the subquery's own table.
+_ORG_COLUMNS = ("status", "kind", "division_code", "name")
+_OF_NEW_PERSON = text(f"{org_projection.name}.org_id = {people.name}.org_id")
+_WITH_ORG = (
+    people.c.person_id,
+    *(
+        select(org_projection.c[name]).where(_OF_NEW_PERSON).scalar_subquery().label(f"org_{name}")
+        for name in _ORG_COLUMNS
+    ),
 )
 _HISTORY = insert(person_history)
 _SAGA = insert(sagas)
@@ -86,15 +100,20 @@ class OrgProjection:
         ref = (
             None
             if row is None
-            else OrgRef(
-                org_id=UUID(row.org_id),
-                status=OrgStatus(row.status),
-                kind=OrgKind(row.kind) if row.kind else None,
-                division_code=row.division_code,
-                name=row.name,
-            )
+            else _org_ref(row.org_id, row.status, row.kind, row.division_code, row.name)
         )
         self._seen[key] = ref
+        return ref
+
+    def seen_with(self, org_id: UUID, row: Row[Any]) -> OrgRef | None:
+        """The org as read by the statement of ``row`` (``People.add``'s), kept like one ``get``
+        read: its ``org_…`` columns, all ``None`` when the projection has no such org."""
+        ref = (
+            None
+            if row.org_status is None
+            else _org_ref(org_id, row.org_status, row.org_kind, row.org_division_code, row.org_name)
+        )
+        self._seen[str(org_id)] = ref
         return ref
 
     async def upsert(self, org_id: UUID, **values: Any) -> None:
@@ -118,6 +137,18 @@ class OrgProjection:
             await self.upsert(org_id, status=status.value)
 
 
+def _org_ref(
+    org_id: UUID | str, status: str, kind: str | None, division_code: str | None, name: str | None
+) -> OrgRef:
+    return OrgRef(
+        org_id=org_id if isinstance(org_id, UUID) else UUID(org_id),
+        status=OrgStatus(status),
+        kind=OrgKind(kind) if kind else None,
+        division_code=division_code,
+        name=name,
+    )
+
+
 class People:
     """The people on the roster.
 
@@ -136,15 +167,14 @@ class People:
     async def get(self, person_id: UUID | str) -> Row[Any] | None:
         return (await self.session.execute(_PERSON, {"person_id": str(person_id)})).one_or_none()
 
-    async def add(self, values: dict[str, Any]) -> bool:
-        """A new person; ``False`` when the blind index or person id is taken already."""
+    async def add(self, values: dict[str, Any]) -> Row[Any] | None:
+        """A new person; ``None`` when the blind index or person id is taken already. The row
+        returned holds the ``person_id`` and the org the person names as the org projection
+        has it (``org_status``, ``org_kind``, ``org_division_code``, ``org_name``; all
+        ``None`` when unknown there): ``OrgProjection.seen_with`` reads it."""
         stamp = now()
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
-        return (
-            await self.session.execute(
-                ignoring_duplicates(self.session, people, returning=people.c.person_id), row
-            )
-        ).one_or_none() is not None
+        return (await self.session.execute(_adding(self.session), row)).one_or_none()
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
         """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
@@ -328,6 +358,18 @@ class Sagas:
                 )
             ).all()
         )
+
+
+_ADDING: dict[str, Any] = {}
+
+
+def _adding(session: AsyncSession) -> Any:
+    """``People.add``'s statement in the session's dialect, built once."""
+    dialect = session.get_bind().dialect.name
+    stmt = _ADDING.get(dialect)
+    if stmt is None:
+        stmt = _ADDING[dialect] = insert_ignoring_duplicates(session, people).returning(*_WITH_ORG)
+    return stmt
 
 
 def command_envelope(row: Row[Any]) -> Envelope:

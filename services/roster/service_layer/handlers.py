@@ -25,6 +25,7 @@ from contracts.roster import (
     TransferPerson,
     UpdatePerson,
 )
+from services.roster.adapters.repository import OrgRef
 from services.roster.domain import model
 from services.roster.domain.model import Status
 from services.roster.domain.personal_data import PersonalDataCipher
@@ -104,20 +105,28 @@ def person_values(
     }
 
 
-async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
-    org = await uow.orgs.get(cmd.org_id)
+def _check_org(ctx: HandlerContext, org: OrgRef | None, cmd: EnrolPerson) -> None:
     if org is not None and org.division_code:
         ctx.require_region(org.division_code)
     model.check_org(org, cmd.category)
+
+
+async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerContext) -> None:
     cipher = uow.personal_data
     index = cipher.blind_index(cmd.citizen_id)
     saga_id = model.step_id(ctx.envelope.id, "occupy")
     # Most people are new: their row goes in at once, and the unique blind index (or person
-    # id) turns away a number already on the roster, which is then looked up.
+    # id) turns away a number already on the roster, which is then looked up. The insert
+    # brings back the org as the projection has it, which is checked before anything else
+    # is decided: a refusal rolls the transaction back, the new row with it.
     person_id = str(cmd.person_id or uuid.uuid4())
     values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
     previous: str | None = None
-    if not await uow.people.add({**identity(cmd, cipher, person_id, index), **values}):
+    added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
+    if added is not None:
+        _check_org(ctx, uow.orgs.seen_with(cmd.org_id, added), cmd)
+    else:
+        _check_org(ctx, await uow.orgs.get(cmd.org_id), cmd)
         existing = await uow.people.by_index(index)
         if existing is None:  # the person id is someone else's
             raise Rejection(
