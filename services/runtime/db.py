@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
+import structlog
 from sqlalchemy import Column, Insert, Table, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -28,6 +29,8 @@ from sqlalchemy.ext.asyncio import (
 
 from services.runtime.rules import TransientError
 from services.runtime.settings import Settings
+
+log = structlog.get_logger("bianzhi.db")
 
 
 def is_sqlite(url: str) -> bool:
@@ -99,6 +102,9 @@ def _tune_sqlite(engine: AsyncEngine, *, read_only: bool, inline: bool) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         if read_only:
             cursor.execute("PRAGMA query_only=ON")
+        elif inline:
+            # Its commits never checkpoint on the loop: see ``_Checkpointer``.
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
@@ -123,10 +129,11 @@ class _OneTripCursor:
     statements in place, without waiting for any lock (its busy timeout is zero): a statement
     that finds the database locked by another connection (a writer of another process) and
     has begun no transaction, so has done nothing, goes to the connection's thread and waits
-    there, with the long busy timeout, while the loop goes on. ``COMMIT`` and ``ROLLBACK``
-    always take the trip: a commit may checkpoint the WAL, which writes and syncs the database
-    file. Between inline statements the loop gets a turn every ``_INLINE_SLICE_S``, as it
-    did at every trip.
+    there, with the long busy timeout, while the loop goes on. ``COMMIT`` runs inline too: in
+    WAL mode with ``synchronous=NORMAL`` it appends to the log and syncs nothing, and an inline
+    connection never checkpoints (which writes back and syncs the database file); its log is
+    checkpointed off the loop (``_Checkpointer``). ``ROLLBACK`` takes the trip. Between inline
+    statements the loop gets a turn every ``_INLINE_SLICE_S``, as it did at every trip.
     """
 
     arraysize = 1
@@ -232,6 +239,64 @@ def _patient_trip(
         conn.execute(f"PRAGMA busy_timeout={_INLINE_BUSY_TIMEOUT_MS}").close()
 
 
+class _Checkpointer:
+    """Checkpoints the WAL of an inline connection, which never does so itself.
+
+    A checkpoint writes the log's pages back into the database file and syncs it: milliseconds
+    to tens of milliseconds, which a commit on the event loop's thread would make every handler
+    wait out. Every ``_CHECKPOINT_EVERY`` commits a connection of its own, on a worker thread,
+    runs a ``PASSIVE`` checkpoint (it neither waits for nor blocks readers and the writer; the
+    next write transaction after a complete one starts the log again from its beginning), as
+    SQLite's own automatic checkpoint would have after about 1,000 pages.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._commits = 0
+        self._running = False
+        self.checkpoints = 0
+
+    def committed(self) -> None:
+        self._commits += 1
+        if self._commits < _CHECKPOINT_EVERY or self._running:
+            return
+        self._commits = 0
+        try:
+            done = asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+        except RuntimeError:  # the loop is closing: the last connection's close checkpoints
+            return
+        self._running = True
+        done.add_done_callback(self._finished)
+
+    def _checkpoint(self) -> tuple[int, int, int]:
+        conn = self._connect()
+        try:
+            conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}").close()
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(busy), int(frames), int(done)
+        finally:
+            conn.close()
+
+    def _finished(self, done: asyncio.Future[tuple[int, int, int]]) -> None:
+        self._running = False
+        if done.cancelled():
+            return
+        if (exc := done.exception()) is not None:
+            log.warning("WAL checkpoint failed; the next one tries again", error=repr(exc))
+            return
+        self.checkpoints += 1
+        _busy, frames, backfilled = done.result()
+        if frames - backfilled > _WAL_BEHIND_WARNING_FRAMES:
+            # A reader holding an old snapshot keeps the log from being written back.
+            log.warning("WAL not written back", frames=frames, written_back=backfilled)
+
+
+# Commits between two checkpoints of an inline connection's log (a command's transaction
+# writes some 5-15 pages; SQLite's automatic checkpoint comes at 1,000).
+_CHECKPOINT_EVERY = 100
+_WAL_BEHIND_WARNING_FRAMES = 50_000
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` is SQLite's "database is locked" (by another connection or a table lock)."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -248,12 +313,22 @@ class _OneTripConnection(aiosqlite.Connection):
     # connection's own thread, which runs the rest; never both at once: each call is awaited).
     inline: bool = False
 
+    # Inline: checkpoints the log its commits write, off the loop.
+    checkpointer: _Checkpointer | None = None
+
     def cursor(self) -> _OneTripCursor:  # type: ignore[override]
         return _OneTripCursor(self)
 
     async def commit(self) -> None:
         if self.pending_begin is not None:  # nothing was done
             self.pending_begin = None
+            return
+        if self.inline and self._connection is not None:
+            if not self._running:
+                raise ValueError("Connection closed")  # as a trip would
+            self._connection.commit()
+            if self.checkpointer is not None:
+                self.checkpointer.committed()
             return
         await super().commit()
 
@@ -274,6 +349,10 @@ def _connect_sqlite(database: str, *, inline: bool = False, **kwargs: Any) -> _O
         kwargs["check_same_thread"] = False
     connection = _OneTripConnection(partial(sqlite3.connect, database, **kwargs), 64)
     connection.inline = inline
+    if inline and database != ":memory:" and not str(database).startswith("file::memory:"):
+        connection.checkpointer = _Checkpointer(
+            partial(sqlite3.connect, database, uri=bool(kwargs.get("uri")))
+        )
     connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own connections
     return connection
 

@@ -2,7 +2,8 @@
 
 An inline connection runs statements in place and never waits for a lock there: a statement
 that finds the database locked by another connection waits on the connection's own thread
-while the loop goes on. Statements, transactions and rollbacks behave as on the thread.
+while the loop goes on. Statements, transactions and rollbacks behave as on the thread. It
+commits in place too and never checkpoints: its log is checkpointed off the loop.
 """
 
 from __future__ import annotations
@@ -222,3 +223,57 @@ async def test_inline_statements_let_the_loop_turn(
         ticker.stop()
     assert seen == sorted(seen)
     assert seen[-1] > seen[0]
+
+
+async def test_an_inline_commit_takes_no_trip_and_its_log_is_checkpointed_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def commit_rows(engine: AsyncEngine, commits: int) -> int:
+        """Commit ``commits`` one-row transactions; the trips to the thread they took."""
+        trips = 0
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            raw = await driver_connection(conn)
+        real_execute = raw._execute
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal trips
+            trips += 1
+            return await real_execute(fn, *args, **kwargs)
+
+        raw._execute = counted
+        for n in range(commits):
+            async with engine.begin() as conn:
+                await conn.execute(insert(items).values(name=f"item-{n}"))
+            await asyncio.sleep(0.002)  # the checkpoints' thread gets its turns
+        raw._execute = real_execute
+        return trips
+
+    engines = {
+        name: create_engine(f"sqlite+aiosqlite:///{tmp_path / name}.db", inline=name != "thread")
+        for name in ("checkpointed", "unchecked", "thread")
+    }
+    try:
+        monkeypatch.setattr(db, "_CHECKPOINT_EVERY", 10)
+        checkpointed_trips = await commit_rows(engines["checkpointed"], 400)
+        async with engines["checkpointed"].connect() as conn:
+            checkpointer = (await driver_connection(conn)).checkpointer
+            autocheckpoint = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar()
+        monkeypatch.setattr(db, "_CHECKPOINT_EVERY", 10**9)
+        await commit_rows(engines["unchecked"], 400)
+        thread_trips = await commit_rows(engines["thread"], 400)
+        checkpointed, unchecked = (log_size(tmp_path / f"{n}.db") for n in engines if n != "thread")
+    finally:
+        for engine in engines.values():
+            await engine.dispose()
+    assert checkpointed_trips == 0  # statements and commits, all on the loop's thread
+    assert thread_trips >= 400  # (what the count would be on the connection's thread)
+    assert autocheckpoint == 0 and checkpointer is not None and checkpointer.checkpoints > 0
+    # Checkpointed every 10 commits, the log starts again from its beginning and stays small;
+    # never checkpointed, it holds all 400 transactions.
+    assert checkpointed * 4 < unchecked
+    assert len(await names(engines["checkpointed"])) == 400
+
+
+def log_size(database: Path) -> int:
+    return Path(f"{database}-wal").stat().st_size
