@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import aiosqlite
 import structlog
-from sqlalchemy import Column, Insert, Table, event
+from sqlalchemy import ColumnElement, Insert, Table, event, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -379,22 +379,47 @@ def ignoring_duplicates(
     table: Table,
     *,
     on: Sequence[str] | None = None,
-    returning: Column[Any] | None = None,
+    returning: ColumnElement[Any] | tuple[ColumnElement[Any], ...] | None = None,
 ) -> Insert:
     """``insert_ignoring_duplicates`` for hot paths: built once per dialect and table, its rows
     given at execution (``session.execute(stmt, rows)``); building a statement with its values,
-    and its cache key from them, every time costs more than running it."""
+    and its cache key from them, every time costs more than running it. ``returning``: a column
+    or a tuple of them (made once, as module constants: they are part of the cache key)."""
     dialect = (bind if isinstance(bind, AsyncConnection) else bind.get_bind()).dialect.name
-    return _ignoring_duplicates(dialect, table, tuple(on) if on else None, returning)
+    if returning is None:
+        columns: tuple[ColumnElement[Any], ...] = ()
+    else:
+        columns = returning if isinstance(returning, tuple) else (returning,)
+    return _ignoring_duplicates(dialect, table, tuple(on) if on else None, columns)
 
 
 @cache
 def _ignoring_duplicates(
-    dialect: str, table: Table, on: tuple[str, ...] | None, returning: Column[Any] | None
+    dialect: str,
+    table: Table,
+    on: tuple[str, ...] | None,
+    returning: tuple[ColumnElement[Any], ...],
 ) -> Insert:
     insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert_fn(table).on_conflict_do_nothing(index_elements=list(on) if on else None)
-    return stmt if returning is None else stmt.returning(returning)
+    return stmt.returning(*returning) if returning else stmt
+
+
+def row_looked_up(
+    table: Table, columns: Sequence[str], *, key: str, of: Table, prefix: str
+) -> tuple[ColumnElement[Any], ...]:
+    """For the ``RETURNING`` of a statement on ``of``: ``columns`` of the row of ``table`` with
+    the same ``key``, a scalar subquery each, labelled ``prefix`` + column (all ``None`` when
+    ``table`` has no such row). The statement brings back what a read of its own would.
+
+    The condition is written out: SQLite's ``RETURNING`` is compiled without table names,
+    which would leave both sides of ``key = key`` to the subquery's own table.
+    """
+    same = text(f"{table.name}.{key} = {of.name}.{key}")
+    return tuple(
+        select(table.c[name]).where(same).scalar_subquery().label(f"{prefix}{name}")
+        for name in columns
+    )
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ from services.runtime.app import ServiceRuntime
 from tests.conftest import service_settings
 
 
-@pytest.fixture
-async def runtime(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@asynccontextmanager
+async def orgs_runtime(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[ServiceRuntime]:
-    monkeypatch.setenv("BIANZHI_ORGS_DATABASE_URL", db_url)
+    """The orgs service built by its composition root on the migrated database ``url``."""
+    monkeypatch.setenv("BIANZHI_ORGS_DATABASE_URL", url)
     rt = build(service_settings(tmp_path, "localhost:1"))
     await rt.migrate()
     try:
@@ -24,3 +26,11 @@ async def runtime(
     finally:
         await rt.engine.dispose()
         await rt.read_engine.dispose()
+
+
+@pytest.fixture
+async def runtime(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ServiceRuntime]:
+    async with orgs_runtime(db_url, tmp_path, monkeypatch) as rt:
+        yield rt

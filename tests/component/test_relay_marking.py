@@ -24,11 +24,10 @@ from sqlalchemy.exc import IntegrityError
 from contracts.envelope import Envelope, new_id, now
 from contracts.topics import ORGS_EVENTS
 from services.orgs.adapters.orm import messaging
-from services.orgs.bootstrap import build
 from services.runtime.app import ServiceRuntime
 from services.runtime.relay import OutboxRecord, OutboxRelay, PublishBatch
 from services.runtime.uow import UnitOfWork
-from tests.conftest import service_settings
+from tests.component.conftest import orgs_runtime
 
 
 def _envelope(n: int) -> Envelope:
@@ -101,14 +100,10 @@ async def _write_handed_over(
 async def sqlite_runtime(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[ServiceRuntime]:
-    monkeypatch.setenv("BIANZHI_ORGS_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'orgs.db'}")
-    rt = build(service_settings(tmp_path, "localhost:1"))
-    await rt.migrate()
-    try:
+    async with orgs_runtime(
+        f"sqlite+aiosqlite:///{tmp_path / 'orgs.db'}", tmp_path, monkeypatch
+    ) as rt:
         yield rt
-    finally:
-        await rt.engine.dispose()
-        await rt.read_engine.dispose()
 
 
 async def _until(check: Any, timeout: float = 20.0) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
+from faststream.kafka import KafkaBroker
 
 from services.runtime.broker import IDLE_POLL_MS, make_broker, subscribe
 from services.runtime.messaging import RawMessage
@@ -16,19 +17,27 @@ async def _ignore(batch: Sequence[RawMessage]) -> None:
     return None
 
 
-def _poll_of(fetch_max_wait_ms: int) -> dict[str, Any]:
+def _subscribed(
+    process: Callable[[Sequence[RawMessage]], Awaitable[None]] = _ignore,
+    fetch_max_wait_ms: int = 10,
+) -> KafkaBroker:
+    """A broker with one subscriber of ``bianzhi.tests.v1`` made by ``subscribe``."""
     settings = Settings()
     broker = make_broker(settings, client_id="test")
     subscribe(
         broker,
         "bianzhi.tests.v1",
         group_id="g",
-        process=_ignore,
+        process=process,
         settings=settings,
         fetch_max_wait_ms=fetch_max_wait_ms,
         max_records=7,
     )
-    (subscriber,) = broker.subscribers
+    return broker
+
+
+def _poll_of(fetch_max_wait_ms: int) -> dict[str, Any]:
+    (subscriber,) = _subscribed(fetch_max_wait_ms=fetch_max_wait_ms).subscribers
     return {"timeout_ms": subscriber.batch_timeout_ms, "max_records": subscriber.max_records}
 
 
@@ -67,18 +76,7 @@ async def test_an_empty_poll_is_not_followed_by_a_sleep(monkeypatch: pytest.Monk
     import anyio
 
     monkeypatch.setattr(anyio, "sleep", sleep)
-    settings = Settings()
-    broker = make_broker(settings, client_id="test")
-    subscribe(
-        broker,
-        "bianzhi.tests.v1",
-        group_id="g",
-        process=_ignore,
-        settings=settings,
-        fetch_max_wait_ms=10,
-        max_records=7,
-    )
-    (subscriber,) = broker.subscribers
+    (subscriber,) = _subscribed().subscribers
     consumer = _Consumer([{}, {"p0": ["a", "b"], "p1": ["c"]}])
     assert await subscriber.get_msg(consumer) == ()
     assert await subscriber.get_msg(consumer) == ("a", "b", "c")
@@ -108,18 +106,7 @@ async def test_a_fetch_reaches_the_consumer_without_a_worker_thread(
     async def process(batch: Sequence[RawMessage]) -> None:
         got.extend(batch)
 
-    settings = Settings()
-    broker = make_broker(settings, client_id="test")
-    subscribe(
-        broker,
-        "bianzhi.tests.v1",
-        group_id="g",
-        process=process,
-        settings=settings,
-        fetch_max_wait_ms=10,
-        max_records=7,
-    )
-    async with TestKafkaBroker(broker) as br:
+    async with TestKafkaBroker(_subscribed(process)) as br:
         await br.publish(b"not even json", topic="bianzhi.tests.v1", key=b"k", headers={"h": "v"})
     assert [(r.value, r.key, r.topic) for r in got] == [
         (b"not even json", b"k", "bianzhi.tests.v1")

@@ -21,7 +21,6 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
-    text,
     union_all,
     update,
 )
@@ -49,7 +48,7 @@ from services.quota.domain.model import (
     NoticeStatus,
     OrgRef,
 )
-from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
 
 ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
@@ -190,32 +189,19 @@ _SLOT_REMOVE_OF_REQUEST = (
 )
 
 
-# A slot request is claimed with the org it names as the org projection has it (a scalar
-# subquery per column in RETURNING, all ``None`` when the projection has no such org): every
-# slot handler reads that org next, and a read of its own would be a statement more. The
-# condition is written out: SQLite's RETURNING is compiled without table names, which would
-# leave both sides of ``org_id = org_id`` to the subquery's own table.
-_ORG_COLUMNS = ("status", "kind", "division_code", "name")
-_OF_REQUEST = text(f"{org_projection.name}.org_id = {slot_requests.name}.org_id")
+# A slot request is claimed with the org it names as the org projection has it (all ``None``
+# when the projection has no such org): every slot handler reads that org next, and a read of
+# its own would be a statement more.
 _CLAIMED_WITH_ORG = (
     slot_requests.c.request_id,
-    *(
-        select(org_projection.c[name]).where(_OF_REQUEST).scalar_subquery().label(f"org_{name}")
-        for name in _ORG_COLUMNS
+    *row_looked_up(
+        org_projection,
+        ("status", "kind", "division_code", "name"),
+        key="org_id",
+        of=slot_requests,
+        prefix="org_",
     ),
 )
-_CLAIMS: dict[str, Any] = {}
-
-
-def _claiming(session: AsyncSession) -> Any:
-    """``Slots.claim_request``'s statement in the session's dialect, built once."""
-    dialect = session.get_bind().dialect.name
-    stmt = _CLAIMS.get(dialect)
-    if stmt is None:
-        stmt = _CLAIMS[dialect] = insert_ignoring_duplicates(session, slot_requests).returning(
-            *_CLAIMED_WITH_ORG
-        )
-    return stmt
 
 
 def _org_ref(
@@ -820,7 +806,7 @@ class Slots:
         ``OrgProjection.seen_with`` keeps it."""
         return (
             await self.session.execute(
-                _claiming(self.session),
+                ignoring_duplicates(self.session, slot_requests, returning=_CLAIMED_WITH_ORG),
                 {
                     "request_id": str(request_id),
                     "request_type": request_type,

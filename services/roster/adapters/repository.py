@@ -16,14 +16,14 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
 
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
 _BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
@@ -44,18 +44,17 @@ _ACTIVATE = (
     )
     .returning(*people.c)
 )
-# A new person goes in with the org they are enrolled in as the org projection has it (a
-# scalar subquery per column in RETURNING, all ``None`` when the projection has no such org):
-# the enrolment's checks need the org, and a read of its own would be a statement more.
-# The condition is written out: SQLite's RETURNING is compiled without table names, which
-# would leave both sides of ``org_id = org_id`` to the subquery's own table.
-_ORG_COLUMNS = ("status", "kind", "division_code", "name")
-_OF_NEW_PERSON = text(f"{org_projection.name}.org_id = {people.name}.org_id")
+# A new person goes in with the org they are enrolled in as the org projection has it (all
+# ``None`` when the projection has no such org): the enrolment's checks need the org, and a
+# read of its own would be a statement more.
 _WITH_ORG = (
     people.c.person_id,
-    *(
-        select(org_projection.c[name]).where(_OF_NEW_PERSON).scalar_subquery().label(f"org_{name}")
-        for name in _ORG_COLUMNS
+    *row_looked_up(
+        org_projection,
+        ("status", "kind", "division_code", "name"),
+        key="org_id",
+        of=people,
+        prefix="org_",
     ),
 )
 _HISTORY = insert(person_history)
@@ -174,7 +173,8 @@ class People:
         ``None`` when unknown there): ``OrgProjection.seen_with`` reads it."""
         stamp = now()
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
-        return (await self.session.execute(_adding(self.session), row)).one_or_none()
+        stmt = ignoring_duplicates(self.session, people, returning=_WITH_ORG)
+        return (await self.session.execute(stmt, row)).one_or_none()
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
         """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
@@ -358,18 +358,6 @@ class Sagas:
                 )
             ).all()
         )
-
-
-_ADDING: dict[str, Any] = {}
-
-
-def _adding(session: AsyncSession) -> Any:
-    """``People.add``'s statement in the session's dialect, built once."""
-    dialect = session.get_bind().dialect.name
-    stmt = _ADDING.get(dialect)
-    if stmt is None:
-        stmt = _ADDING[dialect] = insert_ignoring_duplicates(session, people).returning(*_WITH_ORG)
-    return stmt
 
 
 def command_envelope(row: Row[Any]) -> Envelope:
