@@ -194,10 +194,14 @@ def read_platform(data_dir: Path) -> Platform | None:
 
 
 def write_platform(data_dir: Path, platform: Platform) -> None:
-    """Write ``platform.json`` atomically (readers never see half a file)."""
-    path = platform_path(data_dir)
+    """Write ``platform.json`` atomically."""
+    write_json(platform_path(data_dir), platform.to_json())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` as JSON, atomically (readers never see half a file)."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(platform.to_json(), indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 
 

@@ -43,6 +43,7 @@ from services.cli.common import (
     print_json,
     read_platform,
     say,
+    write_json,
 )
 from services.runtime.settings import Settings
 
@@ -178,9 +179,7 @@ def demo_date(data_dir: Path, within: str, seed: int, given: date | None) -> tup
     as_of = given or remembered or office_today()
     if remembered is None and data_dir.is_dir():
         dated[key] = as_of.isoformat()
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"dated": dated}, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, {"dated": dated})
     return as_of, given is None and remembered is not None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from functools import cache
 from types import TracebackType
 from typing import Any, Self
 
@@ -267,10 +268,7 @@ class UnitOfWork:
         Only with ``hand_over`` (SQLite, one writer at a time): the rows of one insert are
         numbered in the order given, so the returned numbers sorted are theirs in order.
         """
-        outbox = self.tables.outbox
-        stmt = _RETURNING_SEQ.get(outbox)
-        if stmt is None:
-            stmt = _RETURNING_SEQ[outbox] = insert(outbox).returning(outbox.c.seq)
+        stmt = _insert_returning_seq(self.tables.outbox)
         return sorted((await self.session.execute(stmt, rows)).scalars())
 
     async def rollback(self) -> None:
@@ -283,15 +281,14 @@ class UnitOfWork:
 
 # Statements built once, values passed as parameters: building a statement with its values
 # (and its cache key from them) in every transaction cost more than running it.
-_INSERTS: dict[Table, Insert] = {}
-_RETURNING_SEQ: dict[Table, Insert] = {}
-
-
+@cache
 def _insert(table: Table) -> Insert:
-    stmt = _INSERTS.get(table)
-    if stmt is None:
-        stmt = _INSERTS[table] = insert(table)
-    return stmt
+    return insert(table)
+
+
+@cache
+def _insert_returning_seq(table: Table) -> Insert:
+    return insert(table).returning(table.c.seq)
 
 
 def outbox_row(envelope: Envelope, topic: str, key: str | None) -> dict[str, Any]:
