@@ -256,6 +256,11 @@ class _Checkpointer:
         self._running = False
         self.checkpoints = 0
 
+    @property
+    def running(self) -> bool:
+        """Whether a checkpoint is under way."""
+        return self._running
+
     def committed(self) -> None:
         self._commits += 1
         if self._commits < _CHECKPOINT_EVERY or self._running:
