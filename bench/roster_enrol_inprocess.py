@@ -111,6 +111,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for sub in rt.definition.event_subscriptions:
                     consumers[sub.topic] = EventConsumer(
                         routes=event_routes(sub.routes),
+                        # as the service builds it (a committed runtime may not know it yet)
+                        prepare=getattr(sub, "prepare", None),
                         service="roster",
                         consumer=f"roster<-{sub.topic}",
                         uow_factory=rt.uow,

@@ -10,7 +10,11 @@ from services.roster.domain.personal_data import PersonalDataCipher, load_master
 from services.roster.entrypoints.queries import register_queries
 from services.roster.service_layer.handlers import COMMANDS
 from services.roster.service_layer.projection import ORG_EVENTS
-from services.roster.service_layer.saga import RESULT_ROUTES, sweep_overdue_sagas
+from services.roster.service_layer.saga import (
+    RESULT_ROUTES,
+    prepare_answers,
+    sweep_overdue_sagas,
+)
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.roster.settings import RosterSettings
 from services.runtime.app import (
@@ -37,8 +41,15 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
         register_queries=register_queries,
         event_subscriptions=(
             EventSubscription(ORGS_EVENTS, ORG_EVENTS),
-            # Quota's answers to the roster's slot requests.
-            EventSubscription(COMMAND_RESULTS, RESULT_ROUTES, saga_answers=True),
+            # Quota's answers to the roster's slot requests, in a group of their own: they are
+            # fetched as often as commands, the orgs events need not be.
+            EventSubscription(
+                COMMAND_RESULTS,
+                RESULT_ROUTES,
+                saga_answers=True,
+                prepare=prepare_answers,
+                group="answers",
+            ),
         ),
         background=(sweep_overdue_sagas,),
         # A roster command carries a citizen ID in full, and so does a restricted event: dead

@@ -34,6 +34,7 @@ from services.runtime.events import EventConsumer
 from services.runtime.http import Router, json_bytes, send_response
 from services.runtime.logging import configure_logging
 from services.runtime.messaging import (
+    BatchPreparer,
     CommandRoute,
     EventRoute,
     RawMessage,
@@ -61,6 +62,23 @@ class EventSubscription:
     # The answers to this service's saga steps come on it: a saga waits for them as a command
     # waits to be handled, so the projections' consumer fetches with the commands' short wait.
     saga_answers: bool = False
+    # Statements serving a whole fetch of these events before their handlers run (see
+    # ``BatchPreparer``).
+    prepare: BatchPreparer | None = None
+    # The consumer group, ``<prefix>-<service>-<group>``: the subscriptions of one group share
+    # one consumer. Saga answers have a group of their own where a service also projects other
+    # events, so those can be fetched with a longer wait.
+    group: str = "projection"
+
+
+def projection_groups(
+    subscriptions: Sequence[EventSubscription],
+) -> dict[str, list[EventSubscription]]:
+    """The event subscriptions by consumer group (``EventSubscription.group``), in order."""
+    groups: dict[str, list[EventSubscription]] = {}
+    for sub in subscriptions:
+        groups.setdefault(sub.group, []).append(sub)
+    return groups
 
 
 @dataclass(frozen=True)
@@ -172,31 +190,35 @@ class ServiceRuntime:
                 description=f"Commands of the {self.name} service",
             )
         ]
-        # Every projection of a service shares one consumer (one group member for all its
-        # topics): a member per topic in one group would make them rebalance each other.
-        # Saga answers among them make it as hot a path as the commands.
-        self.projection_fetch_max_wait_ms = (
-            settings.kafka_command_fetch_max_wait_ms
-            if any(sub.saga_answers for sub in definition.event_subscriptions)
-            else settings.kafka_event_fetch_max_wait_ms
-        )
         self.projections = {
             sub.topic: EventConsumer(
-                routes=event_routes(sub.routes), consumer=f"{self.name}<-{sub.topic}", **common
+                routes=event_routes(sub.routes),
+                prepare=sub.prepare,
+                consumer=f"{self.name}<-{sub.topic}",
+                **common,
             )
             for sub in definition.event_subscriptions
         }
-        if self.projections:
+        # The projections of one group share one consumer (one group member for all its
+        # topics): a member per topic in one group would make them rebalance each other. A
+        # group holding saga answers is as hot a path as the commands and fetches with their
+        # short wait; the others wait longer, which costs the broker far less.
+        for group, subs in projection_groups(definition.event_subscriptions).items():
+            hot = any(sub.saga_answers for sub in subs)
             self.subscribers.append(
                 subscribe(
                     self.broker,
-                    list(self.projections),
-                    group_id=f"{settings.kafka_group_prefix}-{self.name}-projection",
+                    [sub.topic for sub in subs],
+                    group_id=f"{settings.kafka_group_prefix}-{self.name}-{group}",
                     process=self._project,
                     settings=settings,
-                    fetch_max_wait_ms=self.projection_fetch_max_wait_ms,
+                    fetch_max_wait_ms=(
+                        settings.kafka_command_fetch_max_wait_ms
+                        if hot
+                        else settings.kafka_event_fetch_max_wait_ms
+                    ),
                     max_records=settings.kafka_event_batch_size,
-                    description=f"Projections kept by {self.name}",
+                    description=f"Events read by {self.name} (group {group})",
                 )
             )
         self._background: list[asyncio.Task[None]] = []

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from contracts.base import Event
 from contracts.envelope import Envelope
 from services.runtime import metrics
-from services.runtime.messaging import Consumer, EventRoute, RawMessage
+from services.runtime.messaging import BatchPreparer, Consumer, EventRoute, RawMessage
 
 log = structlog.get_logger("bianzhi.events")
 
@@ -24,9 +24,16 @@ log = structlog.get_logger("bianzhi.events")
 class EventConsumer(Consumer):
     """Consumes other services' event topics into a local projection, once per message id."""
 
-    def __init__(self, *, routes: dict[str, EventRoute], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        routes: dict[str, EventRoute],
+        prepare: BatchPreparer | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.routes = routes
+        self.prepare = prepare
 
     async def process_batch(self, raws: Sequence[RawMessage]) -> None:
         """Apply one fetch in one transaction (one inbox statement, one commit); events that
@@ -89,6 +96,16 @@ class EventConsumer(Consumer):
         outcomes: list[str] = []
         async with self.uow_factory() as uow:
             fresh = await uow.claim_many(self.consumer, [env for _, env, _, _ in items])
+            if self.prepare is not None:
+                # The fetch's new events, once each, for statements that serve them all; the
+                # handlers then run one by one as ever and find their rows prepared.
+                seen: set[str] = set()
+                new: list[tuple[Envelope, Event]] = []
+                for _, env, _, event in items:
+                    if env.id in fresh and env.id not in seen:
+                        seen.add(env.id)
+                        new.append((env, event))
+                await self.prepare(uow, new)
             done: set[str] = set()
             for _, env, route, event in items:
                 if env.id not in fresh or env.id in done:

@@ -167,6 +167,12 @@ def send_caused(uow: UnitOfWork, step: Command, command: Envelope, *, id: str) -
 
 CommandHandler = Callable[[Any, Any, HandlerContext], Awaitable[None]]
 EventHandler = Callable[[Any, Any, Envelope], Awaitable[None]]
+# Run once per fetch applied as one transaction, before its handlers, with its new events in
+# order (unit of work, [(envelope, event)]): it may do in a few statements what the handlers
+# would do one event at a time, and leave the rows where they look for them. It must change
+# nothing the handlers would not: the same events applied one by one (a fetch of one, or after
+# a failed batch) must end in the same state.
+BatchPreparer = Callable[[Any, Sequence[tuple[Envelope, Any]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)

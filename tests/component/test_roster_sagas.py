@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.exceptions import InvalidTag
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
 from contracts.base import Message
@@ -77,6 +78,7 @@ def consumer(rt: ServiceRuntime, topic: str) -> EventConsumer:
     (sub,) = [s for s in rt.definition.event_subscriptions if s.topic == topic]
     return EventConsumer(
         routes=event_routes(sub.routes),
+        prepare=sub.prepare,
         service=rt.name,
         consumer=f"{rt.name}<-{topic}",
         uow_factory=rt.uow,
@@ -435,6 +437,71 @@ async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_o
         audited = (await session.execute(select(audit.c.message_id))).scalars().all()
     assert ended == ["completed", "completed"]
     assert sorted(audited) == sorted(c.id for c in cmds)  # each command audited once
+
+
+async def test_a_fetch_of_answers_ends_its_sagas_in_a_few_statements_as_one_by_one_would(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org()
+    notice_no = await platform.notice(org_id, 4)
+    # One enrolment times out before quota sees it: its answer comes late, with the answer to
+    # its compensation, in the same fetch as the others.
+    late = await platform.send(enrol(citizen(), org_id, notice_no), pump=False)
+    assert (
+        await saga_layer.sweep_once(platform.roster.uow, at=datetime.now(UTC) + timedelta(1)) == 1
+    )
+    march, april = date(2026, 3, 1), date(2026, 4, 1)
+    on = [march, april, march, april, march]  # the fifth finds the notice used up
+    cmds = [
+        await platform.send(enrol(citizen(), org_id, notice_no, effective_date=d), pump=False)
+        for d in on
+    ]
+    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
+        await platform.quota.command_consumer.process(
+            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+        )
+    answers = [
+        raw(COMMAND_RESULTS, Envelope.from_bytes(row.value))
+        for row in await platform._uncarried(platform.quota, COMMAND_RESULTS)
+    ]
+    assert len(answers) == 7  # the late occupation, its release, five answers
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()[:2]))
+
+    engine = platform.roster.engine.sync_engine
+    sa_event.listen(engine, "before_cursor_execute", count)
+    try:
+        await platform.roster_results.process_batch(answers)
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", count)
+    # Two statements end the waiting sagas (completed, rejected), one per effective date
+    # activates the people; the compensation and the refusal take one each, as alone.
+    assert statements.count("UPDATE sagas") == 3
+    assert statements.count("UPDATE people") == 3
+    for cmd, d in zip(cmds[:4], on, strict=False):
+        res = await platform.result(platform.roster, cmd.id)
+        assert res.type == COMPLETED, res.data
+        row = await platform.person(res.data["subject"])
+        assert (row.status, row.enrolled_on) == ("active", d)
+    refused = await platform.result(platform.roster, cmds[4].id)
+    assert (refused.type, refused.data["code"]) == (REJECTED, "notice_exhausted")
+    async with platform.roster.sessions() as session:
+        refused_person = (
+            await session.execute(select(sagas.c.person_id).where(sagas.c.command_id == cmds[4].id))
+        ).scalar_one()
+    assert (await platform.person(refused_person)).status == "failed"
+    assert (await platform.result(platform.roster, late.id)).data["code"] == "timeout"
+    assert len(await platform.events("PersonEnrolled")) == 4
+    assert await platform.counts(org_id) == (5, 4, 0)
+    async with platform.roster.sessions() as session:
+        ended = (await session.execute(select(sagas.c.command_id, sagas.c.status))).all()
+    assert dict(ended) == {
+        late.id: "compensated",
+        **{c.id: "completed" for c in cmds[:4]},
+        cmds[4].id: "rejected",
+    }
 
 
 # --- transfer, release, update --------------------------------------------------------------

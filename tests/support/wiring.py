@@ -54,6 +54,7 @@ class Wiring:
                 self.subscribers.setdefault(sub.topic, []).append(
                     EventConsumer(
                         routes=event_routes(sub.routes),
+                        prepare=sub.prepare,
                         service=rt.name,
                         consumer=f"{rt.name}<-{sub.topic}",
                         uow_factory=rt.uow,

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 from faststream import AckPolicy
 
-from contracts.topics import ORGS_COMMANDS, ORGS_EVENTS
+from contracts.topics import (
+    COMMAND_RESULTS,
+    ORGS_COMMANDS,
+    ORGS_EVENTS,
+    QUOTA_EVENTS,
+    ROSTER_EVENTS,
+)
 from services.orgs.bootstrap import build, definition
 from services.runtime.app import EventSubscription, build_runtime
 from tests.conftest import service_settings
@@ -78,16 +84,31 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("service", "wait_kind"),
-    [("roster", "command"), ("orgs", "event"), ("quota", "event"), ("notify", "event")],
+    ("service", "expected"),
+    [
+        # The roster reads the answers to its enrolment, transfer and release steps in a group
+        # of their own: a saga waits on that fetch as a command does, while its orgs events
+        # need not be fetched that often (a short wait costs the broker CPU per partition).
+        (
+            "roster",
+            {
+                (ORGS_EVENTS,): ("bz-roster-projection", 300),
+                (COMMAND_RESULTS,): ("bz-roster-answers", 7),
+            },
+        ),
+        # Orgs' sagas (merge, abolish) are rare and its projection would wake for every result
+        # of its own; quota and notify only follow other services.
+        ("orgs", {(COMMAND_RESULTS,): ("bz-orgs-projection", 300)}),
+        ("quota", {(ORGS_EVENTS,): ("bz-quota-projection", 300)}),
+        (
+            "notify",
+            {(ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS): ("bz-notify-projection", 300)},
+        ),
+    ],
 )
-def test_a_projection_that_receives_saga_answers_fetches_as_fast_as_commands(
-    tmp_path: Path, service: str, wait_kind: str
+def test_saga_answers_are_fetched_as_fast_as_commands_and_projections_wait_longer(
+    tmp_path: Path, service: str, expected: dict[tuple[str, ...], tuple[str, int]]
 ) -> None:
-    # The roster reads the answers to its enrolment, transfer and release steps among its
-    # projections: a saga waits on that fetch as a command does. Orgs' sagas (merge, abolish)
-    # are rare and its projection would wake for every result of its own; quota and notify
-    # only follow other services.
     import importlib
 
     settings = service_settings(
@@ -95,9 +116,13 @@ def test_a_projection_that_receives_saga_answers_fetches_as_fast_as_commands(
         "localhost:1",
         kafka_command_fetch_max_wait_ms=7,
         kafka_event_fetch_max_wait_ms=300,
+        kafka_group_prefix="bz",
     )
     runtime = importlib.import_module(f"services.{service}.bootstrap").build(settings)
     command_topic = f"bianzhi.{service}.commands.v1"
-    (projection,) = [s for s in subscribers_of(runtime) if s.topic_names != [command_topic]]
-    expected = {"command": 7, "event": 300}[wait_kind]
-    assert projection._connection_args["fetch_max_wait_ms"] == expected
+    found = {
+        tuple(s.topic_names): (s.group_id, s._connection_args["fetch_max_wait_ms"])
+        for s in subscribers_of(runtime)
+        if s.topic_names != [command_topic]
+    }
+    assert found == expected

@@ -67,6 +67,32 @@ _ANSWERED = (
     .values(status=bindparam("ended"), finished_at=bindparam("at"))
     .returning(*sagas.c)
 )
+# The same for the answers of one fetch, in one statement.
+_ANSWERED_MANY = (
+    update(sagas)
+    .where(
+        sagas.c.step_request_id.in_(bindparam("request_ids", expanding=True)),
+        sagas.c.status == "waiting",
+    )
+    .values(status=bindparam("ended"), finished_at=bindparam("at"))
+    .returning(*sagas.c)
+)
+# The same as ``_ACTIVATE`` for the enrolments of one fetch that take effect on one date.
+_ACTIVATE_MANY = (
+    update(people)
+    .where(
+        people.c.person_id.in_(bindparam("person_ids", expanding=True)),
+        people.c.status == "enrolling",
+        people.c.saga_id.in_(bindparam("saga_ids", expanding=True)),
+    )
+    .values(
+        status="active",
+        enrolled_on=bindparam("on"),
+        updated_at=bindparam("at"),
+        version=people.c.version + 1,
+    )
+    .returning(*people.c)
+)
 _BY_REQUEST = select(sagas).where(
     (sagas.c.step_request_id == bindparam("request_id"))
     | (sagas.c.compensation_request_id == bindparam("request_id"))
@@ -157,6 +183,8 @@ class People:
     def __init__(self, session: AsyncSession, *, batch_history: bool = False) -> None:
         self.session = session
         self._history: list[dict[str, Any]] | None = [] if batch_history else None
+        # What ``activate_many`` did, by (person, saga), for ``activate`` to hand out.
+        self._activated: dict[tuple[str, str], Row[Any] | None] = {}
 
     async def by_index(self, citizen_index: str) -> Row[Any] | None:
         return (
@@ -178,11 +206,42 @@ class People:
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
         """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
-        the change, or ``None`` when they were not in that state."""
+        the change, or ``None`` when they were not in that state. Done already, with its
+        outcome kept, when ``activate_many`` was given it."""
+        key = (person_id, saga_id)
+        if key in self._activated:
+            return self._activated.pop(key)
         done = await self.session.execute(
             _ACTIVATE, {"b_person_id": person_id, "only_saga": saga_id, "on": on, "at": now()}
         )
         return done.one_or_none()
+
+    async def activate_many(self, enrolments: Iterable[tuple[str, str, date]]) -> None:
+        """``activate`` for many (person, saga, date) at once: a statement per date. Each
+        outcome is kept for the ``activate`` call that asks for it."""
+        by_date: dict[date, dict[str, str]] = {}
+        for person_id, saga_id, on in enrolments:
+            by_date.setdefault(on, {})[person_id] = saga_id
+        for on, sagas_of in by_date.items():
+            done = await self.session.execute(
+                _ACTIVATE_MANY,
+                {
+                    "person_ids": list(sagas_of),
+                    "saga_ids": list(sagas_of.values()),
+                    "on": on,
+                    "at": now(),
+                },
+            )
+            rows = {row.person_id: row for row in done}
+            for person_id, saga_id in sagas_of.items():
+                row = rows.pop(person_id, None)
+                if row is not None and row.saga_id != saga_id:
+                    # A person drives only their own sagas, so the two lists pair up; should
+                    # they ever not, the fetch is rolled back and applied one by one.
+                    raise RuntimeError(f"person {person_id} activated under another saga")
+                self._activated[(person_id, saga_id)] = row
+            if rows:
+                raise RuntimeError(f"people activated that were not asked for: {sorted(rows)}")
 
     async def transition(
         self,
@@ -276,6 +335,8 @@ class Sagas:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self._started: list[dict[str, Any]] = []
+        # What ``answer_many`` did, by step request id, for ``answered`` to hand out.
+        self._answered: dict[str, tuple[str, Row[Any] | None]] = {}
 
     async def start(
         self,
@@ -321,11 +382,28 @@ class Sagas:
 
     async def answered(self, request_id: str, status: str) -> Row[Any] | None:
         """End the saga waiting for its step ``request_id`` as ``status``; its row after, or
-        ``None`` when no saga waits for that step (a late answer, or a compensation's)."""
+        ``None`` when no saga waits for that step (a late answer, or a compensation's). Done
+        already, with its outcome kept, when ``answer_many`` was given it."""
+        if request_id in self._answered:
+            ended, row = self._answered.pop(request_id)
+            if ended != status:
+                raise RuntimeError(f"step {request_id} was answered {ended}, not {status}")
+            return row
         done = await self.session.execute(
             _ANSWERED, {"request_id": request_id, "ended": status, "at": now()}
         )
         return done.one_or_none()
+
+    async def answer_many(self, request_ids: list[str], status: str) -> list[Row[Any]]:
+        """``answered`` for many steps at once (each id once): the sagas ended, whose outcomes
+        are kept for the ``answered`` calls that ask for them."""
+        done = await self.session.execute(
+            _ANSWERED_MANY, {"request_ids": request_ids, "ended": status, "at": now()}
+        )
+        ended = {row.step_request_id: row for row in done}
+        for request_id in request_ids:
+            self._answered[request_id] = (status, ended.get(request_id))
+        return list(ended.values())
 
     async def by_request(self, request_id: str) -> Row[Any] | None:
         """The saga whose step or compensation is ``request_id``."""
