@@ -74,17 +74,16 @@ def service_access(
     answers: tuple[str, ...] = (),
     extra_writes: tuple[str, ...] = (),
 ) -> Access:
-    """A bianzhi service: its commands in group ``bianzhi-<svc>``, the events it projects in
-    ``bianzhi-<svc>-projection``, the answers to its saga steps in ``bianzhi-<svc>-answers``
-    where they have a group of their own (``EventSubscription.group``); it writes its events,
-    command results, the dead letters of what it consumes, and any internal commands of a
-    saga."""
+    """A bianzhi service: its commands in group ``bianzhi-<svc>``, with the answers to its saga
+    steps where it fetches them with its commands (``EventSubscription.saga_answers``), the
+    events it projects in ``bianzhi-<svc>-projection``; it writes its events, command results,
+    the dead letters of what it consumes, and any internal commands of a saga."""
     consumed = (commands(service), *projections, *answers)
     return Access(
         consumes=(
             Consumes(commands(service), f"{GROUP_PREFIX}-{service}"),
             *(Consumes(t, f"{GROUP_PREFIX}-{service}-projection") for t in projections),
-            *(Consumes(t, f"{GROUP_PREFIX}-{service}-answers") for t in answers),
+            *(Consumes(t, f"{GROUP_PREFIX}-{service}") for t in answers),
         ),
         produces=(events(service), COMMAND_RESULTS, *extra_writes, *(dlq(t) for t in consumed)),
     )
@@ -93,8 +92,8 @@ def service_access(
 # Each service's row matches its services/<svc>/bootstrap.py (tests/deploy checks every existing
 # service's row against its definition() and the commands its code sends). roster projects the
 # orgs events in its projection group and reads quota's answers to its slot requests from the
-# command results in its answers group; it sends those requests (OccupySlot, MoveSlot,
-# ReleaseSlot) to quota's command topic. orgs does the same for its merge and abolish sagas
+# command results with its commands, in its command group; it sends those requests (OccupySlot,
+# MoveSlot, ReleaseSlot) to quota's command topic. orgs does the same for its merge and abolish sagas
 # (MergeEstablishments, CloseEstablishment), reading the answers in its projection group, its
 # only one. These sagas are the only writers of another service's commands.
 # roster alone writes its restricted events (full citizen IDs, docs/security.md §5), and only

@@ -41,14 +41,9 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
         register_queries=register_queries,
         event_subscriptions=(
             EventSubscription(ORGS_EVENTS, ORG_EVENTS),
-            # Quota's answers to the roster's slot requests, in a group of their own: they are
-            # fetched as often as commands, the orgs events need not be.
+            # Quota's answers to the roster's slot requests: read with its commands.
             EventSubscription(
-                COMMAND_RESULTS,
-                RESULT_ROUTES,
-                saga_answers=True,
-                prepare=prepare_answers,
-                group="answers",
+                COMMAND_RESULTS, RESULT_ROUTES, saga_answers=True, prepare=prepare_answers
             ),
         ),
         background=(sweep_overdue_sagas,),

@@ -796,7 +796,8 @@ def test_service_acls_are_exactly_what_the_service_consumes_and_produces(
     definition = importlib.import_module(f"services.{svc}.bootstrap").definition()
     prefix = generate.GROUP_PREFIX
     consumed = {(commands(svc), f"{prefix}-{svc}")} | {
-        (sub.topic, f"{prefix}-{svc}-{sub.group}") for sub in definition.event_subscriptions
+        (sub.topic, f"{prefix}-{svc}" if sub.saga_answers else f"{prefix}-{svc}-projection")
+        for sub in definition.event_subscriptions
     }
     # its events and command results, any other service's commands it sends (a saga's steps,
     # e.g. roster's slot requests to quota), and the dead letters of what it consumes

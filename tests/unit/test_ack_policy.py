@@ -16,9 +16,12 @@ from faststream import AckPolicy
 
 from contracts.topics import (
     COMMAND_RESULTS,
+    NOTIFY_COMMANDS,
     ORGS_COMMANDS,
     ORGS_EVENTS,
+    QUOTA_COMMANDS,
     QUOTA_EVENTS,
+    ROSTER_COMMANDS,
     ROSTER_EVENTS,
 )
 from services.orgs.bootstrap import build, definition
@@ -86,27 +89,40 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
 @pytest.mark.parametrize(
     ("service", "expected"),
     [
-        # The roster reads the answers to its enrolment, transfer and release steps in a group
-        # of their own: a saga waits on that fetch as a command does, while its orgs events
-        # need not be fetched that often (a short wait costs the broker CPU per partition).
+        # The roster reads the answers to its enrolment, transfer and release steps with its
+        # commands: a saga waits on that fetch as a command does, and a consumer of its own
+        # would cost the broker another fetch every few milliseconds. Its orgs events need not
+        # be fetched that often.
         (
             "roster",
             {
+                (ROSTER_COMMANDS, COMMAND_RESULTS): ("bz-roster", 7),
                 (ORGS_EVENTS,): ("bz-roster-projection", 300),
-                (COMMAND_RESULTS,): ("bz-roster-answers", 7),
             },
         ),
         # Orgs' sagas (merge, abolish) are rare and its projection would wake for every result
         # of its own; quota and notify only follow other services.
-        ("orgs", {(COMMAND_RESULTS,): ("bz-orgs-projection", 300)}),
-        ("quota", {(ORGS_EVENTS,): ("bz-quota-projection", 300)}),
+        (
+            "orgs",
+            {
+                (ORGS_COMMANDS,): ("bz-orgs", 7),
+                (COMMAND_RESULTS,): ("bz-orgs-projection", 300),
+            },
+        ),
+        (
+            "quota",
+            {(QUOTA_COMMANDS,): ("bz-quota", 7), (ORGS_EVENTS,): ("bz-quota-projection", 300)},
+        ),
         (
             "notify",
-            {(ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS): ("bz-notify-projection", 300)},
+            {
+                (NOTIFY_COMMANDS,): ("bz-notify", 7),
+                (ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS): ("bz-notify-projection", 300),
+            },
         ),
     ],
 )
-def test_saga_answers_are_fetched_as_fast_as_commands_and_projections_wait_longer(
+def test_saga_answers_are_fetched_with_the_commands_and_projections_wait_longer(
     tmp_path: Path, service: str, expected: dict[tuple[str, ...], tuple[str, int]]
 ) -> None:
     import importlib
@@ -119,10 +135,42 @@ def test_saga_answers_are_fetched_as_fast_as_commands_and_projections_wait_longe
         kafka_group_prefix="bz",
     )
     runtime = importlib.import_module(f"services.{service}.bootstrap").build(settings)
-    command_topic = f"bianzhi.{service}.commands.v1"
     found = {
         tuple(s.topic_names): (s.group_id, s._connection_args["fetch_max_wait_ms"])
         for s in subscribers_of(runtime)
-        if s.topic_names != [command_topic]
     }
     assert found == expected
+
+
+async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.roster.bootstrap import build as build_roster
+    from services.runtime.messaging import RawMessage
+
+    runtime = build_roster(service_settings(tmp_path, "localhost:1"))
+    handled: list[tuple[str, list[int]]] = []
+
+    def recorder(name: str) -> Any:
+        async def process_batch(raws: list[RawMessage]) -> None:
+            handled.append((name, [r.offset for r in raws]))
+
+        return process_batch
+
+    monkeypatch.setattr(runtime.command_consumer, "process_batch", recorder("commands"))
+    monkeypatch.setattr(runtime.projections[COMMAND_RESULTS], "process_batch", recorder("answers"))
+    (hot,) = [s for s in subscribers_of(runtime) if ROSTER_COMMANDS in s.topic_names]
+    fetch = [
+        RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
+        for topic, offset in [
+            (ROSTER_COMMANDS, 1),
+            (COMMAND_RESULTS, 10),
+            (ROSTER_COMMANDS, 2),
+            (COMMAND_RESULTS, 11),
+            (COMMAND_RESULTS, 12),
+        ]
+    ]
+    await runtime._consume(fetch)
+    # One batch per topic (one transaction each), every record once, in its order.
+    assert handled == [("commands", [1, 2]), ("answers", [10, 11, 12])]
+    assert hot.topic_names == [ROSTER_COMMANDS, COMMAND_RESULTS]
