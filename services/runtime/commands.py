@@ -56,6 +56,35 @@ class _Prepared:
         return self.env.type if self.env is not None else "unparseable"
 
 
+def _prepared_runs(
+    items: Sequence[_Prepared], fresh: set[str]
+) -> dict[int, list[tuple[Envelope, Command]]]:
+    """The runs of a fetch's commands for their route's ``prepare``, by the index of the
+    first: two or more new commands of one route with a ``prepare`` whose handlers run one after
+    another (commands refused before their handler and duplicates between them change no state
+    and do not break a run), as (envelope, command) in order."""
+    runs: dict[int, list[tuple[Envelope, Command]]] = {}
+    seen: set[str] = set()
+    start, route = -1, None
+    for index, p in enumerate(items):
+        assert p.env is not None
+        if p.env.id in seen or p.env.id not in fresh:
+            continue
+        seen.add(p.env.id)
+        if p.rejection is not None:
+            continue
+        assert p.route is not None and p.command is not None
+        if p.route is not route:
+            start, route = index, p.route
+            runs[start] = []
+        runs[start].append((p.env, p.command))
+    return {
+        index: run
+        for index, run in runs.items()
+        if len(run) > 1 and (r := items[index].route) is not None and r.prepare is not None
+    }
+
+
 class _SinglesNeeded(Exception):
     """A batch that cannot be one transaction (a handler refused a command mid-batch)."""
 
@@ -230,10 +259,11 @@ class CommandConsumer(Consumer):
                 envs.setdefault(p.env.id, p.env)
             fresh = await uow.claim_many(self.consumer, list(envs.values()))
             stored = await uow.stored_results([i for i in envs if i not in fresh])
+            prepares = _prepared_runs(items, fresh)
             results: dict[str, Envelope] = {}
             handled: set[str] = set()
             to_store: list[tuple[Envelope, Envelope, str | None]] = []
-            for p in items:
+            for index, p in enumerate(items):
                 env = p.env
                 assert env is not None
                 if env.id in handled or env.id not in fresh:
@@ -257,6 +287,9 @@ class CommandConsumer(Consumer):
                     )
                 else:
                     assert p.route is not None and p.command is not None
+                    if (run := prepares.get(index)) is not None:
+                        assert p.route.prepare is not None
+                        await p.route.prepare(uow, run)
                     ctx = HandlerContext(envelope=env, source=self.source)
                     try:
                         await p.route.handler(p.command, uow, ctx)

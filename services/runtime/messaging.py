@@ -171,7 +171,8 @@ EventHandler = Callable[[Any, Any, Envelope], Awaitable[None]]
 # order (unit of work, [(envelope, event)]): it may do in a few statements what the handlers
 # would do one event at a time, and leave the rows where they look for them. It must change
 # nothing the handlers would not: the same events applied one by one (a fetch of one, or after
-# a failed batch) must end in the same state.
+# a failed batch) must end in the same state. A command route's is given commands instead
+# (``CommandRoute.prepare``).
 BatchPreparer = Callable[[Any, Sequence[tuple[Envelope, Any]]], Awaitable[None]]
 
 
@@ -180,6 +181,13 @@ class CommandRoute:
     model: type[Command]
     handler: CommandHandler
     role: Role
+    # Statements serving many commands of this route at once (see ``BatchPreparer``), in a
+    # fetch handled as one transaction: run just before the handlers of each run of two or more
+    # of its commands that follow one another in the fetch (a command refused before its
+    # handler, or a duplicate, changes no state and does not break a run), with those commands
+    # in order. So nothing another handler does comes between the prepared work and the
+    # handlers it serves. A fetch of one command, or one handled one by one, never calls it.
+    prepare: BatchPreparer | None = None
 
 
 @dataclass(frozen=True)

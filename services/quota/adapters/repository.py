@@ -7,10 +7,11 @@ a category's approved quota or limits first locks that province's guard row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any
+from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from sqlalchemy import (
@@ -86,6 +87,24 @@ _OCCUPY_RESERVED = (
     .returning(establishment.c.occupied)
 )
 
+# The same for ``k`` places of one establishment row at once (the commands of one fetch): each
+# step alone needs a reserved place, and occupying one leaves occupied + reserved as it was.
+_OCCUPY_RESERVED_MANY = (
+    update(establishment)
+    .where(
+        *_EST_KEY,
+        establishment.c.reserved >= _param("b_k", establishment.c.reserved),
+        establishment.c.occupied + establishment.c.reserved <= establishment.c.approved,
+    )
+    .values(
+        reserved=establishment.c.reserved - _param("b_k", establishment.c.reserved),
+        occupied=establishment.c.occupied + _param("b_k", establishment.c.occupied),
+        version=establishment.c.version + 1,
+        updated_at=_param("b_now", establishment.c.updated_at),
+    )
+    .returning(establishment.c.occupied)
+)
+
 _EST_GET = select(
     establishment.c.approved, establishment.c.occupied, establishment.c.reserved
 ).where(*_EST_KEY)
@@ -155,6 +174,21 @@ _NOTICE_TAKE_ONE = (
     .returning(notices.c.used)
 )
 
+# The same for ``k`` places at once, only when all ``k`` fit.
+_NOTICE_TAKE_MANY = (
+    update(notices)
+    .where(
+        notices.c.notice_no == bindparam("b_notice_no"),
+        notices.c.org_id == bindparam("b_org_id"),
+        notices.c.category == bindparam("b_category"),
+        notices.c.status == NoticeStatus.ISSUED.value,
+        notices.c.valid_until >= _param("b_on", notices.c.valid_until),
+        notices.c.used + _param("b_k", notices.c.used) <= notices.c.count,
+    )
+    .values(used=notices.c.used + _param("b_k", notices.c.used), version=notices.c.version + 1)
+    .returning(notices.c.used)
+)
+
 _NOTICE_GIVE_BACK = (
     update(notices)
     .where(
@@ -202,6 +236,55 @@ _CLAIMED_WITH_ORG = (
         prefix="org_",
     ),
 )
+
+
+V = TypeVar("V")
+
+
+class Kept(Generic[V]):
+    """What a statement serving the commands of one fetch at once did for each of them (a
+    batch ``prepare``), kept by key for the one-at-a-time calls it stands for, which hand it
+    out in order instead of running their own statement. Each call must ask for what the
+    statement was made for (``asked``); anything else is a bug, and the fetch is rolled back
+    and handled one by one."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[Hashable, tuple[Hashable, deque[V]]] = {}
+
+    def keep(self, key: Hashable, asked: Hashable, outcomes: Iterable[V]) -> None:
+        if key in self._by_key:
+            raise RuntimeError(f"{key!r} was prepared twice")
+        self._by_key[key] = (asked, deque(outcomes))
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._by_key
+
+    def take(self, key: Hashable, asked: Hashable) -> V:
+        """The next outcome kept for ``key`` (one that ``key in self`` says is there)."""
+        made_for, outcomes = self._by_key[key]
+        if asked != made_for:
+            raise RuntimeError(f"{key!r} was prepared for {made_for!r}, not {asked!r}")
+        outcome = outcomes.popleft()
+        if not outcomes:
+            del self._by_key[key]
+        return outcome
+
+    def asked(self, key: Hashable) -> Hashable | None:
+        """What the outcomes kept for ``key`` were made for; ``None`` when none are kept."""
+        found = self._by_key.get(key)
+        return None if found is None else found[0]
+
+    def left(self) -> list[Hashable]:
+        """The keys of outcomes nobody asked for (none once the handlers of a fetch ran)."""
+        return list(self._by_key)
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+
+def _counts_up_to(after: int, k: int) -> range:
+    """What ``k`` one-place steps would each have returned, the last leaving ``after``."""
+    return range(after - k + 1, after + 1)
 
 
 def _org_ref(
@@ -319,6 +402,8 @@ class Ledger:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
         self._history: list[dict[str, Any]] = []
+        # What ``occupy_many`` did, by (org, category), for ``occupy_reserved`` to hand out.
+        self.occupied_kept: Kept[int] = Kept()
 
     # guards ---------------------------------------------------------------------------------
 
@@ -593,7 +678,11 @@ class Ledger:
 
     async def occupy_reserved(self, org_id: UUID, category: Category) -> int | None:
         """Turn one reserved place into an occupied one; the new occupied count, or ``None``
-        when nothing is reserved or the org is over its approved count."""
+        when nothing is reserved or the org is over its approved count. Done already, with
+        its outcome kept, when ``occupy_many`` was given it."""
+        key = (str(org_id), category.value)
+        if key in self.occupied_kept:
+            return self.occupied_kept.take(key, key)
         row = (
             await self.session.execute(
                 _OCCUPY_RESERVED,
@@ -601,6 +690,28 @@ class Ledger:
             )
         ).one_or_none()
         return None if row is None else int(row.occupied)
+
+    async def occupy_many(self, org_id: UUID, category: Category, k: int) -> bool:
+        """``occupy_reserved`` ``k`` times in one statement, only if every one of them would
+        succeed; the occupied count each would have returned, in order, is kept for the
+        ``occupy_reserved`` calls that ask for it. ``False`` (and nothing changed or kept)
+        when not all ``k`` fit."""
+        row = (
+            await self.session.execute(
+                _OCCUPY_RESERVED_MANY,
+                {
+                    "b_org_id": str(org_id),
+                    "b_category": category.value,
+                    "b_k": k,
+                    "b_now": now(),
+                },
+            )
+        ).one_or_none()
+        if row is None:
+            return False
+        key = (str(org_id), category.value)
+        self.occupied_kept.keep(key, key, _counts_up_to(int(row.occupied), k))
+        return True
 
     async def vacate(self, org_id: UUID, category: Category) -> int:
         """Free one occupied place; the new occupied count."""
@@ -688,6 +799,8 @@ class Notices:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        # What ``use_many`` did, by notice, for ``use_one`` to hand out.
+        self.used_kept: Kept[int] = Kept()
 
     async def get(self, notice_no: str) -> Notice | None:
         row = (await self.session.execute(_NOTICE_GET, {"b_notice_no": notice_no})).one_or_none()
@@ -728,7 +841,10 @@ class Notices:
         self, notice_no: str, org_id: UUID, category: Category, on: date
     ) -> int | None:
         """Consume one place of a notice issued to ``org_id`` for ``category`` that is open and
-        unexpired on ``on``; the places used after, or ``None`` when it may give none."""
+        unexpired on ``on``; the places used after, or ``None`` when it may give none. Done
+        already, with its outcome kept, when ``use_many`` was given it."""
+        if notice_no in self.used_kept:
+            return self.used_kept.take(notice_no, (str(org_id), category.value, on))
         row = (
             await self.session.execute(
                 _NOTICE_TAKE_ONE,
@@ -741,6 +857,30 @@ class Notices:
             )
         ).one_or_none()
         return None if row is None else int(row.used)
+
+    async def use_many(
+        self, notice_no: str, org_id: UUID, category: Category, on: date, k: int
+    ) -> bool:
+        """``use_one`` ``k`` times in one statement, only if every one of them would give a
+        place; the places used after each, in order, are kept for the ``use_one`` calls that
+        ask for them. ``False`` (and nothing changed or kept) when not all ``k`` fit."""
+        row = (
+            await self.session.execute(
+                _NOTICE_TAKE_MANY,
+                {
+                    "b_notice_no": notice_no,
+                    "b_org_id": str(org_id),
+                    "b_category": category.value,
+                    "b_on": on,
+                    "b_k": k,
+                },
+            )
+        ).one_or_none()
+        if row is None:
+            return False
+        asked = (str(org_id), category.value, on)
+        self.used_kept.keep(notice_no, asked, _counts_up_to(int(row.used), k))
+        return True
 
     async def give_back(self, notice_no: str) -> Notice | None:
         """Return one used place to a notice that is still issued (a cancelled occupation);
@@ -781,11 +921,65 @@ class Notices:
         return list((await self.session.execute(query.order_by(notices.c.notice_no))).scalars())
 
 
+@dataclass(frozen=True)
+class RequestClaim:
+    """A slot request taking effect (what ``Slots.claim_request`` records)."""
+
+    request_id: UUID
+    request_type: str
+    command_id: str
+    person_id: UUID
+    org_id: UUID
+    event_id: str | None = None
+    event_type: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "request_id": str(self.request_id),
+            "request_type": self.request_type,
+            "command_id": self.command_id,
+            "person_id": str(self.person_id),
+            "org_id": str(self.org_id),
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "created_at": now(),
+        }
+
+
+@dataclass(frozen=True)
+class NewSlot:
+    """The slot a person comes to hold (what ``Slots.add`` records)."""
+
+    person_id: UUID
+    org_id: UUID
+    category: Category
+    unit_id: UUID | None
+    leader_post: LeaderPost | None
+    notice_no: str
+    request_id: UUID
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "person_id": str(self.person_id),
+            "org_id": str(self.org_id),
+            "category": self.category.value,
+            "unit_id": _unit_key(self.unit_id),
+            "leader_post": self.leader_post.value if self.leader_post else None,
+            "notice_no": self.notice_no,
+            "request_id": str(self.request_id),
+            "occupied_at": now(),
+        }
+
+
 class Slots:
     """The slot each person holds, and the slot requests that took effect."""
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        # What ``claim_many`` and ``add_many`` did, by request and by person, for
+        # ``claim_request`` and ``add`` to hand out.
+        self.claims_kept: Kept[Row[Any]] = Kept()
+        self.added_kept: Kept[bool] = Kept()
 
     async def claim_request(
         self,
@@ -803,22 +997,42 @@ class Slots:
         ``request_done`` sets them). The row returned holds the ``request_id`` and the org
         ``org_id`` as the org projection has it (``org_status``, ``org_kind``,
         ``org_division_code``, ``org_name``; all ``None`` when unknown there):
-        ``OrgProjection.seen_with`` keeps it."""
+        ``OrgProjection.seen_with`` keeps it. Done already, with its row kept, when
+        ``claim_many`` was given it (``prepared_event`` tells the event it was given)."""
+        claim = RequestClaim(
+            request_id, request_type, command_id, person_id, org_id, event_id, event_type
+        )
+        key = str(request_id)
+        if key in self.claims_kept:
+            return self.claims_kept.take(key, claim)
         return (
             await self.session.execute(
                 ignoring_duplicates(self.session, slot_requests, returning=_CLAIMED_WITH_ORG),
-                {
-                    "request_id": str(request_id),
-                    "request_type": request_type,
-                    "command_id": command_id,
-                    "person_id": str(person_id),
-                    "org_id": str(org_id),
-                    "event_id": event_id,
-                    "event_type": event_type,
-                    "created_at": now(),
-                },
+                claim.row(),
             )
         ).one_or_none()
+
+    async def claim_many(self, claims: Sequence[RequestClaim]) -> int:
+        """``claim_request`` for many requests (each request_id once) in one statement; the
+        row of each one claimed is kept for the ``claim_request`` call that asks for it. A
+        request that took effect before is not kept: its own call finds that out again. How
+        many were claimed."""
+        rows = await self.session.execute(
+            ignoring_duplicates(self.session, slot_requests, returning=_CLAIMED_WITH_ORG),
+            [claim.row() for claim in claims],
+        )
+        # RETURNING gives no order to rely on: the rows are matched by request_id.
+        claimed = {row.request_id: row for row in rows}
+        for claim in claims:
+            key = str(claim.request_id)
+            if (row := claimed.get(key)) is not None:
+                self.claims_kept.keep(key, claim, [row])
+        return len(claimed)
+
+    def prepared_event(self, request_id: UUID) -> str | None:
+        """The id of the event the claim of ``request_id`` kept by ``claim_many`` ends with."""
+        claim = self.claims_kept.asked(str(request_id))
+        return claim.event_id if isinstance(claim, RequestClaim) else None
 
     async def request(self, request_id: UUID) -> Row[Any] | None:
         return (
@@ -846,23 +1060,33 @@ class Slots:
         notice_no: str,
         request_id: UUID,
     ) -> bool:
-        """Record the slot ``person_id`` now holds; ``False`` if they hold one already."""
+        """Record the slot ``person_id`` now holds; ``False`` if they hold one already. Done
+        already when ``add_many`` was given it."""
+        slot = NewSlot(person_id, org_id, category, unit_id, leader_post, notice_no, request_id)
+        key = str(person_id)
+        if key in self.added_kept:
+            return self.added_kept.take(key, slot)
         row = (
             await self.session.execute(
                 ignoring_duplicates(self.session, slots, returning=slots.c.person_id),
-                {
-                    "person_id": str(person_id),
-                    "org_id": str(org_id),
-                    "category": category.value,
-                    "unit_id": _unit_key(unit_id),
-                    "leader_post": leader_post.value if leader_post else None,
-                    "notice_no": notice_no,
-                    "request_id": str(request_id),
-                    "occupied_at": now(),
-                },
+                slot.row(),
             )
         ).one_or_none()
         return row is not None
+
+    async def add_many(self, new: Sequence[NewSlot]) -> int:
+        """``add`` for many slots (each person once) in one statement; each one recorded is
+        kept for the ``add`` call that asks for it. A person who holds a slot already is not
+        kept: their own call finds that out again. How many were recorded."""
+        rows = await self.session.execute(
+            ignoring_duplicates(self.session, slots, returning=slots.c.person_id),
+            [slot.row() for slot in new],
+        )
+        added = set(rows.scalars())
+        for slot in new:
+            if (key := str(slot.person_id)) in added:
+                self.added_kept.keep(key, slot, [True])
+        return len(added)
 
     async def remove(
         self, person_id: UUID, org_id: UUID, request_id: UUID | None = None

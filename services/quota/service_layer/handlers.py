@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from datetime import date
 from typing import Any
 from uuid import UUID
@@ -36,7 +37,7 @@ from contracts.quota import (
     SlotReleased,
     TransferQuota,
 )
-from services.quota.adapters.repository import unit_of
+from services.quota.adapters.repository import NewSlot, RequestClaim, unit_of
 from services.quota.domain import model
 from services.quota.service_layer.unit_of_work import QuotaUnitOfWork
 from services.runtime.messaging import CommandRoute, HandlerContext
@@ -593,10 +594,71 @@ async def _record_slot(
     )
 
 
+async def prepare_occupations(
+    uow: QuotaUnitOfWork, commands: Sequence[tuple[Envelope, OccupySlot]]
+) -> None:
+    """The four statements ``occupy_slot`` runs per command, for a run of OccupySlot commands
+    of one fetch at once (``CommandRoute.prepare``): one claims every request, one per notice
+    takes its places, one records every slot, one per org and category turns reserved places
+    into occupied ones. What each would have given the handlers one after another in fetch
+    order is kept for them; they then find it and do the rest command by command.
+
+    A step that cannot serve all its commands is left to them: a request id or a person twice
+    in the run, a request carried out before, a person holding a slot, a notice or an
+    establishment without room for all of its commands (or a notice named with different orgs
+    or categories). Their handlers run those statements themselves, and one of them is refused
+    as it would be alone, which rolls the fetch back to be handled one by one."""
+    on = today()
+    requests = Counter(cmd.request_id for _, cmd in commands)
+    people = Counter(cmd.person_id for _, cmd in commands)
+    claims = [
+        RequestClaim(
+            cmd.request_id,
+            env.type,
+            env.id,
+            cmd.person_id,
+            cmd.org_id,
+            event_id=new_id(),
+            event_type=SlotOccupied.TYPE,
+        )
+        for env, cmd in commands
+        if requests[cmd.request_id] == 1
+    ]
+    if claims:
+        await uow.slots.claim_many(claims)
+    by_notice: dict[str, list[OccupySlot]] = {}
+    for _, cmd in commands:
+        by_notice.setdefault(cmd.notice_no, []).append(cmd)
+    for notice_no, cmds in by_notice.items():
+        named = {(cmd.org_id, cmd.category) for cmd in cmds}
+        if len(named) == 1:
+            ((org_id, category),) = named
+            await uow.notices.use_many(notice_no, org_id, category, on, len(cmds))
+    new = [
+        NewSlot(
+            cmd.person_id,
+            cmd.org_id,
+            cmd.category,
+            cmd.unit_id,
+            cmd.leader_post,
+            cmd.notice_no,
+            cmd.request_id,
+        )
+        for _, cmd in commands
+        if people[cmd.person_id] == 1
+    ]
+    if new:
+        await uow.slots.add_many(new)
+    held = Counter((cmd.org_id, cmd.category) for _, cmd in commands)
+    for (org_id, category), k in held.items():
+        await uow.ledger.occupy_many(org_id, category, k)
+
+
 async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
     # The request is claimed with the id of the event it ends with: a rejection rolls both
-    # back, so the claim needs no second statement to mark it done.
-    event_id = new_id()
+    # back, so the claim needs no second statement to mark it done. A claim made by
+    # ``prepare_occupations`` chose that id already.
+    event_id = uow.slots.prepared_event(cmd.request_id) or new_id()
     await _claim_request(
         uow,
         ctx,
@@ -793,7 +855,7 @@ COMMANDS: list[CommandRoute] = [
     CommandRoute(IssueQuotaUseNotice, issue_notice, Role.APPROVER),
     CommandRoute(CancelQuotaUseNotice, cancel_notice, Role.APPROVER),
     # Internal steps of the roster sagas, sent with the original actor (a clerk enrols people).
-    CommandRoute(OccupySlot, occupy_slot, Role.CLERK),
+    CommandRoute(OccupySlot, occupy_slot, Role.CLERK, prepare=prepare_occupations),
     CommandRoute(ReleaseSlot, release_slot, Role.CLERK),
     CommandRoute(MoveSlot, move_slot, Role.CLERK),
     CommandRoute(CancelSlotRequest, cancel_slot_request, Role.CLERK),
