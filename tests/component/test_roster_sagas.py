@@ -439,6 +439,55 @@ async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_o
     assert sorted(audited) == sorted(c.id for c in cmds)  # each command audited once
 
 
+async def test_a_fetch_of_enrolments_adds_its_new_people_in_one_statement(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org()
+    first = await platform.notice(org_id, 1)
+    assert (
+        await platform.result(
+            platform.roster, (await platform.send(enrol(citizen(), org_id, first))).id
+        )
+    ).type == COMPLETED
+    number = citizen()
+    refused = await platform.send(enrol(number, org_id, first))
+    res = await platform.result(platform.roster, refused.id)
+    assert res.data["code"] == "notice_exhausted"
+    async with platform.roster.sessions() as session:
+        before = (await session.execute(select(people.c.person_id, people.c.status))).all()
+    (refused_person,) = [p for p, status in before if status == "failed"]
+    notice_no = await platform.notice(org_id, 4)
+    # Three new people and one enrolled again (their number is on the roster already).
+    cmds = [
+        enrol(n, org_id, notice_no).envelope(source="/tests", **CLERK)
+        for n in (citizen(), citizen(), number, citizen())
+    ]
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()[:3]))
+
+    engine = platform.roster.engine.sync_engine
+    sa_event.listen(engine, "before_cursor_execute", count)
+    try:
+        await platform.roster.command_consumer.process_batch(
+            [raw(ROSTER_COMMANDS, env) for env in cmds]
+        )
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", count)
+    assert statements.count("INSERT INTO people") == 1
+    await platform.pump()
+    subjects = []
+    for cmd in cmds:
+        res = await platform.result(platform.roster, cmd.id)
+        assert res.type == COMPLETED, res.data
+        subjects.append(res.data["subject"])
+        assert (await platform.person(res.data["subject"])).status == "active"
+    assert subjects[2] == refused_person  # enrolled again under the person id they had
+    assert len(set(subjects)) == 4
+    assert await platform.counts(org_id) == (5, 5, 0)
+
+
 async def test_a_fetch_of_answers_ends_its_sagas_in_a_few_statements_as_one_by_one_would(
     platform: Platform,
 ) -> None:

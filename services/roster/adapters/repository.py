@@ -57,6 +57,8 @@ _WITH_ORG = (
         prefix="org_",
     ),
 )
+# The same for the new people of one fetch: the blind index tells which row is whose.
+_ADDED_WITH_ORG = (people.c.citizen_index, *_WITH_ORG)
 _HISTORY = insert(person_history)
 _SAGA = insert(sagas)
 # Quota's answer to a step ends a saga still waiting for it (the row after); a late answer,
@@ -185,6 +187,8 @@ class People:
         self._history: list[dict[str, Any]] | None = [] if batch_history else None
         # What ``activate_many`` did, by (person, saga), for ``activate`` to hand out.
         self._activated: dict[tuple[str, str], Row[Any] | None] = {}
+        # What ``add_many`` did, by blind index: the person id given and the row inserted.
+        self._added: dict[str, tuple[str, Row[Any] | None]] = {}
 
     async def by_index(self, citizen_index: str) -> Row[Any] | None:
         return (
@@ -203,6 +207,28 @@ class People:
         row = {**values, "created_at": stamp, "updated_at": stamp, "version": 1}
         stmt = ignoring_duplicates(self.session, people, returning=_WITH_ORG)
         return (await self.session.execute(stmt, row)).one_or_none()
+
+    async def add_many(self, rows: Iterable[dict[str, Any]]) -> None:
+        """``add`` for the new people of one fetch (each blind index once) in one statement;
+        what each insert did is kept for ``added`` to hand out."""
+        stamp = now()
+        values = [{**row, "created_at": stamp, "updated_at": stamp, "version": 1} for row in rows]
+        stmt = ignoring_duplicates(self.session, people, returning=_ADDED_WITH_ORG)
+        # RETURNING gives no order to rely on: the rows are matched by blind index.
+        inserted = {row.citizen_index: row for row in await self.session.execute(stmt, values)}
+        for row in values:
+            index = row["citizen_index"]
+            self._added[index] = (row["person_id"], inserted.get(index))
+
+    def added(self, citizen_index: str) -> tuple[str, Row[Any] | None] | None:
+        """What ``add_many`` did for this blind index: the person id it gave and the row as
+        ``add`` returns it (``None`` when the index or person id was taken); ``None`` when it
+        was not given this index."""
+        return self._added.pop(citizen_index, None)
+
+    def unclaimed(self) -> list[str]:
+        """Outcomes kept by ``add_many`` and ``activate_many`` that nobody asked for."""
+        return [*self._added, *(f"{p}/{s}" for p, s in self._activated)]
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
         """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
@@ -323,9 +349,12 @@ class People:
             await self.session.execute(_HISTORY, rows)
 
     def discard(self) -> None:
-        """Forget the history rows not written yet (the transaction was rolled back)."""
+        """Forget the history rows not written yet and the outcomes kept (the transaction was
+        rolled back)."""
         if self._history:
             self._history = []
+        self._added.clear()
+        self._activated.clear()
 
 
 class Sagas:
@@ -377,8 +406,14 @@ class Sagas:
             await self.session.execute(_SAGA, rows)
 
     def discard(self) -> None:
-        """Forget the sagas not written yet (the transaction was rolled back)."""
+        """Forget the sagas not written yet and the outcomes kept (the transaction was rolled
+        back)."""
         self._started = []
+        self._answered.clear()
+
+    def unclaimed(self) -> list[str]:
+        """Outcomes kept by ``answer_many`` that nobody asked for."""
+        return list(self._answered)
 
     async def answered(self, request_id: str, status: str) -> Row[Any] | None:
         """End the saga waiting for its step ``request_id`` as ``status``; its row after, or

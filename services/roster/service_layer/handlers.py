@@ -10,13 +10,15 @@ sends one slot request to quota in the same transaction and defers the command's
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from datetime import date, timedelta
 from typing import Any
 
 from contracts import identifiers
 from contracts.codes import ReasonCode, Role
 from contracts.common import office_today
-from contracts.envelope import now
+from contracts.envelope import Envelope, now
 from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
 from contracts.roster import (
     EnrolPerson,
@@ -118,11 +120,15 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
     # Most people are new: their row goes in at once, and the unique blind index (or person
     # id) turns away a number already on the roster, which is then looked up. The insert
     # brings back the org as the projection has it, which is checked before anything else
-    # is decided: a refusal rolls the transaction back, the new row with it.
-    person_id = str(cmd.person_id or uuid.uuid4())
-    values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
+    # is decided: a refusal rolls the transaction back, the new row with it. In a fetch of
+    # enrolments the insert was made for all of them at once (``prepare_enrolments``).
     previous: str | None = None
-    added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
+    if (kept := uow.people.added(index)) is not None:
+        person_id, added = kept
+    else:
+        person_id = str(cmd.person_id or uuid.uuid4())
+        values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
+        added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
     if added is not None:
         _check_org(ctx, uow.orgs.seen_with(cmd.org_id, added), cmd)
     else:
@@ -166,6 +172,30 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
             "document": cmd.document.model_dump(mode="json") if cmd.document else None,
         },
     )
+
+
+async def prepare_enrolments(
+    uow: RosterUnitOfWork, commands: Sequence[tuple[Envelope, EnrolPerson]]
+) -> None:
+    """The insert ``enrol_person`` makes for a new person, for a run of enrolments of one
+    fetch at once (``CommandRoute.prepare``): one statement instead of one per command. Each
+    handler then finds its row (or that the number or person id was taken) and goes on as
+    alone. A citizen ID or person id twice in the run is left to its handlers, whose usual
+    refusal sends the fetch to be handled one by one."""
+    cipher = uow.personal_data
+    indexes = [cipher.blind_index(cmd.citizen_id) for _, cmd in commands]
+    times = Counter(indexes)
+    given = Counter(cmd.person_id for _, cmd in commands if cmd.person_id is not None)
+    rows: list[dict[str, Any]] = []
+    for (env, cmd), index in zip(commands, indexes, strict=True):
+        if times[index] > 1 or (cmd.person_id is not None and given[cmd.person_id] > 1):
+            continue
+        person_id = str(cmd.person_id or uuid.uuid4())
+        saga_id = model.step_id(env.id, "occupy")
+        values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
+        rows.append({**identity(cmd, cipher, person_id, index), **values})
+    if rows:
+        await uow.people.add_many(rows)
 
 
 async def _holder(uow: RosterUnitOfWork, ctx: HandlerContext, citizen_id: str) -> Any:
@@ -324,7 +354,7 @@ async def update_person(cmd: UpdatePerson, uow: RosterUnitOfWork, ctx: HandlerCo
 # The routing table: command type → handler and the least role that may issue it. Entering and
 # changing people is a clerk's work (WIRE-CONTRACT §2).
 COMMANDS: list[CommandRoute] = [
-    CommandRoute(EnrolPerson, enrol_person, Role.CLERK),
+    CommandRoute(EnrolPerson, enrol_person, Role.CLERK, prepare=prepare_enrolments),
     CommandRoute(TransferPerson, transfer_person, Role.CLERK),
     CommandRoute(ReleasePerson, release_person, Role.CLERK),
     CommandRoute(UpdatePerson, update_person, Role.CLERK),

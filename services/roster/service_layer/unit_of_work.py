@@ -41,6 +41,10 @@ class RosterUnitOfWork(UnitOfWork):
         self._results.append((command, result, code))
 
     async def _write_deferred(self) -> None:
+        # What a fetch's prepare did, its handlers asked for: else the transaction would
+        # commit a change no message made (it is rolled back and handled one by one instead).
+        if left := [*self.people.unclaimed(), *self.sagas.unclaimed()]:
+            raise RuntimeError(f"prepared for the handlers but never asked for: {left}")
         # What the transaction wrote for later (sagas started, history, results) goes in
         # before the runtime's audit and outbox, a statement per table.
         await self.sagas.flush()
