@@ -93,9 +93,9 @@ def service_access(
 # service's row against its definition() and the commands its code sends). roster projects the
 # orgs events in its projection group and reads quota's answers to its slot requests from the
 # command results with its commands, in its command group; it sends those requests (OccupySlot,
-# MoveSlot, ReleaseSlot) to quota's command topic. orgs does the same for its merge and abolish sagas
-# (MergeEstablishments, CloseEstablishment), reading the answers in its projection group, its
-# only one. These sagas are the only writers of another service's commands.
+# MoveSlot, ReleaseSlot) to quota's command topic. orgs does the same for its merge and abolish
+# sagas (MergeEstablishments, CloseEstablishment), reading the answers in its projection group,
+# its only one. These sagas are the only writers of another service's commands.
 # roster alone writes its restricted events (full citizen IDs, docs/security.md §5), and only
 # finance payroll reads them: no service, front-end or downstream department may.
 ACCESS: dict[str, Access] = {

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
+import pytest
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
 
@@ -363,3 +365,22 @@ async def test_a_fetch_with_another_command_between_occupations_prepares_each_ru
     # A claim per run of occupations, and the release's own.
     assert statements.count("INSERT INTO slot_requests") == 3
     assert statements.count("UPDATE notices SET") == 3
+
+
+async def test_places_prepared_that_no_handler_asked_for_are_never_committed(
+    quota: ServiceRuntime, projection: Any
+) -> None:
+    w = await world(quota, projection, [(10, 4)])
+    async with quota.uow() as uow:
+        assert await uow.notices.use_many(
+            w.notice_nos[0], w.orgs[0], Category.ADMIN, date.today(), 2
+        )
+        with pytest.raises(RuntimeError, match="never asked for"):
+            await uow.commit()
+    async with quota.sessions() as session:
+        used = (
+            await session.execute(
+                select(notices.c.used).where(notices.c.notice_no == w.notice_nos[0])
+            )
+        ).scalar_one()
+    assert used == 0

@@ -38,7 +38,9 @@ from services.quota.adapters.orm import establishment, notices
 from services.quota.bootstrap import build as build_quota
 from services.roster.adapters.orm import people, sagas
 from services.roster.bootstrap import build as build_roster
+from services.roster.domain.model import Status
 from services.roster.domain.personal_data import PersonalDataCipher
+from services.roster.service_layer import handlers
 from services.roster.service_layer import saga as saga_layer
 from services.runtime.app import ServiceRuntime
 from services.runtime.events import EventConsumer
@@ -912,3 +914,28 @@ async def test_other_services_dead_letters_stay_readable(platform: Platform) -> 
     assert isinstance(dead, DeadLetters)
     ((_, value, _, headers),) = dead.sent
     assert value == b"\xff not an envelope" and "x-dlq-sealed" not in headers
+
+
+async def test_people_prepared_that_no_handler_asked_for_are_never_committed(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org()
+    cmd = enrol(citizen(), org_id, "any")
+    async with platform.roster.uow() as uow:
+        cipher = uow.personal_data
+        person_id = str(uuid.uuid4())
+        index = cipher.blind_index(cmd.citizen_id)
+        await uow.people.add_many(
+            [
+                {
+                    **handlers.identity(cmd, cipher, person_id, index),
+                    **handlers.person_values(
+                        cmd, cipher, person_id, status=Status.ENROLLING, saga_id=None
+                    ),
+                }
+            ]
+        )
+        with pytest.raises(RuntimeError, match="never asked for"):
+            await uow.commit()
+    async with platform.roster.sessions() as session:
+        assert (await session.execute(select(func.count()).select_from(people))).scalar() == 0

@@ -15,7 +15,9 @@ from typing import Any, Generic, TypeVar
 from uuid import UUID
 
 from sqlalchemy import (
+    ColumnElement,
     Row,
+    Update,
     bindparam,
     delete,
     func,
@@ -71,39 +73,28 @@ _EST_KEY = (
     establishment.c.org_id == bindparam("b_org_id"),
     establishment.c.category == bindparam("b_category"),
 )
-_OCCUPY_RESERVED = (
-    update(establishment)
-    .where(
-        *_EST_KEY,
-        establishment.c.reserved >= 1,
-        establishment.c.occupied + establishment.c.reserved <= establishment.c.approved,
-    )
-    .values(
-        reserved=establishment.c.reserved - 1,
-        occupied=establishment.c.occupied + 1,
-        version=establishment.c.version + 1,
-        updated_at=_param("b_now", establishment.c.updated_at),
-    )
-    .returning(establishment.c.occupied)
-)
 
-# The same for ``k`` places of one establishment row at once (the commands of one fetch): each
-# step alone needs a reserved place, and occupying one leaves occupied + reserved as it was.
-_OCCUPY_RESERVED_MANY = (
-    update(establishment)
-    .where(
-        *_EST_KEY,
-        establishment.c.reserved >= _param("b_k", establishment.c.reserved),
-        establishment.c.occupied + establishment.c.reserved <= establishment.c.approved,
+
+def _occupying(k: int | ColumnElement[Any]) -> Update:
+    """Turn ``k`` reserved places of one establishment row into occupied ones (``k`` a number,
+    or a parameter for the commands of one fetch at once): each step alone needs a reserved
+    place, and occupying one leaves occupied + reserved as it was."""
+    e = establishment.c
+    return (
+        update(establishment)
+        .where(*_EST_KEY, e.reserved >= k, e.occupied + e.reserved <= e.approved)
+        .values(
+            reserved=e.reserved - k,
+            occupied=e.occupied + k,
+            version=e.version + 1,
+            updated_at=_param("b_now", e.updated_at),
+        )
+        .returning(e.occupied)
     )
-    .values(
-        reserved=establishment.c.reserved - _param("b_k", establishment.c.reserved),
-        occupied=establishment.c.occupied + _param("b_k", establishment.c.occupied),
-        version=establishment.c.version + 1,
-        updated_at=_param("b_now", establishment.c.updated_at),
-    )
-    .returning(establishment.c.occupied)
-)
+
+
+_OCCUPY_RESERVED = _occupying(1)
+_OCCUPY_RESERVED_MANY = _occupying(_param("b_k", establishment.c.reserved))
 
 _EST_GET = select(
     establishment.c.approved, establishment.c.occupied, establishment.c.reserved
@@ -160,34 +151,30 @@ _FREE_POST = {post: _leader_post_change(*cols, -1) for post, cols in _POST_COLUM
 _LEDGER_INSERT = insert(quota_ledger)
 
 _NOTICE_GET = select(notices).where(notices.c.notice_no == bindparam("b_notice_no"))
-_NOTICE_TAKE_ONE = (
-    update(notices)
-    .where(
-        notices.c.notice_no == bindparam("b_notice_no"),
-        notices.c.org_id == bindparam("b_org_id"),
-        notices.c.category == bindparam("b_category"),
-        notices.c.status == NoticeStatus.ISSUED.value,
-        notices.c.valid_until >= _param("b_on", notices.c.valid_until),
-        notices.c.used < notices.c.count,
-    )
-    .values(used=notices.c.used + 1, version=notices.c.version + 1)
-    .returning(notices.c.used)
-)
 
-# The same for ``k`` places at once, only when all ``k`` fit.
-_NOTICE_TAKE_MANY = (
-    update(notices)
-    .where(
-        notices.c.notice_no == bindparam("b_notice_no"),
-        notices.c.org_id == bindparam("b_org_id"),
-        notices.c.category == bindparam("b_category"),
-        notices.c.status == NoticeStatus.ISSUED.value,
-        notices.c.valid_until >= _param("b_on", notices.c.valid_until),
-        notices.c.used + _param("b_k", notices.c.used) <= notices.c.count,
+
+def _taking(k: int | ColumnElement[Any]) -> Update:
+    """Take ``k`` places of a notice issued to the org for the category, open and unexpired on
+    the day, only when all ``k`` fit (``k`` a number, or a parameter for the commands of one
+    fetch at once); the places used after."""
+    n = notices.c
+    return (
+        update(notices)
+        .where(
+            n.notice_no == bindparam("b_notice_no"),
+            n.org_id == bindparam("b_org_id"),
+            n.category == bindparam("b_category"),
+            n.status == NoticeStatus.ISSUED.value,
+            n.valid_until >= _param("b_on", n.valid_until),
+            n.used + k <= n.count,
+        )
+        .values(used=n.used + k, version=n.version + 1)
+        .returning(n.used)
     )
-    .values(used=notices.c.used + _param("b_k", notices.c.used), version=notices.c.version + 1)
-    .returning(notices.c.used)
-)
+
+
+_NOTICE_TAKE_ONE = _taking(1)
+_NOTICE_TAKE_MANY = _taking(_param("b_k", notices.c.used))
 
 _NOTICE_GIVE_BACK = (
     update(notices)

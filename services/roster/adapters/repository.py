@@ -16,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import ColumnElement, Update, bindparam, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,21 +28,32 @@ from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates,
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
 _BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
 _PERSON = select(people).where(people.c.person_id == bindparam("person_id"))
-# An enrolment's answer: the person enrolling under this saga becomes active (the row after).
-_ACTIVATE = (
-    update(people)
-    .where(
-        people.c.person_id == bindparam("b_person_id"),
-        people.c.status == "enrolling",
-        people.c.saga_id == bindparam("only_saga"),
+
+
+def _activating(*which: ColumnElement[bool]) -> Update:
+    """People enrolling under their saga become active from ``on`` (the rows after)."""
+    return (
+        update(people)
+        .where(*which, people.c.status == "enrolling")
+        .values(
+            status="active",
+            enrolled_on=bindparam("on"),
+            updated_at=bindparam("at"),
+            version=people.c.version + 1,
+        )
+        .returning(*people.c)
     )
-    .values(
-        status="active",
-        enrolled_on=bindparam("on"),
-        updated_at=bindparam("at"),
-        version=people.c.version + 1,
-    )
-    .returning(*people.c)
+
+
+# An enrolment's answer: the person enrolling under this saga becomes active.
+_ACTIVATE = _activating(
+    people.c.person_id == bindparam("b_person_id"), people.c.saga_id == bindparam("only_saga")
+)
+# The same for the enrolments of one fetch that take effect on one date (a person drives only
+# their own sagas, so the two lists pair up).
+_ACTIVATE_MANY = _activating(
+    people.c.person_id.in_(bindparam("person_ids", expanding=True)),
+    people.c.saga_id.in_(bindparam("saga_ids", expanding=True)),
 )
 # A new person goes in with the org they are enrolled in as the org projection has it (all
 # ``None`` when the projection has no such org): the enrolment's checks need the org, and a
@@ -61,40 +72,23 @@ _WITH_ORG = (
 _ADDED_WITH_ORG = (people.c.citizen_index, *_WITH_ORG)
 _HISTORY = insert(person_history)
 _SAGA = insert(sagas)
-# Quota's answer to a step ends a saga still waiting for it (the row after); a late answer,
-# or the answer to a compensation, finds none.
-_ANSWERED = (
-    update(sagas)
-    .where(sagas.c.step_request_id == bindparam("request_id"), sagas.c.status == "waiting")
-    .values(status=bindparam("ended"), finished_at=bindparam("at"))
-    .returning(*sagas.c)
-)
+
+
+def _answering(which: ColumnElement[bool]) -> Update:
+    """Sagas still waiting for their step end as ``ended`` (the rows after)."""
+    return (
+        update(sagas)
+        .where(which, sagas.c.status == "waiting")
+        .values(status=bindparam("ended"), finished_at=bindparam("at"))
+        .returning(*sagas.c)
+    )
+
+
+# Quota's answer to a step ends a saga still waiting for it; a late answer, or the answer to a
+# compensation, finds none.
+_ANSWERED = _answering(sagas.c.step_request_id == bindparam("request_id"))
 # The same for the answers of one fetch, in one statement.
-_ANSWERED_MANY = (
-    update(sagas)
-    .where(
-        sagas.c.step_request_id.in_(bindparam("request_ids", expanding=True)),
-        sagas.c.status == "waiting",
-    )
-    .values(status=bindparam("ended"), finished_at=bindparam("at"))
-    .returning(*sagas.c)
-)
-# The same as ``_ACTIVATE`` for the enrolments of one fetch that take effect on one date.
-_ACTIVATE_MANY = (
-    update(people)
-    .where(
-        people.c.person_id.in_(bindparam("person_ids", expanding=True)),
-        people.c.status == "enrolling",
-        people.c.saga_id.in_(bindparam("saga_ids", expanding=True)),
-    )
-    .values(
-        status="active",
-        enrolled_on=bindparam("on"),
-        updated_at=bindparam("at"),
-        version=people.c.version + 1,
-    )
-    .returning(*people.c)
-)
+_ANSWERED_MANY = _answering(sagas.c.step_request_id.in_(bindparam("request_ids", expanding=True)))
 _BY_REQUEST = select(sagas).where(
     (sagas.c.step_request_id == bindparam("request_id"))
     | (sagas.c.compensation_request_id == bindparam("request_id"))
