@@ -60,7 +60,9 @@ async def prepare_answers(
     answer: the sagas waiting for them end (one statement per outcome) and the enrolments
     among them take effect (one statement per effective date). ``step_completed`` and
     ``step_rejected`` then find those rows kept for them and do the rest answer by answer.
-    An id answered twice in one fetch is left to them, so the first answer wins as ever."""
+    An id answered twice in one fetch is left to them, so the first answer wins as ever. Doing
+    this before the fetch's other answers is safe: those (late answers, a compensation's or a
+    cancel's) concern sagas no longer waiting, and a person has one waiting saga at most."""
     times = Counter(result.command_id for _, result in answers)
     by_outcome: dict[str, list[str]] = {"completed": [], "rejected": []}
     for _, result in answers:
