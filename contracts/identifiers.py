@@ -26,11 +26,13 @@ __all__ = [
     "Division",
     "IdentifierError",
     "ancestors",
+    "birth_date_of_valid",
     "citizen_birth_date",
     "citizen_sex",
     "division",
     "is_within",
     "mask_citizen_id",
+    "sex_of_valid",
     "uscc_kind_warning",
     "validate_citizen_id",
     "validate_division_code",
@@ -257,7 +259,17 @@ def citizen_birth_date(value: str) -> date:
 
 def citizen_sex(value: str) -> str:
     """'male' or 'female' from the 17th digit (odd = male) of a valid citizen ID number."""
-    number = validate_citizen_id(value)
+    return sex_of_valid(validate_citizen_id(value))
+
+
+def birth_date_of_valid(number: str) -> date:
+    """``citizen_birth_date`` of a number ``validate_citizen_id`` returned already (a model's
+    ``CitizenId`` field holds one), without checking it all again."""
+    return _birth_date(number)
+
+
+def sex_of_valid(number: str) -> str:
+    """``citizen_sex`` of a number ``validate_citizen_id`` returned already."""
     return "male" if int(number[16]) % 2 else "female"
 
 

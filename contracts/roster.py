@@ -77,10 +77,11 @@ class EnrolPerson(RosterCommand):
 
     @model_validator(mode="after")
     def _agrees_with_citizen_id(self) -> EnrolPerson:
-        birth_date = identifiers.citizen_birth_date(self.citizen_id)
+        # ``citizen_id`` was validated (and normalised) by its field already.
+        birth_date = identifiers.birth_date_of_valid(self.citizen_id)
         if self.birth_date is not None and self.birth_date != birth_date:
             raise ValueError("birth_date does not match the citizen ID")
-        if self.sex is not None and self.sex != identifiers.citizen_sex(self.citizen_id):
+        if self.sex is not None and self.sex != identifiers.sex_of_valid(self.citizen_id):
             raise ValueError("sex does not match the citizen ID")
         return self
 

@@ -309,6 +309,15 @@ def test_citizen_birth_date_and_sex():
     assert_error("invalid_citizen_id", citizen_birth_date, citizen_id("130102", "19900230"))
 
 
+@pytest.mark.parametrize(
+    "value", ["11010519491231002X", "130102199003071233", "130321860311519", " 11010519491231002x "]
+)
+def test_birth_date_and_sex_of_a_number_validated_already_agree_with_the_checked_ones(value):
+    number = validate_citizen_id(value)
+    assert identifiers.birth_date_of_valid(number) == citizen_birth_date(value)
+    assert identifiers.sex_of_valid(number) == citizen_sex(value)
+
+
 # --- unified social credit codes ---------------------------------------------------------------
 
 VALID_USCC = [

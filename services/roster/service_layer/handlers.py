@@ -86,8 +86,9 @@ def person_values(
     """The columns an enrolment sets on a person's row (new or enrolled again)."""
     return {
         "name": cmd.name,
-        "sex": identifiers.citizen_sex(cmd.citizen_id),
-        "birth_date": identifiers.citizen_birth_date(cmd.citizen_id),
+        # The command's citizen ID was validated when it was read.
+        "sex": identifiers.sex_of_valid(cmd.citizen_id),
+        "birth_date": identifiers.birth_date_of_valid(cmd.citizen_id),
         "ethnicity": cmd.ethnicity,
         "education": cmd.education,
         "political_status": cmd.political_status,
