@@ -17,6 +17,7 @@ from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import SERVICES, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
 from services.runtime.db import ignoring_duplicates
+from services.runtime.prepared import Kept
 from services.runtime.relay import OutboxRecord
 from services.runtime.sealing import SEALED_HEADER, Sealer
 from services.runtime.tables import MessagingTables
@@ -93,6 +94,7 @@ class UnitOfWork:
         try:
             if not self.committed:
                 self._forget_deferred()
+                self._forget_kept()
                 await self.session.rollback()
         finally:
             await self.session.close()
@@ -230,7 +232,20 @@ class UnitOfWork:
         """Forget what ``_write_deferred`` would have written: the transaction is rolled back
         or left without a commit."""
 
+    def kept(self) -> Sequence[Kept[Any]]:
+        """Where a service's repositories keep what a batch ``prepare`` did for its handlers
+        (``services.runtime.prepared``)."""
+        return ()
+
+    def _forget_kept(self) -> None:
+        for kept in self.kept():
+            kept.clear()
+
     async def commit(self) -> None:
+        # Whatever a prepare did, a handler asked for: else the transaction would commit a
+        # change no message made (it is rolled back and handled one by one instead).
+        if left := [key for kept in self.kept() for key in kept.left()]:
+            raise RuntimeError(f"prepared for the handlers but never asked for: {left}")
         await self._write_deferred()
         await self._append_audit()
         staged, seqs = self._staged, []
@@ -273,6 +288,7 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         self._forget_deferred()
+        self._forget_kept()
         self._staged = []
         self._audit_pending = []
         self._audit_head = None

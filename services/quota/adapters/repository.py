@@ -7,11 +7,10 @@ a category's approved quota or limits first locks that province's guard row.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
-from typing import Any, Generic, TypeVar
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import (
@@ -52,6 +51,7 @@ from services.quota.domain.model import (
     OrgRef,
 )
 from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
+from services.runtime.prepared import Kept
 
 ORG_LEVEL = ""
 """The ``unit_id`` of an org's own leader posts (as against one of its internal units)."""
@@ -225,48 +225,14 @@ _CLAIMED_WITH_ORG = (
 )
 
 
-V = TypeVar("V")
-
-
-class Kept(Generic[V]):
-    """What a statement serving the commands of one fetch at once did for each of them (a
-    batch ``prepare``), kept by key for the one-at-a-time calls it stands for, which hand it
-    out in order instead of running their own statement. Each call must ask for what the
-    statement was made for (``asked``); anything else is a bug, and the fetch is rolled back
-    and handled one by one."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[Hashable, tuple[Hashable, deque[V]]] = {}
-
-    def keep(self, key: Hashable, asked: Hashable, outcomes: Iterable[V]) -> None:
-        if key in self._by_key:
-            raise RuntimeError(f"{key!r} was prepared twice")
-        self._by_key[key] = (asked, deque(outcomes))
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._by_key
-
-    def take(self, key: Hashable, asked: Hashable) -> V:
-        """The next outcome kept for ``key`` (one that ``key in self`` says is there)."""
-        made_for, outcomes = self._by_key[key]
-        if asked != made_for:
-            raise RuntimeError(f"{key!r} was prepared for {made_for!r}, not {asked!r}")
-        outcome = outcomes.popleft()
-        if not outcomes:
-            del self._by_key[key]
-        return outcome
-
-    def asked(self, key: Hashable) -> Hashable | None:
-        """What the outcomes kept for ``key`` were made for; ``None`` when none are kept."""
-        found = self._by_key.get(key)
-        return None if found is None else found[0]
-
-    def left(self) -> list[Hashable]:
-        """The keys of outcomes nobody asked for (none once the handlers of a fetch ran)."""
-        return list(self._by_key)
-
-    def clear(self) -> None:
-        self._by_key.clear()
+def _notice_taken(notice_no: str, org_id: UUID, category: Category, on: date) -> dict[str, Any]:
+    """The parameters of ``_NOTICE_TAKE_ONE`` and ``_NOTICE_TAKE_MANY`` (but ``b_k``)."""
+    return {
+        "b_notice_no": notice_no,
+        "b_org_id": str(org_id),
+        "b_category": category.value,
+        "b_on": on,
+    }
 
 
 def _counts_up_to(after: int, k: int) -> range:
@@ -834,13 +800,7 @@ class Notices:
             return self.used_kept.take(notice_no, (str(org_id), category.value, on))
         row = (
             await self.session.execute(
-                _NOTICE_TAKE_ONE,
-                {
-                    "b_notice_no": notice_no,
-                    "b_org_id": str(org_id),
-                    "b_category": category.value,
-                    "b_on": on,
-                },
+                _NOTICE_TAKE_ONE, _notice_taken(notice_no, org_id, category, on)
             )
         ).one_or_none()
         return None if row is None else int(row.used)
@@ -853,14 +813,7 @@ class Notices:
         ask for them. ``False`` (and nothing changed or kept) when not all ``k`` fit."""
         row = (
             await self.session.execute(
-                _NOTICE_TAKE_MANY,
-                {
-                    "b_notice_no": notice_no,
-                    "b_org_id": str(org_id),
-                    "b_category": category.value,
-                    "b_on": on,
-                    "b_k": k,
-                },
+                _NOTICE_TAKE_MANY, {**_notice_taken(notice_no, org_id, category, on), "b_k": k}
             )
         ).one_or_none()
         if row is None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Self
 
-from services.quota.adapters.repository import Kept, Ledger, Notices, OrgProjection, Slots
+from services.quota.adapters.repository import Ledger, Notices, OrgProjection, Slots
+from services.runtime.prepared import Kept
 from services.runtime.uow import UnitOfWork
 
 
@@ -23,8 +24,7 @@ class QuotaUnitOfWork(UnitOfWork):
         self.slots = Slots(self.session)
         return self
 
-    def _kept(self) -> tuple[Kept[Any], ...]:
-        """The outcomes a batch ``prepare`` keeps for the handlers of a fetch."""
+    def kept(self) -> tuple[Kept[Any], ...]:
         return (
             self.slots.claims_kept,
             self.slots.added_kept,
@@ -33,14 +33,8 @@ class QuotaUnitOfWork(UnitOfWork):
         )
 
     async def _write_deferred(self) -> None:
-        # Whatever a prepare did, a handler asked for: else the fetch would commit a change
-        # no command made (it is rolled back and handled one by one instead).
-        if left := [key for kept in self._kept() for key in kept.left()]:
-            raise RuntimeError(f"prepared for the handlers but never asked for: {left}")
         # The ledger's history rows of the whole transaction go in as one statement.
         await self.ledger.flush()
 
     def _forget_deferred(self) -> None:
         self.ledger.discard()
-        for kept in self._kept():
-            kept.clear()

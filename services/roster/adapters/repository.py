@@ -24,6 +24,7 @@ from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
 from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
+from services.runtime.prepared import Kept
 
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
 _BY_INDEX = select(people).where(people.c.citizen_index == bindparam("citizen_index"))
@@ -180,9 +181,9 @@ class People:
         self.session = session
         self._history: list[dict[str, Any]] | None = [] if batch_history else None
         # What ``activate_many`` did, by (person, saga), for ``activate`` to hand out.
-        self._activated: dict[tuple[str, str], Row[Any] | None] = {}
+        self.activated_kept: Kept[Row[Any] | None] = Kept()
         # What ``add_many`` did, by blind index: the person id given and the row inserted.
-        self._added: dict[str, tuple[str, Row[Any] | None]] = {}
+        self.added_kept: Kept[tuple[str, Row[Any] | None]] = Kept()
 
     async def by_index(self, citizen_index: str) -> Row[Any] | None:
         return (
@@ -212,25 +213,23 @@ class People:
         inserted = {row.citizen_index: row for row in await self.session.execute(stmt, values)}
         for row in values:
             index = row["citizen_index"]
-            self._added[index] = (row["person_id"], inserted.get(index))
+            self.added_kept.keep(index, index, [(row["person_id"], inserted.get(index))])
 
     def added(self, citizen_index: str) -> tuple[str, Row[Any] | None] | None:
         """What ``add_many`` did for this blind index: the person id it gave and the row as
         ``add`` returns it (``None`` when the index or person id was taken); ``None`` when it
         was not given this index."""
-        return self._added.pop(citizen_index, None)
-
-    def unclaimed(self) -> list[str]:
-        """Outcomes kept by ``add_many`` and ``activate_many`` that nobody asked for."""
-        return [*self._added, *(f"{p}/{s}" for p, s in self._activated)]
+        if citizen_index not in self.added_kept:
+            return None
+        return self.added_kept.take(citizen_index, citizen_index)
 
     async def activate(self, person_id: str, saga_id: str, on: date) -> Row[Any] | None:
         """The person enrolling under ``saga_id`` becomes active from ``on``; their row after
         the change, or ``None`` when they were not in that state. Done already, with its
         outcome kept, when ``activate_many`` was given it."""
         key = (person_id, saga_id)
-        if key in self._activated:
-            return self._activated.pop(key)
+        if key in self.activated_kept:
+            return self.activated_kept.take(key, on)
         done = await self.session.execute(
             _ACTIVATE, {"b_person_id": person_id, "only_saga": saga_id, "on": on, "at": now()}
         )
@@ -259,7 +258,7 @@ class People:
                     # A person drives only their own sagas, so the two lists pair up; should
                     # they ever not, the fetch is rolled back and applied one by one.
                     raise RuntimeError(f"person {person_id} activated under another saga")
-                self._activated[(person_id, saga_id)] = row
+                self.activated_kept.keep((person_id, saga_id), on, [row])
             if rows:
                 raise RuntimeError(f"people activated that were not asked for: {sorted(rows)}")
 
@@ -343,12 +342,9 @@ class People:
             await self.session.execute(_HISTORY, rows)
 
     def discard(self) -> None:
-        """Forget the history rows not written yet and the outcomes kept (the transaction was
-        rolled back)."""
+        """Forget the history rows not written yet (the transaction was rolled back)."""
         if self._history:
             self._history = []
-        self._added.clear()
-        self._activated.clear()
 
 
 class Sagas:
@@ -359,7 +355,7 @@ class Sagas:
         self.session = session
         self._started: list[dict[str, Any]] = []
         # What ``answer_many`` did, by step request id, for ``answered`` to hand out.
-        self._answered: dict[str, tuple[str, Row[Any] | None]] = {}
+        self.answered_kept: Kept[Row[Any] | None] = Kept()
 
     async def start(
         self,
@@ -400,24 +396,15 @@ class Sagas:
             await self.session.execute(_SAGA, rows)
 
     def discard(self) -> None:
-        """Forget the sagas not written yet and the outcomes kept (the transaction was rolled
-        back)."""
+        """Forget the sagas not written yet (the transaction was rolled back)."""
         self._started = []
-        self._answered.clear()
-
-    def unclaimed(self) -> list[str]:
-        """Outcomes kept by ``answer_many`` that nobody asked for."""
-        return list(self._answered)
 
     async def answered(self, request_id: str, status: str) -> Row[Any] | None:
         """End the saga waiting for its step ``request_id`` as ``status``; its row after, or
         ``None`` when no saga waits for that step (a late answer, or a compensation's). Done
         already, with its outcome kept, when ``answer_many`` was given it."""
-        if request_id in self._answered:
-            ended, row = self._answered.pop(request_id)
-            if ended != status:
-                raise RuntimeError(f"step {request_id} was answered {ended}, not {status}")
-            return row
+        if request_id in self.answered_kept:
+            return self.answered_kept.take(request_id, status)
         done = await self.session.execute(
             _ANSWERED, {"request_id": request_id, "ended": status, "at": now()}
         )
@@ -431,7 +418,7 @@ class Sagas:
         )
         ended = {row.step_request_id: row for row in done}
         for request_id in request_ids:
-            self._answered[request_id] = (status, ended.get(request_id))
+            self.answered_kept.keep(request_id, status, [ended.get(request_id)])
         return list(ended.values())
 
     async def by_request(self, request_id: str) -> Row[Any] | None:

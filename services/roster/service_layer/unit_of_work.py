@@ -3,11 +3,12 @@ the personal-data cipher."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from contracts.envelope import Envelope
 from services.roster.adapters.repository import OrgProjection, People, Sagas
 from services.roster.domain.personal_data import PersonalDataCipher
+from services.runtime.prepared import Kept
 from services.runtime.uow import UnitOfWork
 
 
@@ -40,11 +41,10 @@ class RosterUnitOfWork(UnitOfWork):
         # at commit, in one statement; nothing reads them back in the same transaction.
         self._results.append((command, result, code))
 
+    def kept(self) -> tuple[Kept[Any], ...]:
+        return (self.people.added_kept, self.people.activated_kept, self.sagas.answered_kept)
+
     async def _write_deferred(self) -> None:
-        # What a fetch's prepare did, its handlers asked for: else the transaction would
-        # commit a change no message made (it is rolled back and handled one by one instead).
-        if left := [*self.people.unclaimed(), *self.sagas.unclaimed()]:
-            raise RuntimeError(f"prepared for the handlers but never asked for: {left}")
         # What the transaction wrote for later (sagas started, history, results) goes in
         # before the runtime's audit and outbox, a statement per table.
         await self.sagas.flush()
