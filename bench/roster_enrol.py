@@ -77,6 +77,7 @@ CLERK = {"actorid": "bench.clerk", "actorregion": "130000", "actorroles": "clerk
 DOC = Document(title="基准测试核编批复", number="冀编〔2026〕98号", date=date(2026, 1, 5))
 EFFECTIVE = date(2026, 3, 1)
 WARM_UP = 50
+IDLE_SECONDS = 5.0
 STALL_S = 120  # no new result for this long ends the run as stalled
 # The saga's stages, from timestamps of one machine's clock: each message's envelope time (when
 # its handler built it) and its record's broker timestamp (when a relay handed it to the producer).
@@ -642,6 +643,19 @@ def print_stages(driver: Driver, ids: list[str]) -> None:
             f"{percentile(values, 0.99) * 1000:7.1f} / {statistics.fmean(values) * 1000:7.1f}"
             f"   {meaning}"
         )
+    # Where the tail comes from: the stages of the slowest sagas (the lists are aligned, one
+    # entry per saga, in the same order).
+    totals = [sum(values) for values in zip(*(stages[name] for name, _ in STAGES), strict=True)]
+    if len(totals) >= 100:
+        slow = sorted(range(len(totals)), key=totals.__getitem__)[-max(1, len(totals) // 100) :]
+        say(
+            f"  the slowest 1 % ({len(slow)} sagas, ≥ {totals[slow[0]] * 1000:.0f} ms), mean ms "
+            "per stage: "
+            + ", ".join(
+                f"{name} {statistics.fmean(stages[name][i] for i in slow) * 1000:.1f}"
+                for name, _ in STAGES
+            )
+        )
 
 
 def print_service_figures(
@@ -662,6 +676,15 @@ def print_service_figures(
             f"{mean_of(b, a, 'bianzhi_message_age_seconds', service=name) * 1000:.1f} ms, "
             f"mean batch transaction {handling * 1000:.1f} ms (≈ {handling * batches:.1f} s busy)"
         )
+        handled = delta(b, a, "bianzhi_message_age_seconds_count", service=name)
+        if handled:
+            bucket = "bianzhi_message_age_seconds_bucket"
+            shares = [
+                f"≤ {bound * 1000:.0f} ms "
+                f"{delta(b, a, bucket, service=name, le=str(bound)) / handled:.1%}"
+                for bound in (0.01, 0.02, 0.05, 0.1)
+            ]
+            say(f"    age at handling: {', '.join(shares)}")
     applied = delta(r0, r1, "bianzhi_messages_handled_total", type=COMPLETED, outcome="applied")
     ignored = delta(r0, r1, "bianzhi_messages_handled_total", type=COMPLETED, outcome="ignored")
     # A fetch of answers is applied in one transaction, whose time each applied answer records.
@@ -698,6 +721,18 @@ class Cpu:
             + f"; the stack without the bench {stack:.2f} ms → {os.cpu_count() or 2} cores "
             f"would allow ≈ {(os.cpu_count() or 2) * 1000 / stack:,.0f} enrolments/s if CPU "
             f"were all it needed; load average now {load()}"
+        )
+
+    def report_idle(self) -> None:
+        """CPU share per process while nothing is asked of the stack: the idle polling."""
+        wall = time.perf_counter() - self.started
+        used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        parts = [f"{name} {sec / wall:.1%}" for name, sec in used.items()]
+        total = sum(sec for name, sec in used.items() if name != "bench") / wall
+        say(
+            "  idle CPU (of one core): "
+            + ", ".join(parts)
+            + f"; the stack without the bench {total:.1%}"
         )
 
 
@@ -869,6 +904,11 @@ async def main() -> None:
                     print_service_figures("burst", m0, m1)
                     print_stages(driver, burst_ids)
                     await drain(roster)
+
+                    say(f"(c) idle: {IDLE_SECONDS:.0f} s with nothing to do (what polling costs)")
+                    cpu = Cpu(pids)
+                    await asyncio.sleep(IDLE_SECONDS)
+                    cpu.report_idle()
 
                     say(f"(c) paced: {paced_n} EnrolPerson commands at {args.rate:.0f}/s")
                     paced = people.commands(paced_n)
