@@ -12,11 +12,14 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
+from faststream.kafka.publisher.state import RealProducer
 from faststream.message import StreamMessage
 from faststream.security import (
     BaseSecurity,
@@ -215,12 +218,51 @@ def subscribe(
     return subscriber(on_batch)
 
 
+def connected_producer(broker: KafkaBroker) -> AIOKafkaProducer | None:
+    """The aiokafka producer of a connected ``broker``; None before it connects, after it
+    closes, and for FastStream's in-memory test broker (whose producer is no aiokafka one)."""
+    state = getattr(getattr(broker.config, "producer", None), "_producer", None)
+    if not isinstance(state, RealProducer):
+        return None
+    return state.producer if isinstance(state.producer, AIOKafkaProducer) else None
+
+
+def record_headers(rec: OutboxRecord) -> list[tuple[str, bytes]]:
+    """The Kafka headers of an outbox record: the ones FastStream's ``publish`` writes for it
+    (``content-type``, ``correlation_id``, then the row's own, which override)."""
+    headers = {
+        "content-type": "",
+        "correlation_id": rec.correlation_id or str(uuid.uuid4()),
+        **rec.headers,
+    }
+    return [(name, value.encode()) for name, value in headers.items()]
+
+
 def outbox_publisher(broker: KafkaBroker) -> PublishBatch:
     """Publish outbox rows in order through ``broker``: returns once every row is queued in the
-    producer, with the acknowledgement of them all to await (see ``PublishBatch``)."""
+    producer, with the acknowledgement of them all to await (see ``PublishBatch``).
+
+    A connected broker's records go straight to its aiokafka producer, as the very records
+    FastStream's ``publish`` would write (``record_headers``): its per-message command objects
+    and wrappers cost the relay more than the send itself (39 against 22 us a record, measured
+    on the roster's relay), and a relay sends several records per command handled. Anything
+    else (FastStream's in-memory test broker) publishes through the framework.
+    """
 
     async def publish(records: Sequence[OutboxRecord]) -> Awaitable[None]:
         futures = []
+        producer = connected_producer(broker)
+        if producer is not None:
+            for rec in records:
+                futures.append(
+                    await producer.send(
+                        rec.topic,
+                        rec.value,
+                        key=rec.key.encode() if rec.key is not None else None,
+                        headers=record_headers(rec),
+                    )
+                )
+            return asyncio.gather(*futures)
         for rec in records:
             fut = await broker.publish(
                 rec.value,
