@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -310,11 +311,20 @@ class Driver:
     (OccupySlot on quota's command topic) and quota's answer on the results topic."""
 
     def __init__(self, bootstrap: str, partitions: int) -> None:
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        # A front end: each command goes out at once (no linger), and its result is read with
+        # the services' own short fetch wait.
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10
         )
+        # The saga steps on quota's command topic are read for their stage times only, which
+        # come from the records themselves (built, relayed), not from when they are read here:
+        # a long fetch wait, so that watching costs the broker and this process little.
+        self.steps = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=250
+        )
         self.partitions = partitions
+        self.bootstrap = bootstrap
         self.sent: dict[str, float] = {}
         self.sent_wall: dict[str, float] = {}
         self.latency: dict[str, float] = {}
@@ -328,27 +338,59 @@ class Driver:
 
     async def start(self) -> None:
         await self.producer.start()
-        await self.consumer.start()
-        tps = [
-            TopicPartition(topic, p)
-            for topic in (COMMAND_RESULTS, QUOTA_COMMANDS)
-            for p in range(self.partitions)
-        ]
-        self.consumer.assign(tps)
-        await self.consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self.consumer.position(tp)
-        self._reader = asyncio.create_task(self._read())
+        self._readers = []
+        for consumer, topic in ((self.consumer, COMMAND_RESULTS), (self.steps, QUOTA_COMMANDS)):
+            await consumer.start()
+            tps = [TopicPartition(topic, p) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)
+            self._readers.append(asyncio.create_task(self._read(consumer)))
 
     async def stop(self) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         await self.consumer.stop()
+        await self.steps.stop()
         await self.producer.stop()
 
-    async def _read(self) -> None:
+    async def scan_results(self, ids: set[str]) -> dict[str, str]:
+        """Where the results of ``ids`` are on the results topic, read with a fresh consumer
+        from the start, against where this driver's reader stands: a result the broker holds
+        but the reader never got, or one the broker does not hold."""
+        found: dict[str, str] = {}
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(COMMAND_RESULTS, p) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                    for rec in records:
+                        key = (rec.key or b"").decode()
+                        if key in ids:
+                            found[key] = (
+                                f"partition {tp.partition} offset {rec.offset}, the reader at "
+                                f"offset {await self.consumer.position(tp)} of {ends[tp]}"
+                            )
+        finally:
+            await consumer.stop()
+        return found
+
+    async def settle(self, ids: list[str], timeout: float = 5.0) -> None:
+        """Wait (a little) until the stage reader has seen the step of every completed saga."""
+        for _ in range(int(timeout / 0.1)):
+            if all(self.outcome.get(i) != "completed" or i in self.step for i in ids):
+                return
+            await asyncio.sleep(0.1)
+
+    async def _read(self, consumer: AIOKafkaConsumer) -> None:
         while True:
-            batches = await self.consumer.getmany(timeout_ms=50)
+            batches = await consumer.getmany(timeout_ms=50)
             now, wall = time.perf_counter(), time.time()
             for tp, records in batches.items():
                 for rec in records:
@@ -405,6 +447,17 @@ class Driver:
                 answered = self._answered(ids)
                 quiet = quiet + 5 if answered == last else 0.0
                 if quiet >= STALL_S:
+                    missing = [i for i in ids if i not in self.latency][:10]
+                    stored = await self.scan_results(set(missing))
+                    for cid in missing:
+                        say(
+                            f"  no result for {cid}: its OccupySlot "
+                            f"{'was' if cid in self.step else 'was not'} seen on quota's "
+                            f"command topic, quota's answer "
+                            f"{'was' if cid in self.answer else 'was not'} seen on the results; "
+                            f"read again from the start of the results topic: "
+                            f"{stored.get(cid, 'not there')}"
+                        )
                     raise RuntimeError(
                         f"{label}: stalled at {answered}/{len(ids)} results"
                     ) from None
@@ -736,6 +789,28 @@ class Cpu:
         )
 
 
+async def explained(run: Awaitable[float], roster: Service) -> float:
+    """``run``, and when it stalls, what the roster says of its sagas still open."""
+    try:
+        return await run
+    except RuntimeError:
+        for status in ("waiting", "timed_out"):
+            _, body = await roster.get(f"/sagas?status={status}&limit=5")
+            for saga in (body or {}).get("sagas", []):
+                say(f"  open saga ({status}): {json.dumps(saga, ensure_ascii=False)[:400]}")
+        raise
+
+
+def steady() -> None:
+    """Move everything this process holds now out of the garbage collector's sight.
+
+    The driver keeps a few records per command; a full collection walking them all paused this
+    process for 50 ms, stamping every result that arrived meanwhile late (the services freeze
+    what their start-up made the same way)."""
+    gc.collect()
+    gc.freeze()
+
+
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -885,9 +960,12 @@ async def main() -> None:
                         "roster": roster.process.pid,
                         "bench": os.getpid(),
                     }
+                    # What set-up made is kept out of this process's collections, so none of
+                    # them pauses the timing of the runs for long (see ``steady``).
+                    steady()
                     m0 = {n: await asyncio.to_thread(scrape, s) for n, s in services.items()}
                     cpu = Cpu(pids)
-                    throughput = await driver.run(burst, None, "burst")
+                    throughput = await explained(driver.run(burst, None, "burst"), roster)
                     cpu.report("burst", args.n)
                     m1 = {n: await asyncio.to_thread(scrape, s) for n, s in services.items()}
                     burst_ids = [c[0] for c in burst]
@@ -902,6 +980,7 @@ async def main() -> None:
                         f"rejected {dict(refused) or 0}"
                     )
                     print_service_figures("burst", m0, m1)
+                    await driver.settle(burst_ids)
                     print_stages(driver, burst_ids)
                     await drain(roster)
 
@@ -912,8 +991,9 @@ async def main() -> None:
 
                     say(f"(c) paced: {paced_n} EnrolPerson commands at {args.rate:.0f}/s")
                     paced = people.commands(paced_n)
+                    steady()
                     cpu = Cpu(pids)
-                    await driver.run(paced, args.rate, "paced")
+                    await explained(driver.run(paced, args.rate, "paced"), roster)
                     cpu.report("paced", paced_n)
                     m2 = {n: await asyncio.to_thread(scrape, s) for n, s in services.items()}
                     paced_ids = [c[0] for c in paced]
@@ -925,6 +1005,7 @@ async def main() -> None:
                         f"rejected {dict(driver.rejected(paced_ids)) or 0}"
                     )
                     print_service_figures("paced", m1, m2)
+                    await driver.settle(paced_ids)
                     print_stages(driver, paced_ids)
 
                     await drain(roster)
