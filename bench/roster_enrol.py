@@ -63,6 +63,7 @@ from contracts.orgs import OrgRegistered
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice, OccupySlot
 from contracts.roster import EnrolPerson
 from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, QUOTA_COMMANDS, all_topics
+from services.runtime.broker import OffsetGapGuard
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics, free_port
 
 COMPLETED = "bianzhi.CommandCompleted.v1"
@@ -368,7 +369,7 @@ class Driver:
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
                 for tp, records in (await consumer.getmany(timeout_ms=500)).items():
                     for rec in records:
                         key = (rec.key or b"").decode()
@@ -389,12 +390,13 @@ class Driver:
             await asyncio.sleep(0.1)
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
+        # The services' own guard against the embedded broker's out-of-order answers.
+        guard = OffsetGapGuard()
         while True:
             batches = await consumer.getmany(timeout_ms=50)
             now, wall = time.perf_counter(), time.time()
-            for tp, records in batches.items():
-                for rec in records:
-                    self._record(tp.topic, rec, now, wall)
+            for rec in guard.take(consumer, batches):
+                self._record(rec.topic, rec, now, wall)
             if self._expect and self._expect.issubset(self.latency):
                 self._done.set()
 

@@ -46,6 +46,12 @@ BATCH_SIZE = Histogram(
     ["service"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
+FETCH_HOLES = Counter(
+    "bianzhi_fetch_holes_total",
+    "Fetches that skipped offsets of a partition: read again (read_again), or given up on after "
+    "the missing records never became readable (passed).",
+    ["outcome"],
+)
 OUTBOX_BACKLOG = Gauge(
     "bianzhi_outbox_backlog", "Outbox rows not yet published (as last seen).", ["service"]
 )
