@@ -38,6 +38,7 @@ from services.cli.common import (
     make_producer,
     topic_partitions,
 )
+from services.runtime.broker import OffsetGapGuard
 from services.runtime.settings import Settings
 
 log = logging.getLogger("bianzhi.cli.batch")
@@ -230,6 +231,9 @@ class _Batch:
     async def run(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
+        # A result handed out past an earlier one of its partition is read again in order
+        # (the embedded broker's out-of-order answers, docs/BROKER.md).
+        guard = OffsetGapGuard()
         while self.queue or self.waiting or self.delayed:
             now = loop.time()
             self._release_due(now)
@@ -241,7 +245,7 @@ class _Batch:
                     if self.delayed:
                         await asyncio.sleep(max(0.0, min(d for d, _ in self.delayed) - now))
                     continue
-                batches = await consumer.getmany(timeout_ms=100)
+                batches = guard.in_order(consumer, await consumer.getmany(timeout_ms=100))
             except KafkaError as exc:
                 # What was answered stays answered; the rest is reported, not lost.
                 self.error = f"the broker failed: {type(exc).__name__}: {exc}"

@@ -35,6 +35,7 @@ from services.cli.common import (
     short_type,
     topic_partitions,
 )
+from services.runtime.broker import OffsetGapGuard
 from services.runtime.settings import Settings
 
 EXIT_COMPLETED = 0
@@ -303,8 +304,12 @@ async def wait_for_result(
     """The first result whose ``data.command_id`` is ``command_id``, or ``None`` in time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    guard = OffsetGapGuard()  # no result skipped (docs/BROKER.md)
     while (remaining := deadline - loop.time()) > 0:
-        batches = await consumer.getmany(timeout_ms=max(1, int(min(remaining, 0.5) * 1000)))
+        batches = guard.in_order(
+            consumer,
+            await consumer.getmany(timeout_ms=max(1, int(min(remaining, 0.5) * 1000))),
+        )
         for records in batches.values():
             for record in records:
                 try:

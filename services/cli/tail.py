@@ -24,6 +24,7 @@ from services.cli.common import (
     service_sealer,
     topic_partitions,
 )
+from services.runtime.broker import OffsetGapGuard
 from services.runtime.sealing import DLQ_SEALED_HEADER, Sealer, open_dead_letter
 from services.runtime.settings import Settings
 
@@ -109,8 +110,9 @@ async def tail(
             else:
                 await consumer.seek_to_end(*tps)
             last_seen = loop.time()
+            guard = OffsetGapGuard()  # no message skipped (docs/BROKER.md)
             while True:
-                batches = await consumer.getmany(timeout_ms=500)
+                batches = guard.in_order(consumer, await consumer.getmany(timeout_ms=500))
                 for _, records in sorted(batches.items()):
                     for record in records:
                         print_json(record_json(record, sealer))

@@ -63,7 +63,14 @@ class OffsetGapGuard:
 
     def take(self, consumer: Any, batches: dict[Any, list[Any]]) -> list[Any]:
         """The records of ``batches`` to hand on, in order; seeks back where it held any."""
-        out: list[Any] = []
+        return [
+            record for records in self.in_order(consumer, batches).values() for record in records
+        ]
+
+    def in_order(self, consumer: Any, batches: dict[Any, list[Any]]) -> dict[Any, list[Any]]:
+        """``batches`` (what ``getmany`` returned) without the records past a hole, by
+        partition; seeks back where it held any."""
+        out: dict[Any, list[Any]] = {}
         for tp, records in batches.items():
             expected = self._next.get(tp)
             kept = 0
@@ -78,7 +85,7 @@ class OffsetGapGuard:
                 expected = record.offset + 1
                 kept += 1
             if kept:
-                out.extend(records[:kept])
+                out[tp] = records[:kept]
                 self._next[tp] = expected
                 hole = self._holes.get(tp)
                 if hole is not None and hole[0] < expected:

@@ -210,3 +210,15 @@ def test_a_hole_that_never_fills_is_passed_after_a_while(
     # A later hole is waited for afresh.
     assert guard.take(consumer, {P0: _records(0, 5)}) == []
     assert consumer.seeks[-1] == (P0, 4)
+
+
+def test_in_order_keeps_the_fetch_by_partition() -> None:
+    # The command-line readers (results of `bianzhi send` and of an import, `bianzhi tail`)
+    # take a fetch by partition, as getmany gives it.
+    guard = OffsetGapGuard()
+    consumer = _Consumer([])
+    first = guard.in_order(consumer, {P0: _records(0, 0, 1), P1: _records(1, 3)})
+    assert {tp: _offsets(r) for tp, r in first.items()} == {P0: [(0, 0), (0, 1)], P1: [(1, 3)]}
+    held = guard.in_order(consumer, {P0: _records(0, 3), P1: _records(1, 4)})
+    assert {tp: _offsets(r) for tp, r in held.items()} == {P1: [(1, 4)]}
+    assert consumer.seeks == [(P0, 2)]

@@ -32,6 +32,7 @@ Answer = Callable[[Envelope, int], dict[str, Any] | None]
 @dataclass
 class Record:
     value: bytes
+    offset: int = 0
 
 
 class FakeBroker:
@@ -45,6 +46,7 @@ class FakeBroker:
         self.outstanding = 0
         self.max_outstanding = 0
         self.sends_of: dict[str, int] = {}
+        self.next_offset = 0  # the results come on one partition, numbered as a broker would
 
     async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
         assert topic == TOPIC
@@ -71,6 +73,8 @@ class FakeBroker:
         self.unanswered = still
         if len(records) == 2:
             await asyncio.sleep(timeout_ms / 1000)
+        for record in records:
+            record.offset, self.next_offset = self.next_offset, self.next_offset + 1
         return {"results": records}
 
 
