@@ -307,6 +307,7 @@ class Up:
                 port=self.broker_port,
                 host=BROKER_HOST,
                 log_path=self.data_dir / "broker.log",
+                worker_threads=self.settings.embedded_broker_threads,
             )
             await self.broker.start()
             self.bootstrap = self.broker.bootstrap

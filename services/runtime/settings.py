@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     kafka_max_batch_size: int = Field(default=256 * 1024, ge=16 * 1024)
     kafka_topic_partitions: int = Field(default=12, ge=1, le=1000)
     kafka_replication_factor: int = Field(default=1, ge=1, le=10)
+    # `bianzhi up`'s embedded broker: the worker threads of its async runtime (see
+    # services/runtime/embedded_broker.py on why one).
+    embedded_broker_threads: int = Field(default=1, ge=1, le=64)
 
     # Kafka consumers: group joins take about half the session timeout; fetch wait bounds latency.
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)

@@ -138,6 +138,25 @@ async def test_stop_ends_the_process_and_a_second_stop_is_harmless() -> None:
     assert isinstance(await embedded.wait_exit(), int)
 
 
+def broker_environment(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+@pytest.mark.broker
+async def test_the_broker_runs_the_worker_threads_it_is_given(broker: EmbeddedBroker) -> None:
+    # One by default (see DEFAULT_WORKER_THREADS); tansu's runtime reads the variable at start.
+    assert broker.pid is not None
+    assert broker_environment(broker.pid)["TOKIO_WORKER_THREADS"] == "1"
+    async with EmbeddedBroker(worker_threads=2) as two:
+        assert two.pid is not None
+        assert broker_environment(two.pid)["TOKIO_WORKER_THREADS"] == "2"
+        assert await missing_topics(two.bootstrap, ["test.threads"]) == ["test.threads"]
+    with pytest.raises(ValueError, match="at least 1"):
+        EmbeddedBroker(worker_threads=0)
+
+
 @pytest.mark.broker
 async def test_wait_exit_reports_a_broker_that_dies() -> None:
     async with EmbeddedBroker() as embedded:
