@@ -32,6 +32,7 @@ from faststream.security import (
 
 from services.runtime import metrics
 from services.runtime.messaging import RawMessage
+from services.runtime.partitioner import KeyPartitioner
 from services.runtime.relay import OutboxRecord, PublishBatch
 from services.runtime.settings import Settings
 
@@ -202,6 +203,7 @@ def make_broker(settings: Settings, *, client_id: str) -> KafkaBroker:
         enable_idempotence=settings.kafka_enable_idempotence,
         linger_ms=settings.kafka_linger_ms,
         max_batch_size=settings.kafka_max_batch_size,
+        partitioner=KeyPartitioner(),
         allow_auto_create_topics=settings.kafka_allow_auto_create_topics,
         graceful_timeout=settings.kafka_graceful_timeout_s,
         security=security_from(settings),

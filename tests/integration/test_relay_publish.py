@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord
 
 from services.runtime.broker import connected_producer, make_broker, outbox_publisher
@@ -96,8 +97,11 @@ async def test_direct_records_are_the_records_faststream_writes(kafka: str, tmp_
         assert headers_a == headers_b
         assert [name for name, _ in a.headers] == [name for name, _ in b.headers]
         if rec.key is not None:
-            # The key decides the partition on both paths (an unkeyed record goes anywhere).
+            # The key decides the partition on both paths (an unkeyed record goes anywhere),
+            # and it is Kafka's default choice, the one any other client makes for that key.
             assert a.partition == b.partition
+            everyone = list(range(PARTITIONS))
+            assert a.partition == DefaultPartitioner()(rec.key.encode(), everyone, everyone)
     # Order holds: the rows of one partition arrive in the order they were sent.
     partitions = {r.partition for r in got_direct.values()}
     for partition in partitions:
