@@ -778,6 +778,11 @@ class Cpu:
             f"were all it needed; load average now {load()}"
         )
 
+    def stack_ms(self, items: int) -> float:
+        """CPU ms per item of the stack (every process but the benchmark's own)."""
+        used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        return sum(sec for name, sec in used.items() if name != "bench") / items * 1000
+
     def report_idle(self) -> None:
         """CPU share per process while nothing is asked of the stack: the idle polling."""
         wall = time.perf_counter() - self.started
@@ -900,13 +905,23 @@ async def main() -> None:
         "longer than it ends enrolments with `timeout` and compensates them",
     )
     parser.add_argument(
+        "--rates",
+        default="",
+        metavar="R1,R2,…",
+        help="after the paced run, one more paced run of --paced-seconds at each of these "
+        "rates (enrolments/s): p50, p99 and CPU per enrolment by rate, and the highest rate "
+        "that meets the p99 target",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run the roster under cProfile and print its hottest functions (slows it down)",
     )
     args = parser.parse_args()
     paced_n = int(args.rate * args.paced_seconds)
-    total = WARM_UP + args.n + paced_n
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    ladder_n = sum(int(r * args.paced_seconds) for r in rates)
+    total = WARM_UP + args.n + paced_n + ladder_n
     places = math.ceil(total / args.orgs) + 1
     orgs_n = args.n if args.orgs_n is None else args.orgs_n
 
@@ -1010,9 +1025,36 @@ async def main() -> None:
                     await driver.settle(paced_ids)
                     print_stages(driver, paced_ids)
 
+                    ladder: list[tuple[str, str, bytes, bytes]] = []
+                    if rates:
+                        say(f"(c) by rate: {args.paced_seconds:.0f} s at each rate")
+                    met = None
+                    for rate in rates:
+                        await drain(roster)
+                        step = people.commands(int(rate * args.paced_seconds))
+                        ladder += step
+                        steady()
+                        cpu = Cpu(pids)
+                        await explained(driver.run(step, rate, f"{rate:.0f}/s"), roster)
+                        stack_ms = cpu.stack_ms(len(step))
+                        rlat = [driver.latency[c[0]] for c in step]
+                        r50, r99 = percentile(rlat, 0.5), percentile(rlat, 0.99)
+                        if r99 * 1000 <= TARGET_P99_MS:
+                            met = rate if met is None else max(met, rate)
+                        say(
+                            f"  {rate:5.0f}/s: p50 {r50 * 1000:6.1f} ms, p99 {r99 * 1000:6.1f} ms, "
+                            f"the stack's CPU {stack_ms:5.2f} ms per enrolment "
+                            f"({stack_ms * rate / 10:.0f}% of one core); load average {load()}"
+                        )
+                    if rates:
+                        say(
+                            f"  highest rate with p99 ≤ {TARGET_P99_MS:.0f} ms: "
+                            + (f"{met:.0f}/s" if met is not None else "none of these")
+                        )
+
                     await drain(roster)
                     say("(d) checks")
-                    all_ids = [c[0] for c in warm + burst + paced]
+                    all_ids = [c[0] for c in warm + burst + paced + ladder]
                     ok = await verify(driver, all_ids, orgs, quota, roster)
                 finally:
                     await driver.stop()
