@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ _ACTOR_CLAIMS = ("actorid", "actorregion", "actorroles")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 # json.dumps(s, ensure_ascii=False) without building an encoder per string: the JCS escaping.
 _quote = json.encoder.encode_basestring
+_first = itemgetter(0)
 
 
 class KeyFileError(ValueError):
@@ -107,10 +109,8 @@ class CanonicalJsonError(ValueError):
 
 def canonical_json(value: Any) -> bytes:
     """The RFC 8785 (JCS) bytes of a JSON value whose numbers are all integers."""
-    parts: list[str] = []
-    _write(value, parts)
     try:
-        return "".join(parts).encode("utf-8")
+        return _text(value).encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate (from "\ud800" in the JSON)
         raise CanonicalJsonError(f"a string holds a lone surrogate: {exc.reason}") from None
 
@@ -120,46 +120,64 @@ def data_digest(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(data))).hexdigest()
 
 
-def _write(value: Any, out: list[str]) -> None:
+def _text(value: Any) -> str:
+    """The canonical JSON text of ``value``, one call per level of nesting.
+
+    The plain types (``str``, ``int``, ``dict``, ``list``, ``tuple``) are told by their exact
+    type first, the common case; subclasses and floats then go through ``isinstance`` checks
+    in the order that decides between them.
+    """
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
     if value is None:
-        out.append("null")
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif isinstance(value, str):
-        out.append(_quote(value))
-    elif isinstance(value, int):
-        out.append(_integer(value))
-    elif isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise CanonicalJsonError(f"only integers are allowed, not {value!r}")
-        out.append(_integer(int(value)))
-    elif isinstance(value, Mapping):
-        out.append("{")
-        items = sorted(value.items(), key=lambda kv: _utf16_key(kv[0]))
-        for i, (key, item) in enumerate(items):
-            if i:
-                out.append(",")
-            out.append(_quote(key))
-            out.append(":")
-            _write(item, out)
-        out.append("}")
-    elif isinstance(value, list | tuple):
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(",")
-            _write(item, out)
-        out.append("]")
-    else:
-        raise CanonicalJsonError(f"not a JSON value: {type(value).__name__}")
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if kind is int:
+        return _integer(value)
+    if kind is not dict and kind is not list and kind is not tuple:
+        if isinstance(value, str):
+            return _quote(value)
+        if isinstance(value, int):
+            return _integer(value)
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise CanonicalJsonError(f"only integers are allowed, not {value!r}")
+            return _integer(int(value))
+        if not isinstance(value, Mapping | list | tuple):
+            raise CanonicalJsonError(f"not a JSON value: {type(value).__name__}")
+    parts: list[str] = []
+    if isinstance(value, Mapping):
+        # Plain str keys within the Basic Multilingual Plane sort the same by code point as by
+        # UTF-16 code unit (the two differ only for a character past U+FFFF).
+        items = sorted(value.items(), key=_first if _bmp_keys(value) else _utf16_item)
+        for key, item in items:
+            parts.append(_quote(key) + ":" + (_quote(item) if type(item) is str else _text(item)))
+        return "{" + ",".join(parts) + "}"
+    for item in value:
+        parts.append(_quote(item) if type(item) is str else _text(item))
+    return "[" + ",".join(parts) + "]"
+
+
+def _bmp_keys(value: Mapping[Any, Any]) -> bool:
+    """Whether every key is a plain ``str`` with no character past U+FFFF."""
+    for key in value:
+        if type(key) is not str or not (key.isascii() or max(key) <= "\uffff"):
+            return False
+    return True
 
 
 def _integer(value: int) -> str:
     if abs(value) > MAX_SAFE_INTEGER:
         raise CanonicalJsonError(f"integer {value} is beyond ±(2**53 - 1)")
     return str(value)
+
+
+def _utf16_item(item: tuple[Any, Any]) -> bytes:
+    return _utf16_key(item[0])
 
 
 def _utf16_key(key: Any) -> bytes:
