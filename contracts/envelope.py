@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 CONTENT_TYPE = "application/cloudevents+json"
 
 _ACTOR_FIELDS = ("actorid", "actorregion", "actorroles")
+# The RFC 4122 variant bits (10xx) set on the first hex digit of the fourth group.
+_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class Envelope(BaseModel):
@@ -51,7 +55,8 @@ class Envelope(BaseModel):
 
     def to_bytes(self) -> bytes:
         """The Kafka value: the whole envelope as UTF-8 JSON."""
-        return self.model_dump_json(exclude_none=True).encode()
+        # ``model_dump_json(exclude_none=True).encode()``, without the decode and encode back.
+        return self.__pydantic_serializer__.to_json(self, exclude_none=True)
 
     @classmethod
     def from_bytes(cls, raw: bytes | str) -> Envelope:
@@ -60,8 +65,21 @@ class Envelope(BaseModel):
 
 
 def new_id() -> str:
-    """A fresh message id."""
-    return str(uuid.uuid4())
+    """A fresh message id: ``str(uuid.uuid4())``, without the ``UUID`` object."""
+    return _uuid_text(os.urandom(16), "4")
+
+
+def derived_id(namespace: uuid.UUID, name: str) -> str:
+    """The id derived from ``name`` in ``namespace``: ``str(uuid.uuid5(namespace, name))``,
+    without the ``UUID`` object."""
+    return _uuid_text(hashlib.sha1(namespace.bytes + name.encode()).digest(), "5")
+
+
+def _uuid_text(raw: bytes, version: str) -> str:
+    """The text of the UUID of the first 16 bytes of ``raw`` with the RFC 4122 variant and
+    ``version`` (one hex digit) set, as ``uuid.UUID(bytes=..., version=...)`` sets them."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{version}{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def now() -> datetime:

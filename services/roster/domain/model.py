@@ -6,6 +6,7 @@ import uuid
 from enum import StrEnum
 
 from contracts.codes import Category, OrgStatus, ReasonCode, category_allowed
+from contracts.envelope import derived_id
 from services.roster.adapters.repository import OrgRef
 from services.runtime.rules import Rejection
 
@@ -33,7 +34,7 @@ _SAGA_NAMESPACE = uuid.UUID("6d1f3c1e-2b9a-4f57-9a36-0b6f5d1c7e21")
 
 
 def step_id(command_id: str, step: str) -> str:
-    return str(uuid.uuid5(_SAGA_NAMESPACE, f"{command_id}/{step}"))
+    return derived_id(_SAGA_NAMESPACE, f"{command_id}/{step}")
 
 
 def check_org(org: OrgRef | None, category: Category, *, role: str = "org") -> None:
