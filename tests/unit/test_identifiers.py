@@ -1,12 +1,16 @@
 """contracts.identifiers: division codes, citizen ID numbers (GB 11643) and USCCs (GB 32100)."""
 
 import json
+import random
 import subprocess
 import sys
-from datetime import date
+from datetime import date, timedelta
 from importlib import resources
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from contracts import identifiers
 from contracts.codes import OrgKind
@@ -442,3 +446,41 @@ def test_division_prefix_covers_the_subtree(code: str, prefix: str) -> None:
         for c in ("130102", "130101", "429004")
         if identifiers.is_within(c, code)
     )
+
+
+# --- citizen ID check characters ------------------------------------------------------------
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True)
+@given(st.text(alphabet="0123456789", min_size=17, max_size=17))
+def test_check_char_of_any_17_digits(body: str) -> None:
+    assert identifiers._citizen_check_char(body) == gb11643_check(body)
+
+
+@pytest.mark.parametrize("body", ["1301021960010100", "130102196001010011", "١٣٠١٠٢١٩٦٠٠١٠١٠٠١"])
+def test_check_char_of_other_bodies_as_before(body: str) -> None:
+    def outcome(fn: Any) -> Any:
+        try:
+            return fn(body)
+        except ValueError as exc:
+            return type(exc), str(exc)
+
+    assert outcome(identifiers._citizen_check_char) == outcome(gb11643_check)
+
+
+def test_validate_citizen_id_over_generated_numbers() -> None:
+    """Valid numbers pass normalised; each wrong last character is refused as before."""
+    rng = random.Random(2260)
+    counties = [c for c, d in identifiers._divisions().items() if d.level == 3][:400]
+    for _ in range(5000):
+        born = date(1900, 1, 1) + timedelta(days=rng.randrange(0, 45000))
+        body = f"{rng.choice(counties)}{born:%Y%m%d}{rng.randrange(1000):03d}"
+        good = body + gb11643_check(body)
+        assert identifiers.validate_citizen_id(good.lower()) == good
+        assert identifiers.compose_citizen_id(body[:6], born, int(body[14:])) == good
+        wrong = body + rng.choice([c for c in "0123456789X" if c != good[17]])
+        with pytest.raises(identifiers.IdentifierError, match="check digit"):
+            identifiers.validate_citizen_id(wrong)
+        legacy = body[:6] + body[8:]  # the 15-digit form of a 19xx birth
+        if born.year < 2000:
+            assert identifiers.validate_citizen_id(legacy) == good
