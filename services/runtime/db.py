@@ -7,17 +7,34 @@ import json
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
 from functools import cache, partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Self
 
 import aiosqlite
 import structlog
-from sqlalchemy import ColumnElement, Insert, Table, event, select, text
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Insert,
+    Label,
+    LargeBinary,
+    Table,
+    event,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import DATE as SQLITE_DATE
+from sqlalchemy.dialects.sqlite import DATETIME as SQLITE_DATETIME
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, IteratorResult, Result, make_url
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -26,6 +43,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import greenlet_spawn
 
 from services.runtime.rules import TransientError
 from services.runtime.settings import Settings
@@ -425,6 +443,276 @@ def row_looked_up(
         select(table.c[name]).where(same).scalar_subquery().label(f"{prefix}{name}")
         for name in columns
     )
+
+
+async def insert_rows(
+    db: AsyncSession | AsyncConnection,
+    stmt: Insert | Table,
+    rows: Sequence[Mapping[str, Any]],
+) -> Result[Any]:
+    """``db.execute(stmt, rows)`` for an INSERT built once (a plain one, or one of
+    ``ignoring_duplicates``; with or without ``RETURNING``), storing exactly the same values,
+    for less CPU on SQLite. A table stands for its plain INSERT.
+
+    SQLAlchemy prepares the parameters of an executed statement row by row: it builds each
+    row's parameters from the compiled statement and runs each value through its column type's
+    bind processor. For the dozens of rows a fetch inserts into a table, on SQLite, that costs
+    more than the statement. Here the statement is compiled once per dialect, statement and
+    row keys to its SQL (``_RowsInsert``), each row's values are taken in the statement's
+    order and converted column by column (a timestamp is formatted by ``isoformat``, bytes go
+    as they are; see ``_converter``), and all rows go in one ``INSERT … VALUES (…), (…)``
+    (as many statements as SQLite's limit on parameters asks for) on the one-trip connection
+    of ``db``, in its transaction (``_run_rows_insert``). ``RETURNING`` gives the rows of the
+    rows inserted, in no order to rely on (as SQLAlchemy's own multi-row ``RETURNING``):
+    callers match them by key or sort them.
+
+    On PostgreSQL, with no rows, or with a statement or row this cannot take as it is (a
+    column default SQLAlchemy would fill in, a ``RETURNING`` column whose values it would
+    convert, a row without one of the first row's keys), it is ``db.execute(stmt, rows)``.
+    """
+    if isinstance(stmt, Table):
+        stmt = _plain_insert(stmt)
+    bind = db if isinstance(db, AsyncConnection) else db.get_bind()
+    dialect = bind.dialect
+    if dialect.name != "sqlite" or not rows:
+        return await db.execute(stmt, rows)
+    plan = _rows_insert(dialect, stmt, tuple(rows[0]))
+    values = plan.values(rows) if plan is not None else None
+    if plan is None or values is None:
+        return await db.execute(stmt, rows)
+    connection = db if isinstance(db, AsyncConnection) else await db.connection()
+    if not isinstance(connection.sync_connection.connection.driver_connection, _OneTripConnection):
+        return await db.execute(stmt, rows)
+    returned = await _run_rows_insert(connection, plan, values)
+    return IteratorResult(SimpleResultMetaData(plan.returning), iter(returned))
+
+
+async def _run_rows_insert(
+    connection: AsyncConnection, plan: _RowsInsert, values: list[Any]
+) -> list[Any]:
+    """Run ``plan`` with ``values`` (row after row) on the one-trip connection of
+    ``connection``, in its transaction; the rows ``RETURNING`` gives.
+
+    What SQLAlchemy does around a statement it runs is done here too: the connection's
+    ``before_cursor_execute`` and ``after_cursor_execute`` listeners see it (with no execution
+    context), and a failure is handled, and raised, as SQLAlchemy's own (``IntegrityError``,
+    ``OperationalError``, a lost connection invalidated).
+    """
+    sync = connection.sync_connection
+    driver = sync.connection.driver_connection
+    events = sync._has_events or sync.engine._has_events
+    width = len(plan.keys)
+    step = plan.rows_per_statement * width
+    returned: list[Any] = []
+    for start in range(0, len(values), step):
+        parameters: Any = tuple(values[start : start + step])
+        statement = plan.sql(len(parameters) // width)
+        cursor = driver.cursor()
+        try:
+            if events:
+                for fn in sync.dispatch.before_cursor_execute:
+                    statement, parameters = fn(sync, cursor, statement, parameters, None, False)
+            await cursor.execute(statement, parameters)
+            if events:
+                sync.dispatch.after_cursor_execute(sync, cursor, statement, parameters, None, False)
+            returned.extend(await cursor.fetchall())
+        except BaseException as exc:
+            if isinstance(exc, ValueError) and str(exc) == "Connection closed":
+                exc = sqlite3.OperationalError(str(exc))  # as SQLAlchemy's adapter has it
+            # Not the cursor: SQLAlchemy would close it as a DBAPI cursor (ours has nothing
+            # to close).
+            handle = sync._handle_dbapi_exception
+            await greenlet_spawn(handle, exc, statement, parameters, None, None)
+            raise
+    return returned
+
+
+@cache
+def _plain_insert(table: Table) -> Insert:
+    return insert(table)
+
+
+_Convert = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class _RowsInsert:
+    """An INSERT compiled for SQLite with the row keys ``keys``: its SQL up to its ``VALUES``
+    group (``head``), the group, what follows (``tail``: ``ON CONFLICT``, ``RETURNING``), and a
+    converter for each parameter whose values SQLAlchemy would convert (``None`` where it
+    passes them on as they are)."""
+
+    head: str
+    group: str
+    tail: str
+    keys: tuple[str, ...]
+    converters: tuple[_Convert | None, ...]
+    rows_per_statement: int
+    returning: tuple[str, ...]
+
+    def values(self, rows: Sequence[Mapping[str, Any]]) -> list[Any] | None:
+        """The parameters of ``rows``, row after row, as SQLAlchemy would pass them to the
+        driver; ``None`` when a row lacks one of the keys."""
+        take = itemgetter(*self.keys)
+        try:
+            if len(self.keys) == 1:
+                values = [take(row) for row in rows]
+            else:
+                values = [value for row in rows for value in take(row)]
+        except KeyError:
+            return None
+        width = len(self.keys)
+        for index, convert in enumerate(self.converters):
+            if convert is not None:
+                values[index::width] = map(convert, values[index::width])
+        return values
+
+    def sql(self, rows: int) -> str:
+        """The statement for ``rows`` rows."""
+        return f"{self.head}{', '.join([self.group] * rows)}{self.tail}"
+
+
+# Statements seen, by dialect, statement and row keys (``None``: the statement goes through
+# SQLAlchemy). The statements are built once; past this many, something builds them anew each
+# time and they are compiled each time too.
+_ROWS_INSERTS: dict[tuple[Dialect, Insert, tuple[str, ...]], _RowsInsert | None] = {}
+_ROWS_INSERTS_KEPT = 1_000
+
+
+def _rows_insert(dialect: Dialect, stmt: Insert, keys: tuple[str, ...]) -> _RowsInsert | None:
+    key = (dialect, stmt, keys)
+    try:
+        return _ROWS_INSERTS[key]
+    except KeyError:
+        pass
+    plan = _compile_rows_insert(dialect, stmt, keys)
+    if len(_ROWS_INSERTS) < _ROWS_INSERTS_KEPT:
+        _ROWS_INSERTS[key] = plan
+    return plan
+
+
+def _compile_rows_insert(
+    dialect: Dialect, stmt: Insert, keys: tuple[str, ...]
+) -> _RowsInsert | None:
+    """``stmt`` with the row keys ``keys`` as a ``_RowsInsert``, or ``None`` when it needs more
+    than SQL text and converted values: its parameters must be exactly the keys, one each in
+    a single ``VALUES`` group of plain placeholders (no default SQLAlchemy computes, no SQL
+    around a placeholder), and its ``RETURNING`` columns (named as SQLAlchemy names them)
+    values SQLAlchemy gives back as the driver does."""
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys))
+    names = tuple(compiled.positiontup or ())
+    if (
+        len(names) != len(keys)
+        or set(names) != set(keys)
+        or compiled.insert_prefetch
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+    ):
+        return None
+    group = f"({', '.join('?' * len(names))})"
+    head, found, tail = compiled.string.partition(f" VALUES {group}")
+    if not found or group in tail:
+        return None
+    returning = list(stmt.exported_columns)
+    for column in returning:
+        if not isinstance(column, Column | Label) or column.key != column.name:
+            return None
+        if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
+            return None
+    converters = tuple(_converter(compiled.binds[name].type, dialect) for name in names)
+    return _RowsInsert(
+        head=f"{head} VALUES ",
+        group=group,
+        tail=tail,
+        keys=names,
+        converters=converters,
+        rows_per_statement=max(1, _max_variables() // len(names)),
+        returning=tuple(column.key for column in returning),
+    )
+
+
+@cache
+def _max_variables() -> int:
+    """How many parameters one SQLite statement may take (at most 32,766, SQLite's default
+    since 3.32; builds may allow more)."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), 32_766)
+    finally:
+        probe.close()
+
+
+_UTC8 = timezone(timedelta(hours=8))
+_DATETIME_PROBES = (
+    datetime(2024, 2, 29, 23, 59, 58, 7),
+    datetime(2024, 2, 29, 23, 59, 58),
+    datetime(1, 1, 1),
+    datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=_UTC8),
+)
+_DATE_PROBES = (date(2024, 2, 29), date(1, 1, 1))
+_BYTES_PROBES = (b"", b"\x00\xff")
+
+
+def _converter(type_: Any, dialect: Dialect) -> _Convert | None:
+    """What SQLAlchemy does to a value of a column of ``type_`` on its way to the driver, or
+    ``None`` when it passes it on as it is.
+
+    That is the type's bind processor; for SQLAlchemy's own SQLite ``DATETIME`` and ``DATE``
+    and for ``LargeBinary`` it is a cheaper function for their usual values (a ``datetime``
+    with no zone or a fixed offset, a ``date``, ``bytes``), which must give what the processor
+    gives for a few such values, and hands anything else to the processor.
+    """
+    impl = type_.dialect_impl(dialect)
+    process = impl.bind_processor(dialect)
+    if process is None:
+        return None
+    ours = type(impl).__module__.startswith("sqlalchemy.")
+    if ours and isinstance(impl, SQLITE_DATETIME):
+        fast, probes = _datetime_to_text(process), _DATETIME_PROBES
+    elif ours and isinstance(impl, SQLITE_DATE):
+        fast, probes = _date_to_text(process), _DATE_PROBES
+    elif ours and type(impl) is LargeBinary:
+        fast, probes = _bytes_as_they_are(process), _BYTES_PROBES
+    else:
+        return process
+    if all(fast(probe) == process(probe) for probe in probes):
+        return fast
+    return process
+
+
+def _datetime_to_text(process: _Convert) -> _Convert:
+    # SQLAlchemy's format: the fields as they are (an offset is dropped, not applied), with
+    # six digits of microseconds: isoformat's first 26 characters.
+    def convert(value: Any) -> Any:
+        if type(value) is datetime and (value.tzinfo is None or type(value.tzinfo) is timezone):
+            return value.isoformat(" ", "microseconds")[:26]
+        if value is None:
+            return None
+        return process(value)
+
+    return convert
+
+
+def _date_to_text(process: _Convert) -> _Convert:
+    def convert(value: Any) -> Any:
+        if type(value) is date:
+            return value.isoformat()
+        if value is None:
+            return None
+        return process(value)
+
+    return convert
+
+
+def _bytes_as_they_are(process: _Convert) -> _Convert:
+    # The processor wraps bytes in sqlite3.Binary (a memoryview); sqlite3 stores either as the
+    # same blob.
+    def convert(value: Any) -> Any:
+        if type(value) is bytes or value is None:
+            return value
+        return process(value)
+
+    return convert
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
