@@ -61,7 +61,7 @@ from contracts.audit import CHECKPOINTS, AuditCheckpoint
 from contracts.codes import ReasonCode
 from contracts.envelope import Envelope, now
 from services.runtime import metrics
-from services.runtime.db import ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_rows
 from services.runtime.security_settings import SecuritySettings
 from services.runtime.signing import (
     b64url,
@@ -248,7 +248,6 @@ class AuditLog:
         self._known_head: tuple[int, str] | None = None
         t = table
         self._select_head: Select[Any] = select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)
-        self._insert = t.insert()
 
     def remember(self, head: AuditRecord) -> None:
         """``head`` was committed: the next append may chain after it without reading the
@@ -273,14 +272,14 @@ class AuditLog:
             self._known_head = None
         row = (await db.execute(self._select_head)).first()
         records = _chain(entries, *((row.seq, row.hash) if row is not None else (0, GENESIS)))
-        await db.execute(self._insert, [r.row() for r in records])
+        await insert_rows(db, self.table, [r.row() for r in records])
         return records
 
     async def _insert_after_known(self, db: Database, records: list[AuditRecord]) -> bool:
         """Write ``records``, chained after the remembered head, unless the chain has grown
         past it; ``False`` (and nothing written) when it has."""
         stmt = ignoring_duplicates(db, self.table, returning=self.table.c.seq)
-        written = (await db.execute(stmt, [r.row() for r in records])).scalars().all()
+        written = (await insert_rows(db, stmt, [r.row() for r in records])).scalars().all()
         if len(written) == len(records):
             return True
         if written:

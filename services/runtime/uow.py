@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from contracts.envelope import CONTENT_TYPE, Envelope, now
 from contracts.topics import SERVICES, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
-from services.runtime.db import ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_rows
 from services.runtime.prepared import Kept
 from services.runtime.relay import OutboxRecord
 from services.runtime.sealing import SEALED_HEADER, Sealer
@@ -145,7 +145,7 @@ class UnitOfWork:
         stmt = ignoring_duplicates(
             self.session, inbox, on=["consumer", "message_id"], returning=inbox.c.message_id
         )
-        return set((await self.session.execute(stmt, rows)).scalars())
+        return set((await insert_rows(self.session, stmt, rows)).scalars())
 
     async def stored_results(self, command_ids: list[str]) -> dict[str, bytes]:
         """The stored result envelopes of these commands (those that have one)."""
@@ -163,8 +163,9 @@ class UnitOfWork:
             return
         self._audit([(command, code) for command, _, code in results])
         stamp = now()
-        await self.session.execute(
-            _insert(self.tables.command_results),
+        await insert_rows(
+            self.session,
+            self.tables.command_results,
             [
                 {
                     "command_id": command.id,
@@ -251,7 +252,7 @@ class UnitOfWork:
         staged, seqs = self._staged, []
         if staged:
             if self._hand_over is None:
-                await self.session.execute(_insert(self.tables.outbox), staged)
+                await insert_rows(self.session, self.tables.outbox, staged)
             else:
                 seqs = await self._insert_outbox_numbered(staged)
         await self.session.commit()
@@ -284,7 +285,7 @@ class UnitOfWork:
         numbered in the order given, so the returned numbers sorted are theirs in order.
         """
         stmt = _insert_returning_seq(self.tables.outbox)
-        return sorted((await self.session.execute(stmt, rows)).scalars())
+        return sorted((await insert_rows(self.session, stmt, rows)).scalars())
 
     async def rollback(self) -> None:
         self._forget_deferred()
