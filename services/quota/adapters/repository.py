@@ -50,7 +50,12 @@ from services.quota.domain.model import (
     NoticeStatus,
     OrgRef,
 )
-from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
+from services.runtime.db import (
+    ignoring_duplicates,
+    insert_ignoring_duplicates,
+    insert_rows,
+    row_looked_up,
+)
 from services.runtime.prepared import Kept
 
 ORG_LEVEL = ""
@@ -740,7 +745,7 @@ class Ledger:
         """Write the history rows recorded so far, in their order, in one statement."""
         if self._history:
             rows, self._history = self._history, []
-            await self.session.execute(_LEDGER_INSERT, rows)
+            await insert_rows(self.session, _LEDGER_INSERT, rows)
 
     def discard(self) -> None:
         """Forget the history rows not written yet (the transaction is rolled back)."""
@@ -957,7 +962,8 @@ class Slots:
         row of each one claimed is kept for the ``claim_request`` call that asks for it. A
         request that took effect before is not kept: its own call finds that out again. How
         many were claimed."""
-        rows = await self.session.execute(
+        rows = await insert_rows(
+            self.session,
             ignoring_duplicates(self.session, slot_requests, returning=_CLAIMED_WITH_ORG),
             [claim.row() for claim in claims],
         )
@@ -1018,7 +1024,8 @@ class Slots:
         """``add`` for many slots (each person once) in one statement; each one recorded is
         kept for the ``add`` call that asks for it. A person who holds a slot already is not
         kept: their own call finds that out again. How many were recorded."""
-        rows = await self.session.execute(
+        rows = await insert_rows(
+            self.session,
             ignoring_duplicates(self.session, slots, returning=slots.c.person_id),
             [slot.row() for slot in new],
         )

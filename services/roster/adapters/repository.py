@@ -23,7 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from contracts.codes import OrgKind, OrgStatus
 from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
-from services.runtime.db import ignoring_duplicates, insert_ignoring_duplicates, row_looked_up
+from services.runtime.db import (
+    ignoring_duplicates,
+    insert_ignoring_duplicates,
+    insert_rows,
+    row_looked_up,
+)
 from services.runtime.prepared import Kept
 
 _ORG = select(org_projection).where(org_projection.c.org_id == bindparam("org_id"))
@@ -210,7 +215,7 @@ class People:
         values = [{**row, "created_at": stamp, "updated_at": stamp, "version": 1} for row in rows]
         stmt = ignoring_duplicates(self.session, people, returning=_ADDED_WITH_ORG)
         # RETURNING gives no order to rely on: the rows are matched by blind index.
-        inserted = {row.citizen_index: row for row in await self.session.execute(stmt, values)}
+        inserted = {row.citizen_index: row for row in await insert_rows(self.session, stmt, values)}
         for row in values:
             index = row["citizen_index"]
             self.added_kept.keep(index, index, [(row["person_id"], inserted.get(index))])
@@ -339,7 +344,7 @@ class People:
         """Write the history rows recorded since the last flush."""
         if self._history:
             rows, self._history = self._history, []
-            await self.session.execute(_HISTORY, rows)
+            await insert_rows(self.session, _HISTORY, rows)
 
     def discard(self) -> None:
         """Forget the history rows not written yet (the transaction was rolled back)."""
@@ -393,7 +398,7 @@ class Sagas:
         """Write the sagas started since the last flush."""
         if self._started:
             rows, self._started = self._started, []
-            await self.session.execute(_SAGA, rows)
+            await insert_rows(self.session, _SAGA, rows)
 
     def discard(self) -> None:
         """Forget the sagas not written yet (the transaction was rolled back)."""
