@@ -552,19 +552,20 @@ class _RowsInsert:
 
     def values(self, rows: Sequence[Mapping[str, Any]]) -> list[Any] | None:
         """The parameters of ``rows``, row after row, as SQLAlchemy would pass them to the
-        driver; ``None`` when a row lacks one of the keys."""
+        driver; ``None`` when a row lacks one of the keys or a value is refused by its type
+        (SQLAlchemy then says what is wrong, as it would have)."""
         take = itemgetter(*self.keys)
+        width = len(self.keys)
         try:
-            if len(self.keys) == 1:
+            if width == 1:
                 values = [take(row) for row in rows]
             else:
                 values = [value for row in rows for value in take(row)]
-        except KeyError:
+            for index, convert in enumerate(self.converters):
+                if convert is not None:
+                    values[index::width] = map(convert, values[index::width])
+        except Exception:
             return None
-        width = len(self.keys)
-        for index, convert in enumerate(self.converters):
-            if convert is not None:
-                values[index::width] = map(convert, values[index::width])
         return values
 
     def sql(self, rows: int) -> str:

@@ -329,6 +329,10 @@ async def test_what_it_cannot_take_goes_to_sqlalchemy(
         # A row without a key the first one has: SQLAlchemy's own error.
         with pytest.raises(StatementError):
             await insert_rows(session, FAST, [{"key": "a", "n": 1}, {"key": "b"}])
+        # A value its type refuses: SQLAlchemy's own error too.
+        refused = "SQLite DateTime type only accepts" if is_sqlite(engine) else None
+        with pytest.raises(StatementError, match=refused):
+            await insert_rows(session, FAST, [{"key": "a", "at": "2026-03-01"}])
         await session.rollback()
         await insert_rows(session, DEFAULTED, [{"name": "a"}, {"name": "b"}])
         await session.commit()
