@@ -762,10 +762,14 @@ class Cpu:
         self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
         self.started = time.perf_counter()
 
+    def _used(self) -> dict[str, float]:
+        """CPU seconds per process since this started."""
+        return {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+
     def report(self, label: str, items: int) -> None:
         """CPU seconds per process, and per item; the machine's load (other work shares it)."""
         wall = time.perf_counter() - self.started
-        used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        used = self._used()
         parts = [f"{name} {sec:.1f} s ({sec / wall:.0%})" for name, sec in used.items()]
         say(f"  {label} CPU over {wall:.1f} s wall (2 cores = 200%): " + ", ".join(parts))
         per = {name: sec / items * 1000 for name, sec in used.items()}
@@ -780,13 +784,13 @@ class Cpu:
 
     def stack_ms(self, items: int) -> float:
         """CPU ms per item of the stack (every process but the benchmark's own)."""
-        used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        used = self._used()
         return sum(sec for name, sec in used.items() if name != "bench") / items * 1000
 
     def report_idle(self) -> None:
         """CPU share per process while nothing is asked of the stack: the idle polling."""
         wall = time.perf_counter() - self.started
-        used = {name: cpu_seconds(pid) - self.start[name] for name, pid in self.pids.items()}
+        used = self._used()
         parts = [f"{name} {sec / wall:.1%}" for name, sec in used.items()]
         total = sum(sec for name, sec in used.items() if name != "bench") / wall
         say(

@@ -19,7 +19,7 @@ import structlog
 
 from contracts.codes import OrgStatus, ReasonCode, Role
 from contracts.common import Document, effective_date
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, derived_id
 from contracts.orgs import AbolishOrg, MergeOrgs, OrgAbolished, OrgsMerged
 from contracts.quota import CloseEstablishment, MergeEstablishments
 from contracts.results import CommandCompleted, CommandRejected, CommandResult
@@ -37,7 +37,7 @@ STEP_TYPES = frozenset({MergeEstablishments.TYPE, CloseEstablishment.TYPE})
 
 
 def _step_id(command_id: str, step: str) -> str:
-    return str(uuid.uuid5(_NAMESPACE, f"{command_id}/{step}"))
+    return derived_id(_NAMESPACE, f"{command_id}/{step}")
 
 
 async def _lock(uow: OrgsUnitOfWork, org_ids: list[UUID], saga_id: str) -> None:
