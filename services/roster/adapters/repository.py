@@ -80,11 +80,19 @@ _HISTORY = insert(person_history)
 _SAGA = insert(sagas)
 
 
+# A saga's status tested where the step ids find the sagas. Given ``status = 'waiting'``,
+# SQLite (no statistics) takes ix_sagas_due's status for the better way in and walks every
+# waiting saga for each fetch of answers (measured: 6.8 against 0.9 ms for 100 answers with
+# 10,000 sagas waiting); ``status || ''`` is the same test, one no index answers, so the
+# unique index of the step ids is used. PostgreSQL plans it the same either way.
+_WAITING = sagas.c.status.concat("") == "waiting"
+
+
 def _answering(which: ColumnElement[bool]) -> Update:
     """Sagas still waiting for their step end as ``ended`` (the rows after)."""
     return (
         update(sagas)
-        .where(which, sagas.c.status == "waiting")
+        .where(which, _WAITING)
         .values(status=bindparam("ended"), finished_at=bindparam("at"))
         .returning(*sagas.c)
     )
