@@ -36,6 +36,7 @@ import io
 import json
 import os
 import pstats
+import re
 import sys
 import tempfile
 import time
@@ -268,7 +269,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     rows = (await session.execute(select(table.c.topic, table.c.value))).all()
                 events = [r for r in rows if r.topic == ROSTER_EVENTS]
                 text = "\n".join(r.value.decode(errors="replace") for r in rows)
-                leaked = sum(1 for number in numbers if number in text)
+                # Each number looked for in every 18-character stretch of digits (and X) of
+                # the outbox: the same as a search of the text for each, without its time
+                # growing with numbers × text.
+                stretches = {
+                    run[i : i + 18]
+                    for run in re.findall(r"[0-9X]{18,}", text)
+                    for i in range(len(run) - 17)
+                }
+                leaked = sum(1 for number in numbers if number in stretches)
                 figures["check"] = (
                     f"{active} active of {k} enrolled, {len(events)} PersonEnrolled, "
                     f"{leaked} full citizen IDs in the outbox"
