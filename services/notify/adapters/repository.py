@@ -3,7 +3,6 @@ the org projection."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +12,7 @@ from uuid import UUID
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from contracts.envelope import now
+from contracts.envelope import new_id, now
 from services.notify.adapters.orm import (
     deliveries,
     delivery_attempts,
@@ -209,7 +208,7 @@ class DeliveryRepository:
             ).values(
                 [
                     {
-                        "delivery_id": str(uuid.uuid4()),
+                        "delivery_id": new_id(),
                         "subscription_id": str(sid),
                         "event_id": event_id,
                         "event_type": event_type,
@@ -318,7 +317,7 @@ class DeliveryRepository:
             insert(delivery_attempts),
             [
                 {
-                    "attempt_id": str(uuid.uuid4()),
+                    "attempt_id": new_id(),
                     "delivery_id": r.row.delivery_id,
                     "subscription_id": r.row.subscription_id,
                     "event_id": r.row.event_id,

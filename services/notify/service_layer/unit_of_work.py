@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
-from contracts.envelope import now
+from contracts.envelope import new_id, now
 from services.notify.adapters.repository import (
     DeliveryRepository,
     OrgDivisions,
@@ -57,7 +56,7 @@ class NotifyUnitOfWork(UnitOfWork):
         outbox; written at ``commit()`` with everything else."""
         self._staged.append(
             {
-                "message_id": str(uuid.uuid4()),
+                "message_id": new_id(),
                 "topic": topic,
                 "key": key,
                 "value": value,

@@ -19,7 +19,7 @@ import structlog
 
 from contracts.codes import OrgStatus, ReasonCode, Role
 from contracts.common import Document, effective_date
-from contracts.envelope import Envelope, derived_id
+from contracts.envelope import Envelope, derived_id_after
 from contracts.orgs import AbolishOrg, MergeOrgs, OrgAbolished, OrgsMerged
 from contracts.quota import CloseEstablishment, MergeEstablishments
 from contracts.results import CommandCompleted, CommandRejected, CommandResult
@@ -37,7 +37,7 @@ STEP_TYPES = frozenset({MergeEstablishments.TYPE, CloseEstablishment.TYPE})
 
 
 def _step_id(command_id: str, step: str) -> str:
-    return derived_id(_NAMESPACE, f"{command_id}/{step}")
+    return derived_id_after(command_id, _NAMESPACE, f"{command_id}/{step}")
 
 
 async def _lock(uow: OrgsUnitOfWork, org_ids: list[UUID], saga_id: str) -> None:

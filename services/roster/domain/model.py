@@ -6,7 +6,7 @@ import uuid
 from enum import StrEnum
 
 from contracts.codes import Category, OrgStatus, ReasonCode, category_allowed
-from contracts.envelope import derived_id
+from contracts.envelope import derived_id_after
 from services.roster.adapters.repository import OrgRef
 from services.runtime.rules import Rejection
 
@@ -34,7 +34,9 @@ _SAGA_NAMESPACE = uuid.UUID("6d1f3c1e-2b9a-4f57-9a36-0b6f5d1c7e21")
 
 
 def step_id(command_id: str, step: str) -> str:
-    return derived_id(_SAGA_NAMESPACE, f"{command_id}/{step}")
+    """The id of a saga's step: derived from the command id (the same command, the same
+    step, the same id), sorting with it when it is a version 7 id (``derived_id_after``)."""
+    return derived_id_after(command_id, _SAGA_NAMESPACE, f"{command_id}/{step}")
 
 
 def check_org(org: OrgRef | None, category: Category, *, role: str = "org") -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from contracts import identifiers
 from contracts.codes import ReasonCode, Role
 from contracts.common import office_today
-from contracts.envelope import Envelope, now
+from contracts.envelope import Envelope, new_id, now
 from contracts.quota import MoveSlot, OccupySlot, ReleaseSlot
 from contracts.roster import (
     EnrolPerson,
@@ -127,7 +127,7 @@ async def enrol_person(cmd: EnrolPerson, uow: RosterUnitOfWork, ctx: HandlerCont
     if (kept := uow.people.added(index)) is not None:
         person_id, added = kept
     else:
-        person_id = str(cmd.person_id or uuid.uuid4())
+        person_id = str(cmd.person_id) if cmd.person_id else new_id()
         values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
         added = await uow.people.add({**identity(cmd, cipher, person_id, index), **values})
     if added is not None:
@@ -191,7 +191,7 @@ async def prepare_enrolments(
     for (env, cmd), index in zip(commands, indexes, strict=True):
         if times[index] > 1 or (cmd.person_id is not None and given[cmd.person_id] > 1):
             continue
-        person_id = str(cmd.person_id or uuid.uuid4())
+        person_id = str(cmd.person_id) if cmd.person_id else new_id()
         saga_id = model.step_id(env.id, "occupy")
         values = person_values(cmd, cipher, person_id, status=Status.ENROLLING, saga_id=saga_id)
         rows.append({**identity(cmd, cipher, person_id, index), **values})
