@@ -264,12 +264,12 @@ async def test_a_fetch_over_two_orgs_and_two_notices_takes_a_few_statements(
     assert occupied(found) == [2, 2, 3, 4, 3, 5, 4]
     assert found["establishment"] == [["org 0", 10, 5, 1], ["org 1", 8, 4, 1]]
     assert found["notices"] == [["notice 0", 5, "issued"], ["notice 1", 4, "issued"]]
-    # One statement claims the requests and one records the slots; one per notice takes its
-    # places and one per org occupies them (one by one: one each per command).
+    # One statement claims the requests, one takes the places of both notices, one records
+    # the slots and one occupies the places of both orgs (one by one: one each per command).
     assert statements.count("INSERT INTO slot_requests") == 1
     assert statements.count("INSERT INTO slots") == 1
-    assert statements.count("UPDATE notices SET") == 2
-    assert statements.count("UPDATE establishment SET") == 2
+    assert statements.count("UPDATE notices SET") == 1
+    assert statements.count("UPDATE establishment SET") == 1
     assert statements.count("UPDATE leader_posts SET") == 1
 
 
@@ -362,9 +362,10 @@ async def test_a_fetch_with_another_command_between_occupations_prepares_each_ru
     assert outcomes(found) == [(COMPLETED, None)] * 6
     assert occupied(found) == [1, 2, 1, 2, 1, 3]
     assert found["establishment"] == [["org 0", 10, 3, 2], ["org 1", 10, 1, 5]]
-    # A claim per run of occupations, and the release's own.
+    # A claim per run of occupations, and the release's own; the places of each run's
+    # notices taken in one statement (the second run's two notices too).
     assert statements.count("INSERT INTO slot_requests") == 3
-    assert statements.count("UPDATE notices SET") == 3
+    assert statements.count("UPDATE notices SET") == 2
 
 
 async def test_places_prepared_that_no_handler_asked_for_are_never_committed(
@@ -373,8 +374,8 @@ async def test_places_prepared_that_no_handler_asked_for_are_never_committed(
     w = await world(quota, projection, [(10, 4)])
     async with quota.uow() as uow:
         assert await uow.notices.use_many(
-            w.notice_nos[0], w.orgs[0], Category.ADMIN, date.today(), 2
-        )
+            [(w.notice_nos[0], w.orgs[0], Category.ADMIN, 2)], date.today()
+        ) == {w.notice_nos[0]}
         with pytest.raises(RuntimeError, match="never asked for"):
             await uow.commit()
     async with quota.sessions() as session:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
+from functools import cache
 from typing import Any
 from uuid import UUID
 
@@ -81,9 +82,9 @@ _EST_KEY = (
 
 
 def _occupying(k: int | ColumnElement[Any]) -> Update:
-    """Turn ``k`` reserved places of one establishment row into occupied ones (``k`` a number,
-    or a parameter for the commands of one fetch at once): each step alone needs a reserved
-    place, and occupying one leaves occupied + reserved as it was."""
+    """Turn ``k`` reserved places of one establishment row into occupied ones (the commands
+    of one fetch go through ``_occupying_groups``): each step alone needs a reserved place, and
+    occupying one leaves occupied + reserved as it was."""
     e = establishment.c
     return (
         update(establishment)
@@ -99,7 +100,43 @@ def _occupying(k: int | ColumnElement[Any]) -> Update:
 
 
 _OCCUPY_RESERVED = _occupying(1)
-_OCCUPY_RESERVED_MANY = _occupying(_param("b_k", establishment.c.reserved))
+
+
+@cache
+def _occupying_groups(groups: int) -> Update:
+    """``_occupying`` for ``groups`` establishment rows at once, each (``b_org_id_<i>``,
+    ``b_category_<i>``) with its own ``b_k_<i>``: a row whose steps do not all fit is left as
+    it is; the rows changed come back with their key and occupied count."""
+    e = establishment.c
+    want = _group_rows(groups, org_id=e.org_id, category=e.category, k=e.reserved).subquery("want")
+    return (
+        update(establishment)
+        .where(
+            e.org_id == want.c.org_id,
+            e.category == want.c.category,
+            e.reserved >= want.c.k,
+            e.occupied + e.reserved <= e.approved,
+        )
+        .values(
+            reserved=e.reserved - want.c.k,
+            occupied=e.occupied + want.c.k,
+            version=e.version + 1,
+            updated_at=_param("b_now", e.updated_at),
+        )
+        .returning(e.org_id, e.category, e.occupied)
+    )
+
+
+def _group_rows(groups: int, **columns: Any) -> Any:
+    """A row of parameters (``b_<name>_<i>``, typed as ``columns[name]``) per group, as one
+    ``SELECT … UNION ALL SELECT …`` (a ``VALUES`` list names its columns differently on SQLite
+    and PostgreSQL)."""
+    rows = [
+        select(*(_param(f"b_{name}_{i}", col).label(name) for name, col in columns.items()))
+        for i in range(groups)
+    ]
+    return rows[0] if groups == 1 else union_all(*rows)
+
 
 _EST_GET = select(
     establishment.c.approved, establishment.c.occupied, establishment.c.reserved
@@ -179,7 +216,31 @@ def _taking(k: int | ColumnElement[Any]) -> Update:
 
 
 _NOTICE_TAKE_ONE = _taking(1)
-_NOTICE_TAKE_MANY = _taking(_param("b_k", notices.c.used))
+
+
+@cache
+def _taking_groups(groups: int) -> Update:
+    """``_taking`` for ``groups`` notices at once, each (``b_notice_no_<i>``, ``b_org_id_<i>``,
+    ``b_category_<i>``) with its own ``b_k_<i>``, all on the day ``b_on``: a notice whose places
+    do not all fit is left as it is; the notices changed come back with their places used."""
+    n = notices.c
+    want = _group_rows(
+        groups, notice_no=n.notice_no, org_id=n.org_id, category=n.category, k=n.used
+    ).subquery("want")
+    return (
+        update(notices)
+        .where(
+            n.notice_no == want.c.notice_no,
+            n.org_id == want.c.org_id,
+            n.category == want.c.category,
+            n.status == NoticeStatus.ISSUED.value,
+            n.valid_until >= _param("b_on", n.valid_until),
+            n.used + want.c.k <= n.count,
+        )
+        .values(used=n.used + want.c.k, version=n.version + 1)
+        .returning(n.notice_no, n.used)
+    )
+
 
 _NOTICE_GIVE_BACK = (
     update(notices)
@@ -231,7 +292,7 @@ _CLAIMED_WITH_ORG = (
 
 
 def _notice_taken(notice_no: str, org_id: UUID, category: Category, on: date) -> dict[str, Any]:
-    """The parameters of ``_NOTICE_TAKE_ONE`` and ``_NOTICE_TAKE_MANY`` (but ``b_k``)."""
+    """The parameters of ``_NOTICE_TAKE_ONE``."""
     return {
         "b_notice_no": notice_no,
         "b_org_id": str(org_id),
@@ -649,27 +710,24 @@ class Ledger:
         ).one_or_none()
         return None if row is None else int(row.occupied)
 
-    async def occupy_many(self, org_id: UUID, category: Category, k: int) -> bool:
-        """``occupy_reserved`` ``k`` times in one statement, only if every one of them would
-        succeed; the occupied count each would have returned, in order, is kept for the
-        ``occupy_reserved`` calls that ask for it. ``False`` (and nothing changed or kept)
-        when not all ``k`` fit."""
-        row = (
-            await self.session.execute(
-                _OCCUPY_RESERVED_MANY,
-                {
-                    "b_org_id": str(org_id),
-                    "b_category": category.value,
-                    "b_k": k,
-                    "b_now": now(),
-                },
-            )
-        ).one_or_none()
-        if row is None:
-            return False
-        key = (str(org_id), category.value)
-        self.occupied_kept.keep(key, key, _counts_up_to(int(row.occupied), k))
-        return True
+    async def occupy_many(self, wanted: Sequence[tuple[UUID, Category, int]]) -> None:
+        """``occupy_reserved`` ``k`` times for each (org, category, ``k``) of ``wanted`` (each
+        org and category once), in one statement: a row takes all its ``k`` steps or none. The
+        occupied count each step would have returned, in order, is kept for the
+        ``occupy_reserved`` calls that ask for it; nothing is kept for a row left as it was."""
+        if not wanted:
+            return
+        params: dict[str, Any] = {"b_now": now()}
+        steps: dict[tuple[str, str], int] = {}
+        for i, (org_id, category, k) in enumerate(wanted):
+            params[f"b_org_id_{i}"] = str(org_id)
+            params[f"b_category_{i}"] = category.value
+            params[f"b_k_{i}"] = k
+            steps[(str(org_id), category.value)] = k
+        rows = await self.session.execute(_occupying_groups(len(wanted)), params)
+        for row in rows:
+            key = (row.org_id, row.category)
+            self.occupied_kept.keep(key, key, _counts_up_to(int(row.occupied), steps[key]))
 
     async def vacate(self, org_id: UUID, category: Category) -> int:
         """Free one occupied place; the new occupied count."""
@@ -811,21 +869,27 @@ class Notices:
         return None if row is None else int(row.used)
 
     async def use_many(
-        self, notice_no: str, org_id: UUID, category: Category, on: date, k: int
-    ) -> bool:
-        """``use_one`` ``k`` times in one statement, only if every one of them would give a
-        place; the places used after each, in order, are kept for the ``use_one`` calls that
-        ask for them. ``False`` (and nothing changed or kept) when not all ``k`` fit."""
-        row = (
-            await self.session.execute(
-                _NOTICE_TAKE_MANY, {**_notice_taken(notice_no, org_id, category, on), "b_k": k}
-            )
-        ).one_or_none()
-        if row is None:
-            return False
-        asked = (str(org_id), category.value, on)
-        self.used_kept.keep(notice_no, asked, _counts_up_to(int(row.used), k))
-        return True
+        self, wanted: Sequence[tuple[str, UUID, Category, int]], on: date
+    ) -> set[str]:
+        """``use_one`` ``k`` times for each (notice, org, category, ``k``) of ``wanted`` (each
+        notice once), in one statement: a notice gives all its ``k`` places or none. The places
+        used after each call, in order, are kept for the ``use_one`` calls that ask for them;
+        the notices that gave their places."""
+        if not wanted:
+            return set()
+        params: dict[str, Any] = {"b_on": on}
+        for i, (notice_no, org_id, category, k) in enumerate(wanted):
+            params[f"b_notice_no_{i}"] = notice_no
+            params[f"b_org_id_{i}"] = str(org_id)
+            params[f"b_category_{i}"] = category.value
+            params[f"b_k_{i}"] = k
+        rows = await self.session.execute(_taking_groups(len(wanted)), params)
+        used = {row.notice_no: int(row.used) for row in rows}
+        for notice_no, org_id, category, k in wanted:
+            if notice_no in used:
+                asked = (str(org_id), category.value, on)
+                self.used_kept.keep(notice_no, asked, _counts_up_to(used[notice_no], k))
+        return set(used)
 
     async def give_back(self, notice_no: str) -> Notice | None:
         """Return one used place to a notice that is still issued (a cancelled occupation);

@@ -598,10 +598,11 @@ async def prepare_occupations(
     uow: QuotaUnitOfWork, commands: Sequence[tuple[Envelope, OccupySlot]]
 ) -> None:
     """The four statements ``occupy_slot`` runs per command, for a run of OccupySlot commands
-    of one fetch at once (``CommandRoute.prepare``): one claims every request, one per notice
-    takes its places, one records every slot, one per org and category turns reserved places
-    into occupied ones. What each would have given the handlers one after another in fetch
-    order is kept for them; they then find it and do the rest command by command.
+    of one fetch at once (``CommandRoute.prepare``): one claims every request, one takes the
+    places of every notice, one records every slot, one turns reserved places into occupied
+    ones for every org and category. What each would have given the handlers one after
+    another in fetch order is kept for them; they then find it and do the rest command by
+    command.
 
     A step that cannot serve all its commands is left to them: a request id or a person twice
     in the run, a request carried out before, a person holding a slot, a notice or an
@@ -629,11 +630,13 @@ async def prepare_occupations(
     by_notice: dict[str, list[OccupySlot]] = {}
     for _, cmd in commands:
         by_notice.setdefault(cmd.notice_no, []).append(cmd)
+    taking = []
     for notice_no, cmds in by_notice.items():
         named = {(cmd.org_id, cmd.category) for cmd in cmds}
         if len(named) == 1:
             ((org_id, category),) = named
-            await uow.notices.use_many(notice_no, org_id, category, on, len(cmds))
+            taking.append((notice_no, org_id, category, len(cmds)))
+    await uow.notices.use_many(taking, on)
     new = [
         NewSlot(
             cmd.person_id,
@@ -650,8 +653,7 @@ async def prepare_occupations(
     if new:
         await uow.slots.add_many(new)
     held = Counter((cmd.org_id, cmd.category) for _, cmd in commands)
-    for (org_id, category), k in held.items():
-        await uow.ledger.occupy_many(org_id, category, k)
+    await uow.ledger.occupy_many([(org_id, category, k) for (org_id, category), k in held.items()])
 
 
 async def occupy_slot(cmd: OccupySlot, uow: QuotaUnitOfWork, ctx: HandlerContext) -> None:
