@@ -788,8 +788,7 @@ class Cpu:
 
     def stack_ms(self, items: int) -> float:
         """CPU ms per item of the stack (every process but the benchmark's own)."""
-        used = self._used()
-        return sum(sec for name, sec in used.items() if name != "bench") / items * 1000
+        return sum(ms for name, ms in self.per_item_ms(items).items() if name != "bench")
 
     def report_idle(self) -> None:
         """CPU share per process while nothing is asked of the stack: the idle polling."""

@@ -138,6 +138,15 @@ def _group_rows(groups: int, **columns: Any) -> Any:
     return rows[0] if groups == 1 else union_all(*rows)
 
 
+def _group_params(groups: Sequence[dict[str, Any]], **shared: Any) -> dict[str, Any]:
+    """The parameters of a statement over ``_group_rows``: each group's values under the
+    names ``_group_rows`` gave them, and the ``shared`` ones as they are."""
+    params = dict(shared)
+    for i, group in enumerate(groups):
+        params.update({f"b_{name}_{i}": value for name, value in group.items()})
+    return params
+
+
 _EST_GET = select(
     establishment.c.approved, establishment.c.occupied, establishment.c.reserved
 ).where(*_EST_KEY)
@@ -717,14 +726,14 @@ class Ledger:
         ``occupy_reserved`` calls that ask for it; nothing is kept for a row left as it was."""
         if not wanted:
             return
-        params: dict[str, Any] = {"b_now": now()}
-        steps: dict[tuple[str, str], int] = {}
-        for i, (org_id, category, k) in enumerate(wanted):
-            params[f"b_org_id_{i}"] = str(org_id)
-            params[f"b_category_{i}"] = category.value
-            params[f"b_k_{i}"] = k
-            steps[(str(org_id), category.value)] = k
-        rows = await self.session.execute(_occupying_groups(len(wanted)), params)
+        groups = [
+            {"org_id": str(org_id), "category": category.value, "k": k}
+            for org_id, category, k in wanted
+        ]
+        steps = {(g["org_id"], g["category"]): g["k"] for g in groups}
+        rows = await self.session.execute(
+            _occupying_groups(len(groups)), _group_params(groups, b_now=now())
+        )
         for row in rows:
             key = (row.org_id, row.category)
             self.occupied_kept.keep(key, key, _counts_up_to(int(row.occupied), steps[key]))
@@ -877,13 +886,13 @@ class Notices:
         the notices that gave their places."""
         if not wanted:
             return set()
-        params: dict[str, Any] = {"b_on": on}
-        for i, (notice_no, org_id, category, k) in enumerate(wanted):
-            params[f"b_notice_no_{i}"] = notice_no
-            params[f"b_org_id_{i}"] = str(org_id)
-            params[f"b_category_{i}"] = category.value
-            params[f"b_k_{i}"] = k
-        rows = await self.session.execute(_taking_groups(len(wanted)), params)
+        groups = [
+            {"notice_no": notice_no, "org_id": str(org_id), "category": category.value, "k": k}
+            for notice_no, org_id, category, k in wanted
+        ]
+        rows = await self.session.execute(
+            _taking_groups(len(groups)), _group_params(groups, b_on=on)
+        )
         used = {row.notice_no: int(row.used) for row in rows}
         for notice_no, org_id, category, k in wanted:
             if notice_no in used:
