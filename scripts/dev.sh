@@ -13,13 +13,31 @@ install() {
   fi
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   local stamp="$VENV/.installed" want
-  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "installing bianzhi and its dependencies into $VENV ..." >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    # The versions CI tested (constraints.txt), within the ranges of pyproject.toml.
+    "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
     echo "$want" > "$stamp"
   fi
+}
+
+# Resolve the newest versions pyproject.toml allows, in a scratch environment, and write them
+# to constraints.txt (its comment header kept). Test before committing the new file.
+lock() {
+  local tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  "$PYTHON" -m venv "$tmp/venv"
+  "$tmp/venv/bin/python" -m pip install --quiet --upgrade pip
+  "$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'
+  {
+    grep '^#' constraints.txt
+    "$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -iv '^bianzhi=='
+  } > "$tmp/constraints.txt"
+  mv "$tmp/constraints.txt" constraints.txt
+  echo "constraints.txt rewritten; run make test before committing it" >&2
 }
 
 cmd=${1:-}
@@ -27,6 +45,9 @@ shift || true
 case "$cmd" in
   install)
     install
+    ;;
+  lock)
+    lock
     ;;
   up)
     install
@@ -52,7 +73,7 @@ case "$cmd" in
     exec "$VENV/bin/python" bench/orgs_throughput.py "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh install|up|test|bench [args...]" >&2
+    echo "usage: scripts/dev.sh install|lock|up|test|bench [args...]" >&2
     exit 2
     ;;
 esac
