@@ -34,7 +34,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import IntegrityError, PendingRollbackError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.runtime import db
@@ -384,3 +384,47 @@ async def test_on_either_thread_of_a_sqlite_connection_and_on_a_connection(
         assert len(fast_runs) == 2
     finally:
         await engine.dispose()
+
+
+async def test_a_transaction_takes_its_connection_once_and_keeps_it_to_itself(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with session_factory(engine)() as session:
+        asked: list[object] = []
+        real = session.connection
+
+        async def connection(**kw: Any) -> Any:
+            got = await real(**kw)
+            asked.append(session.sync_session.get_transaction())
+            return got
+
+        monkeypatch.setattr(session, "connection", connection)
+        for start in (0, 2, 4):
+            await insert_rows(session, FAST, rows(start, 2))
+        await session.rollback()  # the first transaction's rows go with it
+        for start in (6, 8):
+            await insert_rows(session, FAST, rows(start, 2))
+        await session.commit()
+        await insert_rows(session, FAST, rows(10, 1))
+        await session.commit()
+    if is_sqlite(engine):
+        # Once per transaction; each a transaction of its own.
+        assert len(asked) == 3 and len({id(t) for t in asked}) == 3
+    assert [r[1] for r in await stored(engine, FAST)] == ["k6", "k7", "k8", "k9", "k10"]
+
+
+async def test_a_transaction_whose_connection_was_lost_fails_as_sqlalchemys(
+    engine: AsyncEngine,
+) -> None:
+    async with session_factory(engine)() as session:
+        await insert_rows(session, FAST, rows(0, 1))
+        await (await session.connection()).invalidate()
+        with pytest.raises(PendingRollbackError) as plain:
+            await session.execute(insert(FAST), rows(1, 1))
+        with pytest.raises(PendingRollbackError) as fast:
+            await insert_rows(session, FAST, rows(1, 1))
+        assert str(fast.value) == str(plain.value)
+        await session.rollback()
+        await insert_rows(session, FAST, rows(2, 1))
+        await session.commit()
+    assert [r[1] for r in await stored(engine, FAST)] == ["k2"]
