@@ -65,6 +65,7 @@ from contracts.roster import EnrolPerson
 from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, QUOTA_COMMANDS, all_topics
 from services.runtime.broker import OffsetGapGuard
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics, free_port
+from services.runtime.settings import Settings
 
 COMPLETED = "bianzhi.CommandCompleted.v1"
 # Written to the broker per enrolment: EnrolPerson, OccupySlot, SlotOccupied, quota's result,
@@ -316,7 +317,9 @@ class Driver:
         # the services' own short fetch wait.
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=Settings().kafka_command_fetch_max_wait_ms,
         )
         # The saga steps on quota's command topic are read for their stage times only, which
         # come from the records themselves (built, relayed), not from when they are read here:
@@ -686,6 +689,22 @@ async def drain(roster: Service, timeout: float = 3600) -> None:
     say(f"  drained: no saga open ({time.monotonic() - started:.1f} s after the last result)")
 
 
+def print_by_second(driver: Driver, ids: list[str]) -> None:
+    """p99 and the slowest latency of the commands sent in each second of a paced run: slow
+    results spread over the run (queueing) or bunched in a few seconds (a stall)."""
+    if not ids:
+        return
+    start = min(driver.sent[i] for i in ids)
+    seconds: dict[int, list[float]] = {}
+    for i in ids:
+        seconds.setdefault(int(driver.sent[i] - start), []).append(driver.latency[i])
+    cells = [
+        f"{percentile(lat, 0.99) * 1000:.0f}/{max(lat) * 1000:.0f}"
+        for _, lat in sorted(seconds.items())
+    ]
+    say(f"  p99/max ms by second sent: {' '.join(cells)}")
+
+
 def print_stages(driver: Driver, ids: list[str]) -> None:
     stages = driver.stages(ids)
     say(f"  per stage (ms, p50 / p99 / mean) over {len(stages['delivered'])} sagas:")
@@ -761,6 +780,8 @@ class Cpu:
         self.pids = pids
         self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
         self.started = time.perf_counter()
+        self.windows: list[dict[str, float]] = []  # CPU share per process, by ``follow``
+        self.window_s = 0.0
 
     def _used(self) -> dict[str, float]:
         """CPU seconds per process since this started."""
@@ -781,6 +802,24 @@ class Cpu:
             f"would allow ≈ {(os.cpu_count() or 2) * 1000 / stack:,.0f} enrolments/s if CPU "
             f"were all it needed; load average now {load()}"
         )
+
+    async def follow(self, every_s: float = 3.0) -> None:
+        """Note each process's CPU share every ``every_s`` until cancelled (``report_windows``
+        prints them): whether a process's share grows through a run at a steady load."""
+        self.window_s = every_s
+        last, at = self._used(), time.perf_counter()
+        while True:
+            await asyncio.sleep(every_s)
+            used, now = self._used(), time.perf_counter()
+            self.windows.append({n: (used[n] - last[n]) / (now - at) for n in used})
+            last, at = used, now
+
+    def report_windows(self, label: str) -> None:
+        if len(self.windows) < 2:
+            return
+        say(f"  {label} CPU % of one core by {self.window_s:.0f}-s window, first to last:")
+        for name in self.windows[0]:
+            say(f"    {name:6} " + " ".join(f"{w[name] * 100:3.0f}" for w in self.windows))
 
     def per_item_ms(self, items: int) -> dict[str, float]:
         """CPU ms per item of each process."""
@@ -1000,8 +1039,13 @@ async def main() -> None:
                         paced.extend(people.commands(paced_n))
                         steady()
                         cpu = Cpu(pids)
-                        await explained(driver.run(paced, args.rate, "paced"), roster)
+                        following = asyncio.create_task(cpu.follow())
+                        try:
+                            await explained(driver.run(paced, args.rate, "paced"), roster)
+                        finally:
+                            following.cancel()
                         cpu.report("paced", paced_n)
+                        cpu.report_windows("paced")
                         m2 = {n: await asyncio.to_thread(scrape, s) for n, s in services.items()}
                         paced_ids = [c[0] for c in paced]
                         plat = [driver.latency[i] for i in paced_ids]
@@ -1011,6 +1055,7 @@ async def main() -> None:
                             f"mean {statistics.fmean(plat) * 1000:.1f} ms; "
                             f"rejected {dict(driver.rejected(paced_ids)) or 0}"
                         )
+                        print_by_second(driver, paced_ids)
                         print_service_figures("paced", m_before, m2)
                         await driver.settle(paced_ids)
                         print_stages(driver, paced_ids)
