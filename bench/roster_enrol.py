@@ -323,10 +323,12 @@ class Driver:
         )
         # The saga steps on quota's command topic are read for their stage times only, which
         # come from the records themselves (built, relayed), not from when they are read here:
-        # a long fetch wait, so that watching costs the broker and this process little.
+        # so they are read after a run (``settle``), not during it, where every fetch that
+        # brings records would cost the broker what the stack's own fetches do (docs/BROKER.md).
         self.steps = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=250
         )
+        self._steps_guard = OffsetGapGuard()
         self.partitions = partitions
         self.bootstrap = bootstrap
         self.sent: dict[str, float] = {}
@@ -342,7 +344,6 @@ class Driver:
 
     async def start(self) -> None:
         await self.producer.start()
-        self._readers = []
         for consumer, topic in ((self.consumer, COMMAND_RESULTS), (self.steps, QUOTA_COMMANDS)):
             await consumer.start()
             tps = [TopicPartition(topic, p) for p in range(self.partitions)]
@@ -350,7 +351,7 @@ class Driver:
             await consumer.seek_to_end(*tps)
             for tp in tps:
                 await consumer.position(tp)
-            self._readers.append(asyncio.create_task(self._read(consumer)))
+        self._readers = [asyncio.create_task(self._read(self.consumer))]
 
     async def stop(self) -> None:
         for reader in self._readers:
@@ -386,11 +387,25 @@ class Driver:
         return found
 
     async def settle(self, ids: list[str], timeout: float = 5.0) -> None:
-        """Wait (a little) until the stage reader has seen the step of every completed saga."""
-        for _ in range(int(timeout / 0.1)):
-            if all(self.outcome.get(i) != "completed" or i in self.step for i in ids):
+        """Read the saga steps written since the last call, up to the end of quota's command
+        topic, for as long as that leaves a completed saga's step unseen (a little)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.read_steps()
+            seen = all(self.outcome.get(i) != "completed" or i in self.step for i in ids)
+            if seen or time.monotonic() > deadline:
                 return
             await asyncio.sleep(0.1)
+
+    async def read_steps(self) -> None:
+        """Read quota's command topic from where the last read stopped to its end now."""
+        tps = sorted(self.steps.assignment())
+        ends = await self.steps.end_offsets(tps)
+        while any([await self.steps.position(tp) < ends[tp] for tp in tps]):
+            batches = await self.steps.getmany(timeout_ms=500)
+            now, wall = time.perf_counter(), time.time()
+            for rec in self._steps_guard.take(self.steps, batches):
+                self._record(rec.topic, rec, now, wall)
 
     async def _read(self, consumer: AIOKafkaConsumer) -> None:
         # The services' own guard against the embedded broker's out-of-order answers.
@@ -452,6 +467,7 @@ class Driver:
                 answered = self._answered(ids)
                 quiet = quiet + 5 if answered == last else 0.0
                 if quiet >= STALL_S:
+                    await self.read_steps()
                     missing = [i for i in ids if i not in self.latency][:10]
                     stored = await self.scan_results(set(missing))
                     for cid in missing:
