@@ -33,7 +33,7 @@ lock() {
   "$tmp/venv/bin/python" -m pip install --quiet --upgrade pip
   "$tmp/venv/bin/python" -m pip install --quiet -e '.[dev]'
   {
-    grep '^#' constraints.txt
+    grep '^#' constraints.txt || true
     "$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -iv '^bianzhi=='
   } > "$tmp/constraints.txt"
   mv "$tmp/constraints.txt" constraints.txt
