@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 import time
 import uuid
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from orgs_throughput import cpu_seconds
 
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def send_paced(

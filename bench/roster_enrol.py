@@ -351,12 +351,11 @@ class Driver:
             await consumer.seek_to_end(*tps)
             for tp in tps:
                 await consumer.position(tp)
-        self._readers = [asyncio.create_task(self._read(self.consumer))]
+        self._reader = asyncio.create_task(self._read(self.consumer))
 
     async def stop(self) -> None:
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
         await self.consumer.stop()
         await self.steps.stop()
         await self.producer.stop()
