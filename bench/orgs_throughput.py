@@ -292,12 +292,15 @@ def service_figures(before: dict[str, float], after: dict[str, float]) -> str:
     )
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far; NaN where /proc is missing.
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used so far; NaN for no process (``None``) and
+    where /proc is missing.
 
     The service's CPU per command is the figure that survives a busy machine: wall-clock
     latencies on shared cores move with the other processes, CPU time hardly does.
     """
+    if pid is None:
+        return float("nan")
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:

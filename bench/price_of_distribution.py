@@ -48,7 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench modules
 
 import roster_enrol
-from orgs_throughput import percentile, run_dir, say
+from orgs_throughput import cpu_seconds, percentile, run_dir, say
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from contracts import identifiers
@@ -353,7 +353,7 @@ async def run_monolith(n: int, orgs_count: int, database_url: str | None, tmp: P
 
 
 def cpu_of(pids: dict[str, int | None]) -> dict[str, float]:
-    return {name: roster_enrol.cpu_seconds(pid) for name, pid in pids.items()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
 async def run_pipeline(

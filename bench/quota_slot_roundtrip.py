@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from orgs_throughput import broker_round_trip, percentile, run_dir, say
+from orgs_throughput import broker_round_trip, cpu_seconds, percentile, run_dir, say
 from roster_enrol import (
     APPROVER,
     CLERK,
@@ -45,7 +45,6 @@ from roster_enrol import (
     Service,
     broker_latency,
     counties,
-    cpu_seconds,
     databases,
     delta,
     load,

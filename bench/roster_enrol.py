@@ -52,7 +52,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from orgs_throughput import Driver as OrgsDriver
-from orgs_throughput import broker_round_trip, fetch, percentile, run_dir, say
+from orgs_throughput import broker_round_trip, cpu_seconds, fetch, percentile, run_dir, say
 from sqlalchemy.engine import make_url
 
 from contracts import identifiers
@@ -220,17 +220,6 @@ class Service:
 
 
 # --- measuring --------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc); NaN when unknown."""
-    if pid is None:
-        return float("nan")
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
