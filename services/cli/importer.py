@@ -4,9 +4,11 @@
   (填写说明) and drop-down lists for the coded columns (xlsx), or a header row (csv).
 * ``bianzhi import people FILE`` reads every row, checks every row against the contract first (the
   导入校核 report: row, column, problem; a citizen ID twice in the file is a problem of every row
-  that has it), then sends the valid rows as ``EnrolPerson`` commands, collects every result and
-  writes ``FILE.result.xlsx`` (or ``.csv``) beside the input: each row with 结果, 原因代码, 说明
-  and person_id.
+  that has it) and the quota-use notices the valid rows use against quota's books as they stand
+  (unknown, another org or category, cancelled, lapsed, fewer places left than rows: warnings,
+  since quota's answer is what counts), then sends the valid rows as ``EnrolPerson`` commands,
+  collects every result and writes ``FILE.result.xlsx`` (or ``.csv``) beside the input: each row
+  with 结果, 原因代码, 说明 and person_id.
 
 Each row's command id is derived from the row's content (`batch.command_id`): importing the same
 file again re-sends the same ids, which get their stored results (with the same person_id) and
@@ -51,11 +53,13 @@ from services.cli.common import (
     CliError,
     add_broker_options,
     broker_settings,
+    load_settings,
     positive_float,
     positive_int,
     read_platform,
     say,
 )
+from services.cli.report import Api
 from services.cli.send import build_envelope
 
 SOURCE = f"{CLI_SOURCE}/import"
@@ -514,6 +518,134 @@ def report_lines(path: Path, sheet: Sheet, checked: Sequence[CheckedRow]) -> lis
     return lines
 
 
+# --- the notices, against quota's books ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoticeFinding:
+    """What the rows using one quota-use notice will meet in quota, as its books stand now."""
+
+    notice_no: str
+    rows: tuple[int, ...]
+    message: str
+    code: str
+
+
+def check_notices(
+    checked: Sequence[CheckedRow], notices: Mapping[str, Mapping[str, Any] | None]
+) -> list[NoticeFinding]:
+    """The 用编通知单 the valid rows use, checked as quota checks an enrolment's notice (see
+    ``check_notice_usable``) against ``notices`` (``GET /notices``, ``None`` for one quota does
+    not know): known, issued to the row's org and category, not cancelled, not lapsed on the
+    row's 入编日期, and enough places left for the rows that pass all that.
+
+    A finding is a warning, not a problem: the rows are still sent, and quota's answer is what
+    counts (the books may change before the rows arrive; a row enrolled by an earlier import of
+    the same file gets its stored result and takes no second place)."""
+    findings: list[NoticeFinding] = []
+    usable: dict[str, list[int]] = defaultdict(list)
+    for item in checked:
+        command = item.command
+        if command is None:
+            continue
+        number, at = command.notice_no, item.row.number
+        if number not in notices:
+            continue
+        notice = notices[number]
+        if notice is None:
+            findings.append(
+                NoticeFinding(number, (at,), "quota 中没有这张用编通知单", "notice_invalid")
+            )
+        elif notice["org_id"] != str(command.org_id) or notice["category"] != command.category:
+            findings.append(
+                NoticeFinding(
+                    number,
+                    (at,),
+                    f"用编通知单发给单位 {notice['org_id']} 的"
+                    f"{label_of('category', notice['category'])}，与本行的单位或编制类型不符",
+                    "notice_invalid",
+                )
+            )
+        elif notice["status"] == "cancelled":
+            findings.append(NoticeFinding(number, (at,), "用编通知单已作废", "notice_invalid"))
+        elif notice["status"] == "expired" or (
+            date.fromisoformat(notice["valid_until"]) < command.effective_date
+        ):
+            findings.append(
+                NoticeFinding(
+                    number,
+                    (at,),
+                    f"用编通知单有效期至 {notice['valid_until']}，入编日期 "
+                    f"{command.effective_date.isoformat()} 已过期",
+                    "notice_expired",
+                )
+            )
+        else:
+            usable[number].append(at)
+    for number, rows in usable.items():
+        left = (notices[number] or {}).get("remaining", 0)
+        if len(rows) > left:
+            findings.append(
+                NoticeFinding(
+                    number,
+                    tuple(rows),
+                    f"用编通知单剩余 {left} 个名额，本文件有 {len(rows)} 行使用：多出的 "
+                    f"{len(rows) - left} 行将被拒绝（名额已用完），哪几行入编以处理先后为准，"
+                    "不一定按文件顺序（重新导入同一文件时，已入编的行不再占名额）",
+                    "notice_exhausted",
+                )
+            )
+    findings.sort(key=lambda f: (f.rows[0], f.notice_no))
+    return findings
+
+
+def fetch_notices(quota: Api, numbers: Sequence[str]) -> dict[str, Mapping[str, Any] | None]:
+    """Each notice as quota's ``GET /notices`` shows it; ``None`` for one it does not know."""
+    return {
+        number: quota.get("/notices", missing_ok=True, notice_no=number)
+        for number in dict.fromkeys(numbers)
+    }
+
+
+def notice_lines(checked: Sequence[CheckedRow], quota: Api | None) -> list[str]:
+    """The notice part of the 导入校核 report: what the valid rows' notices look like in quota
+    now, or why they were not looked at."""
+    numbers = [c.command.notice_no for c in checked if c.command is not None]
+    if not numbers:
+        return []
+    if quota is None:
+        return ["用编通知单未核对：没有找到运行中的平台（--quota-url 指定 quota 的查询接口）"]
+    try:
+        notices = fetch_notices(quota, numbers)
+    except CliError as exc:
+        return [f"用编通知单未核对：{exc}"]
+    findings = check_notices(checked, notices)
+    if not findings:
+        return [f"用编通知单核对：{len(notices)} 张，名额够用"]
+    lines = [
+        f"用编通知单核对（quota 当前账目，仅为提示：这些行照常发送，以 quota 的答复为准）："
+        f"{len(notices)} 张，{len(findings)} 处提示",
+        "行\t用编通知单号\t提示",
+    ]
+    for finding in findings:
+        rows = "、".join(str(r) for r in finding.rows)
+        lines.append(f"{rows}\t{finding.notice_no}\t{finding.message}")
+    return lines
+
+
+def quota_api(args: argparse.Namespace) -> Api | None:
+    """The quota query API the notices are checked against: ``--quota-url``, else that of the
+    platform running from the data directory (not when ``--broker`` names another one)."""
+    if args.quota_url:
+        return Api("quota", args.quota_url.rstrip("/"))
+    if args.broker:
+        return None
+    platform = read_platform(load_settings(data_dir=args.data_dir).data_dir)
+    if platform is None or "quota" not in platform.services:
+        return None
+    return Api("quota", platform.services["quota"].rstrip("/"))
+
+
 # --- the template ---------------------------------------------------------------------------
 
 INSTRUCTIONS = (
@@ -710,8 +842,10 @@ def register(subcommands: Any) -> None:
         "people",
         help="check a file's rows and enrol the people",
         description=(
-            "Check every row (the 导入校核 report: row, column, problem), then send the valid "
-            "rows as roster.EnrolPerson and write FILE.result.xlsx/.csv beside the input. "
+            "Check every row (the 导入校核 report: row, column, problem) and the quota-use "
+            "notices the rows use against quota's books (warnings only: the rows are still "
+            "sent), then send the valid rows as roster.EnrolPerson and write "
+            "FILE.result.xlsx/.csv beside the input. "
             "Importing the same file again enrols nobody twice. Exit status: 0 all rows "
             "passed (and, unless --dry-run, every person enrolled), 1 some row failed, "
             "2 error, 3 some rows without result in time."
@@ -742,6 +876,12 @@ def register(subcommands: Any) -> None:
         help="stop waiting when no result at all arrives for S seconds "
         f"(default {DEFAULT_STALL_TIMEOUT_S:g})",
     )
+    people.add_argument(
+        "--quota-url",
+        metavar="URL",
+        help="the quota query API the notices are checked against (default: that of the "
+        "platform running from --data-dir)",
+    )
     people.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     people.set_defaults(run=run_people)
 
@@ -763,7 +903,8 @@ def run_people(args: argparse.Namespace) -> int:
     if not sheet.rows:
         raise CliError(f"{path}: no data rows below the header row")
     checked = check_rows(sheet.rows)
-    print("\n".join(report_lines(path, sheet, checked)), flush=True)
+    lines = report_lines(path, sheet, checked) + notice_lines(checked, quota_api(args))
+    print("\n".join(lines), flush=True)
     valid = [c for c in checked if c.command is not None]
     if args.dry_run:
         return EXIT_PROBLEMS if len(valid) < len(checked) else EXIT_OK

@@ -37,12 +37,13 @@ from services.runtime.settings import Settings
 from tests.conftest import service_settings
 from tests.support.databases import database
 from tests.support.kafka import CommandClient, read_topic
-from tests.support.lifecycle import running
+from tests.support.lifecycle import running, serve
 
 REPO = Path(__file__).resolve().parents[2]
 HEADERS = [c.header for c in COLUMNS]
 ORG = "3f6f5a3e-8c1e-4a43-9d6b-1b8f2f0c1a01"
 ACTOR = ["--actor", "li.na", "--region", "130100", "--roles", "clerk"]
+NOT_CHECKED = "用编通知单未核对：没有找到运行中的平台（--quota-url 指定 quota 的查询接口）"
 
 
 def bianzhi(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -97,8 +98,9 @@ def test_dry_run_reports_every_problem_by_row_and_column(tmp_path: Path) -> None
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "导入校核 people.xlsx: 4 行，2 行通过，2 行有问题"
-    problems = [tuple(line.split("\t")[:2]) for line in lines[2:]]
+    problems = [tuple(line.split("\t")[:2]) for line in lines[2:-1]]
     assert problems == [("4", "公民身份号码"), ("5", "编制类型"), ("5", "入编日期")]
+    assert lines[-1] == NOT_CHECKED  # no platform runs from the data directory
     assert not (tmp_path / "people.result.xlsx").exists()  # a dry run writes nothing
 
 
@@ -107,7 +109,8 @@ def test_dry_run_of_a_clean_csv_exits_0(tmp_path: Path) -> None:
     fill_template(path, GOOD)
     result = bianzhi("import", "people", str(path), "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["导入校核 people.csv: 2 行，2 行通过，0 行有问题"]
+    summary = "导入校核 people.csv: 2 行，2 行通过，0 行有问题"
+    assert result.stdout.splitlines() == [summary, NOT_CHECKED]
 
 
 def test_import_needs_an_actor_and_refuses_other_formats(tmp_path: Path) -> None:
@@ -246,7 +249,13 @@ async def test_import_enrols_the_valid_rows_and_a_second_import_changes_nothing(
     fill_template(path, rows)
     argv = ["import", "people", str(path), "--region", "130127", "--actor", "li.na"]
     argv += ["--roles", "clerk", "--broker", client.bootstrap, "--timeout", "60"]
-    first = await asyncio.to_thread(bianzhi, *argv)
+    async with serve(quota_and_roster.app) as quota_url:
+        # The notice is checked against quota's books over its query API: two places, two rows.
+        first = await asyncio.to_thread(bianzhi, *argv, "--quota-url", quota_url)
+        assert "用编通知单核对：1 张，名额够用" in first.stdout
+        # Once they are enrolled, the notice has no place left, and the check says so.
+        dry = await asyncio.to_thread(bianzhi, *argv, "--quota-url", quota_url, "--dry-run")
+    assert f"2、3\t{notice.notice_no}\t用编通知单剩余 0 个名额，本文件有 2 行使用" in dry.stdout
     assert first.returncode == 1, first.stderr  # one row failed the check
     out = tmp_path / "people.result.csv"
     with out.open(encoding="utf-8-sig", newline="") as handle:
@@ -262,6 +271,8 @@ async def test_import_enrols_the_valid_rows_and_a_second_import_changes_nothing(
 
     again = await asyncio.to_thread(bianzhi, *argv)
     assert again.returncode == 1, again.stderr
+    # With --broker and no --quota-url, which platform's quota to ask is not known.
+    assert "用编通知单未核对：没有找到运行中的平台" in again.stdout
     assert out.read_text(encoding="utf-8-sig") == first_text  # same results, same person_ids
     transport = httpx.ASGITransport(app=quota_and_roster.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://quota") as api:

@@ -7,14 +7,12 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from openpyxl import load_workbook
 
 from contracts.base import Message
@@ -35,7 +33,7 @@ from tests.conftest import service_settings, wait_for
 from tests.support.builders import register_org
 from tests.support.databases import database
 from tests.support.kafka import CommandClient
-from tests.support.lifecycle import running
+from tests.support.lifecycle import running, serve
 
 pytestmark = pytest.mark.broker
 
@@ -53,26 +51,6 @@ async def quota_service(
         runtime = build(service_settings(tmp_path, topics))
         async with running(runtime.app):
             yield runtime
-
-
-@asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` over HTTP on a free loopback port; its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: _started(server), timeout=10)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-
-
-async def _started(server: uvicorn.Server) -> bool:
-    return server.started
 
 
 async def ok(client: CommandClient, payload: Message, **actor: str) -> None:

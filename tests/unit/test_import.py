@@ -319,3 +319,115 @@ def test_an_xlsx_without_the_data_sheet_name_reads_its_first_sheet(tmp_path: Pat
     book.save(path)
     (checked,) = check_rows(read_sheet(path).rows)
     assert checked.problems == []
+
+
+# --- the notices, against quota's books --------------------------------------------------------
+
+NOTICE = "石编用〔2026〕12号"
+
+
+def notice(**changes: object) -> dict[str, object]:
+    """A notice as quota's ``GET /notices`` shows it: issued to ``ORG`` for admin places."""
+    shown: dict[str, object] = {
+        "notice_no": NOTICE,
+        "org_id": ORG,
+        "category": "admin",
+        "count": 3,
+        "used": 1,
+        "remaining": 2,
+        "valid_until": "2026-06-30",
+        "status": "issued",
+    }
+    shown.update(changes)
+    return shown
+
+
+# Three more valid people (GB 11643 check digits), born 1985-05-05, 1992-02-02 and 1988-08-08.
+OTHERS = ("130102198505050016", "130102199202020017", "13010219880808001X")
+
+
+def notice_rows(count: int, **changes: object) -> list[importer.CheckedRow]:
+    ids = (MAN, *OTHERS)
+    rows = [
+        good_row(公民身份号码=ids[i], 性别=None, 出生日期=None, **changes) for i in range(count)
+    ]
+    checked = check_rows(sheet_rows(*rows))
+    assert all(c.command is not None for c in checked), [c.problems for c in checked]
+    return checked
+
+
+def test_rows_within_the_places_left_of_a_usable_notice_meet_no_warning() -> None:
+    assert importer.check_notices(notice_rows(2), {NOTICE: notice()}) == []
+
+
+def test_rows_beyond_the_places_left_are_one_warning_naming_every_row_of_the_notice() -> None:
+    (finding,) = importer.check_notices(notice_rows(4), {NOTICE: notice()})
+    assert (finding.notice_no, finding.rows, finding.code) == (
+        NOTICE,
+        (2, 3, 4, 5),
+        "notice_exhausted",
+    )
+    assert "剩余 2 个名额，本文件有 4 行使用：多出的 2 行将被拒绝" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("shown", "changes", "code", "words"),
+    [
+        (None, {}, "notice_invalid", "没有这张用编通知单"),
+        (notice(org_id=str(uuid.uuid4())), {}, "notice_invalid", "与本行的单位或编制类型不符"),
+        (notice(category="institutional"), {}, "notice_invalid", "事业编制"),
+        (notice(status="cancelled", remaining=0), {}, "notice_invalid", "已作废"),
+        (notice(status="expired", remaining=0), {}, "notice_expired", "有效期至 2026-06-30"),
+        # Issued, but lapsed by the day the rows take effect.
+        (notice(), {"入编日期": "2026-07-01"}, "notice_expired", "入编日期 2026-07-01 已过期"),
+    ],
+)
+def test_each_row_on_a_notice_quota_would_refuse_gets_quotas_reason(
+    shown: dict[str, object] | None, changes: dict[str, object], code: str, words: str
+) -> None:
+    findings = importer.check_notices(notice_rows(2, **changes), {NOTICE: shown})
+    assert [(f.rows, f.code) for f in findings] == [((2,), code), ((3,), code)]
+    assert all(words in f.message for f in findings)
+
+
+def test_rows_with_problems_and_notices_not_looked_up_are_left_out() -> None:
+    checked = notice_rows(3)
+    checked[0].command = None  # a row the 导入校核 refused is not sent: its notice is no matter
+    assert importer.check_notices(checked, {NOTICE: notice(remaining=2)}) == []
+    assert importer.check_notices(checked, {}) == []
+
+
+class Quota:
+    """Quota's query API as ``notice_lines`` reads it: the notices it knows, by number."""
+
+    def __init__(self, known: dict[str, dict[str, object]], fail: bool = False) -> None:
+        self.known, self.fail = known, fail
+        self.asked: list[str] = []
+
+    def get(self, path: str, *, missing_ok: bool = False, **params: str) -> object:
+        assert (path, missing_ok) == ("/notices", True)
+        if self.fail:
+            raise CliError("cannot reach the quota query API at http://127.0.0.1:1")
+        self.asked.append(params["notice_no"])
+        return self.known.get(params["notice_no"])
+
+
+def test_the_report_asks_for_each_notice_once_and_says_what_it_found() -> None:
+    quota = Quota({NOTICE: notice(remaining=1)})
+    lines = importer.notice_lines(notice_rows(3), quota)  # type: ignore[arg-type]
+    assert quota.asked == [NOTICE]
+    assert lines[0].startswith("用编通知单核对（quota 当前账目，仅为提示")
+    assert lines[0].endswith("1 张，1 处提示")
+    assert lines[2].startswith(f"2、3、4\t{NOTICE}\t用编通知单剩余 1 个名额")
+
+    fine = importer.notice_lines(notice_rows(1), Quota({NOTICE: notice()}))  # type: ignore[arg-type]
+    assert fine == ["用编通知单核对：1 张，名额够用"]
+
+
+def test_without_quota_the_report_says_the_notices_were_not_checked() -> None:
+    assert importer.notice_lines(notice_rows(1), None)[0].startswith("用编通知单未核对：没有找到")
+    down = importer.notice_lines(notice_rows(1), Quota({}, fail=True))  # type: ignore[arg-type]
+    assert down == ["用编通知单未核对：cannot reach the quota query API at http://127.0.0.1:1"]
+    # Nothing to look at: every row has a problem.
+    (refused,) = check_rows(sheet_rows(good_row(公民身份号码=BAD_CHECK)))
+    assert importer.notice_lines([refused], None) == []
