@@ -8,7 +8,10 @@
   (unknown, another org or category, cancelled, lapsed, fewer places left than rows: warnings,
   since quota's answer is what counts), then sends the valid rows as ``EnrolPerson`` commands,
   collects every result and writes ``FILE.result.xlsx`` (or ``.csv``) beside the input: each row
-  with 结果, 原因代码, 说明 and person_id.
+  with 结果, 原因代码, 说明 and person_id. Where a notice has fewer places left than the rows
+  using it, the rows past its places are sent only once the others have their answers, so the
+  places go to the rows in the order of the file, not in the order the roster happens to take
+  the rows up (each is keyed by its citizen ID, so they spread over the partitions).
 
 Each row's command id is derived from the row's content (`batch.command_id`): importing the same
 file again re-sends the same ids, which get their stored results (with the same person_id) and
@@ -61,6 +64,7 @@ from services.cli.common import (
 )
 from services.cli.report import Api
 from services.cli.send import build_envelope
+from services.runtime.settings import Settings
 
 SOURCE = f"{CLI_SOURCE}/import"
 DATA_SHEET = "人员名单"
@@ -542,6 +546,28 @@ def check_notices(
     A finding is a warning, not a problem: the rows are still sent, and quota's answer is what
     counts (the books may change before the rows arrive; a row enrolled by an earlier import of
     the same file gets its stored result and takes no second place)."""
+    return _notice_check(checked, notices)[0]
+
+
+def waiting_rows(
+    checked: Sequence[CheckedRow], notices: Mapping[str, Mapping[str, Any] | None]
+) -> set[int]:
+    """The rows (by number) to send only once every other row has its answer: on a notice with
+    fewer places left than the rows that may use it, those past its places, in file order. The
+    places then go to the rows in the order of the file (a later row gets one only when an
+    earlier one was refused), not in whatever order the roster happens to handle the rows."""
+    usable = _notice_check(checked, notices)[1]
+    return {
+        row
+        for number, rows in usable.items()
+        for row in rows[max((notices[number] or {}).get("remaining", 0), 0) :]
+    }
+
+
+def _notice_check(
+    checked: Sequence[CheckedRow], notices: Mapping[str, Mapping[str, Any] | None]
+) -> tuple[list[NoticeFinding], dict[str, list[int]]]:
+    """The findings, and the rows (in file order) of each notice that may give them a place."""
     findings: list[NoticeFinding] = []
     usable: dict[str, list[int]] = defaultdict(list)
     for item in checked:
@@ -585,18 +611,19 @@ def check_notices(
     for number, rows in usable.items():
         left = (notices[number] or {}).get("remaining", 0)
         if len(rows) > left:
+            later = "、".join(str(r) for r in rows[left:])
             findings.append(
                 NoticeFinding(
                     number,
                     tuple(rows),
-                    f"用编通知单剩余 {left} 个名额，本文件有 {len(rows)} 行使用：多出的 "
-                    f"{len(rows) - left} 行将被拒绝（名额已用完），哪几行入编以处理先后为准，"
-                    "不一定按文件顺序（重新导入同一文件时，已入编的行不再占名额）",
+                    f"用编通知单剩余 {left} 个名额，本文件有 {len(rows)} 行使用：名额按文件顺序"
+                    f"分配，第 {later} 行等其余各行有了答复再发送，名额已用完则被拒绝"
+                    "（重新导入同一文件时，已入编的行不再占名额）",
                     "notice_exhausted",
                 )
             )
     findings.sort(key=lambda f: (f.rows[0], f.notice_no))
-    return findings
+    return findings, usable
 
 
 def fetch_notices(quota: Api, numbers: Sequence[str]) -> dict[str, Mapping[str, Any] | None]:
@@ -607,21 +634,24 @@ def fetch_notices(quota: Api, numbers: Sequence[str]) -> dict[str, Mapping[str, 
     }
 
 
-def notice_lines(checked: Sequence[CheckedRow], quota: Api | None) -> list[str]:
-    """The notice part of the 导入校核 report: what the valid rows' notices look like in quota
-    now, or why they were not looked at."""
+def notice_report(
+    checked: Sequence[CheckedRow], quota: Api | None
+) -> tuple[list[str], dict[str, Mapping[str, Any] | None]]:
+    """The notice part of the 导入校核 report (what the valid rows' notices look like in quota
+    now, or why they were not looked at), and the notices as quota showed them (none when not
+    looked at)."""
     numbers = [c.command.notice_no for c in checked if c.command is not None]
     if not numbers:
-        return []
+        return [], {}
     if quota is None:
-        return ["用编通知单未核对：没有找到运行中的平台（--quota-url 指定 quota 的查询接口）"]
+        return ["用编通知单未核对：没有找到运行中的平台（--quota-url 指定 quota 的查询接口）"], {}
     try:
         notices = fetch_notices(quota, numbers)
     except CliError as exc:
-        return [f"用编通知单未核对：{exc}"]
+        return [f"用编通知单未核对：{exc}"], {}
     findings = check_notices(checked, notices)
     if not findings:
-        return [f"用编通知单核对：{len(notices)} 张，名额够用"]
+        return [f"用编通知单核对：{len(notices)} 张，名额够用"], notices
     lines = [
         f"用编通知单核对（quota 当前账目，仅为提示：这些行照常发送，以 quota 的答复为准）："
         f"{len(notices)} 张，{len(findings)} 处提示",
@@ -630,7 +660,7 @@ def notice_lines(checked: Sequence[CheckedRow], quota: Api | None) -> list[str]:
     for finding in findings:
         rows = "、".join(str(r) for r in finding.rows)
         lines.append(f"{rows}\t{finding.notice_no}\t{finding.message}")
-    return lines
+    return lines, notices
 
 
 def quota_api(args: argparse.Namespace) -> Api | None:
@@ -886,6 +916,33 @@ def register(subcommands: Any) -> None:
     people.set_defaults(run=run_people)
 
 
+async def send_in_waves(
+    waves: Sequence[Sequence[Outgoing]], settings: Settings, *, label: str, **options: Any
+) -> BatchReport:
+    """Send each wave once the one before it has every answer (``send_batch``), and report
+    them as one batch. After a wave that stopped early (the broker went away), the rest is not
+    sent."""
+    outcomes: dict[str, Outcome] = {}
+    elapsed, error = 0.0, None
+    for wave in waves:
+        if not wave:
+            continue
+        if error is not None:
+            for outgoing in wave:
+                outcomes[outgoing.envelope.id] = Outcome(
+                    outgoing.envelope.id,
+                    Status.NOT_SENT,
+                    code=Status.NOT_SENT.value,
+                    message="not sent: the batch stopped before it / 未发送",
+                )
+            continue
+        report = await send_batch(wave, settings, label=label, **options)
+        outcomes.update(report.outcomes)
+        elapsed += report.elapsed_s
+        error = report.error
+    return BatchReport(label, outcomes, elapsed, error)
+
+
 def run_template(args: argparse.Namespace) -> int:
     path: Path = args.out
     if path.exists() and not args.force:
@@ -903,13 +960,17 @@ def run_people(args: argparse.Namespace) -> int:
     if not sheet.rows:
         raise CliError(f"{path}: no data rows below the header row")
     checked = check_rows(sheet.rows)
-    lines = report_lines(path, sheet, checked) + notice_lines(checked, quota_api(args))
-    print("\n".join(lines), flush=True)
+    notice_lines, notices = notice_report(checked, quota_api(args))
+    print("\n".join(report_lines(path, sheet, checked) + notice_lines), flush=True)
     valid = [c for c in checked if c.command is not None]
     if args.dry_run:
         return EXIT_PROBLEMS if len(valid) < len(checked) else EXIT_OK
-    envelopes = [
-        build_envelope(
+    later = waiting_rows(checked, notices)
+    waves: tuple[list[Outgoing], list[Outgoing]] = ([], [])
+    for item in valid:
+        if item.command is None:
+            continue
+        envelope = build_envelope(
             EnrolPerson,
             item.command.model_dump(mode="json", exclude_none=True),
             command_id=row_command_id(item.command),
@@ -918,11 +979,9 @@ def run_people(args: argparse.Namespace) -> int:
             region=args.region,
             roles=args.roles,
         )
-        for item in valid
-        if item.command is not None
-    ]
+        waves[1 if item.row.number in later else 0].append(Outgoing(envelope, ROSTER_COMMANDS))
     report = None
-    if envelopes:
+    if valid:
         settings = broker_settings(args)
         platform = None if args.broker else read_platform(settings.data_dir)
         if platform is not None and "roster" not in platform.services:
@@ -931,8 +990,8 @@ def run_people(args: argparse.Namespace) -> int:
                 f"{', '.join(platform.services) or 'none'}); nothing was sent"
             )
         report = asyncio.run(
-            send_batch(
-                [Outgoing(env, ROSTER_COMMANDS) for env in envelopes],
+            send_in_waves(
+                waves,
                 settings,
                 label="import",
                 max_in_flight=args.in_flight,

@@ -13,13 +13,14 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from openpyxl import load_workbook
 
+from contracts import identifiers
 from contracts.codes import Category
 from contracts.common import Document, office_today
 from contracts.quota import IssueQuotaUseNotice
@@ -279,3 +280,33 @@ async def test_import_enrols_the_valid_rows_and_a_second_import_changes_nothing(
         body = (await api.get(f"/orgs/{org.org_id}/establishment")).json()
     (admin,) = [row for row in body["categories"] if row["category"] == "admin"]
     assert (admin["occupied"], admin["reserved"]) == (2, 0)  # two people, enrolled once
+
+    # A notice of one place, and a file of three new people on it: the place goes to the first
+    # row of the file, the rows after it being sent only once it has its answer.
+    one = notice.model_copy(update={"notice_no": "石编用〔2026〕9002号", "count": 1})
+    issued = await client.result(await client.send(one))
+    assert issued.type == CommandCompleted.TYPE, issued.data
+    crowded = tmp_path / "crowded.csv"
+    newcomers = [
+        row(name, identifiers.compose_citizen_id("130127", date(1985 + i, 1, 1), 1))
+        for i, name in enumerate(["周一", "吴二", "郑三"])
+    ]
+    fill_template(
+        crowded,
+        [
+            {**r, "单位ID": str(org.org_id), "用编通知单号": one.notice_no, "入编日期": str(as_of)}
+            for r in newcomers
+        ],
+    )
+    argv[2] = str(crowded)
+    async with serve(quota_and_roster.app) as quota_url:
+        done = await asyncio.to_thread(bianzhi, *argv, "--quota-url", quota_url)
+    assert done.returncode == 1, done.stderr  # two rows refused
+    assert "名额按文件顺序分配，第 3、4 行等其余各行有了答复再发送" in done.stdout
+    with (tmp_path / "crowded.result.csv").open(encoding="utf-8-sig", newline="") as handle:
+        outcomes = [(r["姓名"], r["结果"], r["原因代码"]) for r in csv.DictReader(handle)]
+    assert outcomes == [
+        ("周一", "成功", ""),
+        ("吴二", "失败", "notice_exhausted"),
+        ("郑三", "失败", "notice_exhausted"),
+    ]

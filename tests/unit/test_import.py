@@ -11,8 +11,9 @@ import pytest
 from openpyxl import Workbook, load_workbook
 
 from contracts.codes import Category, EntryMethod, LeaderPost
+from contracts.roster import EnrolPerson
 from services.cli import importer
-from services.cli.batch import BatchReport, Outcome, Status
+from services.cli.batch import BatchReport, Outcome, Outgoing, Status
 from services.cli.common import CliError
 from services.cli.importer import (
     COLUMNS,
@@ -361,13 +362,27 @@ def test_rows_within_the_places_left_of_a_usable_notice_meet_no_warning() -> Non
 
 
 def test_rows_beyond_the_places_left_are_one_warning_naming_every_row_of_the_notice() -> None:
-    (finding,) = importer.check_notices(notice_rows(4), {NOTICE: notice()})
+    checked = notice_rows(4)
+    (finding,) = importer.check_notices(checked, {NOTICE: notice()})
     assert (finding.notice_no, finding.rows, finding.code) == (
         NOTICE,
         (2, 3, 4, 5),
         "notice_exhausted",
     )
-    assert "剩余 2 个名额，本文件有 4 行使用：多出的 2 行将被拒绝" in finding.message
+    assert "剩余 2 个名额，本文件有 4 行使用：名额按文件顺序分配，第 4、5 行等" in finding.message
+    # Those two are sent only once the others have their answers.
+    assert importer.waiting_rows(checked, {NOTICE: notice()}) == {4, 5}
+
+
+def test_only_rows_past_the_places_left_of_a_usable_notice_wait() -> None:
+    checked = notice_rows(3)
+    assert importer.waiting_rows(checked, {NOTICE: notice(remaining=3)}) == set()
+    assert importer.waiting_rows(checked, {NOTICE: notice()}) == {4}
+    assert importer.waiting_rows(checked, {NOTICE: notice(remaining=0)}) == {2, 3, 4}
+    # A notice quota would refuse anyway, or one not looked at: nothing to wait for.
+    assert importer.waiting_rows(checked, {NOTICE: None}) == set()
+    assert importer.waiting_rows(checked, {NOTICE: notice(status="cancelled")}) == set()
+    assert importer.waiting_rows(checked, {}) == set()
 
 
 @pytest.mark.parametrize(
@@ -414,20 +429,67 @@ class Quota:
 
 def test_the_report_asks_for_each_notice_once_and_says_what_it_found() -> None:
     quota = Quota({NOTICE: notice(remaining=1)})
-    lines = importer.notice_lines(notice_rows(3), quota)  # type: ignore[arg-type]
+    lines, notices = importer.notice_report(notice_rows(3), quota)  # type: ignore[arg-type]
     assert quota.asked == [NOTICE]
+    assert notices == {NOTICE: notice(remaining=1)}
     assert lines[0].startswith("用编通知单核对（quota 当前账目，仅为提示")
     assert lines[0].endswith("1 张，1 处提示")
     assert lines[2].startswith(f"2、3、4\t{NOTICE}\t用编通知单剩余 1 个名额")
 
-    fine = importer.notice_lines(notice_rows(1), Quota({NOTICE: notice()}))  # type: ignore[arg-type]
+    quota = Quota({NOTICE: notice()})
+    fine, _ = importer.notice_report(notice_rows(1), quota)  # type: ignore[arg-type]
     assert fine == ["用编通知单核对：1 张，名额够用"]
 
 
 def test_without_quota_the_report_says_the_notices_were_not_checked() -> None:
-    assert importer.notice_lines(notice_rows(1), None)[0].startswith("用编通知单未核对：没有找到")
-    down = importer.notice_lines(notice_rows(1), Quota({}, fail=True))  # type: ignore[arg-type]
-    assert down == ["用编通知单未核对：cannot reach the quota query API at http://127.0.0.1:1"]
+    lines, notices = importer.notice_report(notice_rows(1), None)
+    assert lines[0].startswith("用编通知单未核对：没有找到") and notices == {}
+    down = importer.notice_report(notice_rows(1), Quota({}, fail=True))  # type: ignore[arg-type]
+    assert down == (
+        ["用编通知单未核对：cannot reach the quota query API at http://127.0.0.1:1"],
+        {},
+    )
     # Nothing to look at: every row has a problem.
     (refused,) = check_rows(sheet_rows(good_row(公民身份号码=BAD_CHECK)))
-    assert importer.notice_lines([refused], None) == []
+    assert importer.notice_report([refused], None) == ([], {})
+
+
+async def test_waves_go_one_after_the_other_and_stop_where_the_broker_went_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[list[str]] = []
+
+    async def send_batch(wave: list[Outgoing], settings: object, **_: object) -> BatchReport:
+        ids = [o.envelope.id for o in wave]
+        sent.append(ids)
+        outcomes = {i: Outcome(i, Status.COMPLETED) for i in ids}
+        return BatchReport(
+            "import", outcomes, 1.5, "the broker went away" if len(sent) == 2 else None
+        )
+
+    monkeypatch.setattr(importer, "send_batch", send_batch)
+    envelopes = [
+        importer.build_envelope(
+            EnrolPerson,
+            c.command.model_dump(mode="json"),
+            command_id=str(uuid.uuid4()),
+            source="test",
+            actor="li.na",
+            region="130102",
+            roles="clerk",
+        )
+        for c in notice_rows(4)
+        if c.command is not None
+    ]
+    waves = [[Outgoing(e, "t")] for e in envelopes[:3]] + [[], [Outgoing(envelopes[3], "t")]]
+    report = await importer.send_in_waves(waves, object(), label="import")  # type: ignore[arg-type]
+    ids = [e.id for e in envelopes]
+    assert sent == [[ids[0]], [ids[1]]]  # the third and later waves were not sent
+    assert [o.status for o in report.outcomes.values()] == [
+        Status.COMPLETED,
+        Status.COMPLETED,
+        Status.NOT_SENT,
+        Status.NOT_SENT,
+    ]
+    assert list(report.outcomes) == ids
+    assert (report.elapsed_s, report.error) == (3.0, "the broker went away")
