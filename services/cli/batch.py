@@ -471,3 +471,30 @@ async def exchange(
     )
     await batch.run(producer, consumer)
     return batch.report(time.monotonic() - started)
+
+
+async def send_in_waves(
+    waves: Sequence[Sequence[Outgoing]], settings: Settings, *, label: str, **options: Any
+) -> BatchReport:
+    """Send each wave once the one before it has every answer (``send_batch``), and report
+    them as one batch. After a wave that stopped early (the broker went away), the rest is not
+    sent."""
+    outcomes: dict[str, Outcome] = {}
+    elapsed, error = 0.0, None
+    for wave in waves:
+        if not wave:
+            continue
+        if error is not None:
+            for outgoing in wave:
+                outcomes[outgoing.envelope.id] = Outcome(
+                    outgoing.envelope.id,
+                    Status.NOT_SENT,
+                    code=Status.NOT_SENT.value,
+                    message="not sent: the batch stopped before it / 未发送",
+                )
+            continue
+        report = await send_batch(wave, settings, label=label, **options)
+        outcomes.update(report.outcomes)
+        elapsed += report.elapsed_s
+        error = report.error
+    return BatchReport(label, outcomes, elapsed, error)

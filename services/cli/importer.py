@@ -49,22 +49,20 @@ from services.cli.batch import (
     Outgoing,
     Status,
     command_id,
-    send_batch,
+    send_in_waves,
 )
 from services.cli.common import (
     CLI_SOURCE,
     CliError,
     add_broker_options,
     broker_settings,
-    load_settings,
     positive_float,
     positive_int,
     read_platform,
     say,
 )
-from services.cli.report import Api
+from services.cli.report import Api, running_service_url
 from services.cli.send import build_envelope
-from services.runtime.settings import Settings
 
 SOURCE = f"{CLI_SOURCE}/import"
 DATA_SHEET = "人员名单"
@@ -668,12 +666,8 @@ def quota_api(args: argparse.Namespace) -> Api | None:
     platform running from the data directory (not when ``--broker`` names another one)."""
     if args.quota_url:
         return Api("quota", args.quota_url.rstrip("/"))
-    if args.broker:
-        return None
-    platform = read_platform(load_settings(data_dir=args.data_dir).data_dir)
-    if platform is None or "quota" not in platform.services:
-        return None
-    return Api("quota", platform.services["quota"].rstrip("/"))
+    url = None if args.broker else running_service_url(args, "quota")
+    return None if url is None else Api("quota", url)
 
 
 # --- the template ---------------------------------------------------------------------------
@@ -914,33 +908,6 @@ def register(subcommands: Any) -> None:
     )
     people.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     people.set_defaults(run=run_people)
-
-
-async def send_in_waves(
-    waves: Sequence[Sequence[Outgoing]], settings: Settings, *, label: str, **options: Any
-) -> BatchReport:
-    """Send each wave once the one before it has every answer (``send_batch``), and report
-    them as one batch. After a wave that stopped early (the broker went away), the rest is not
-    sent."""
-    outcomes: dict[str, Outcome] = {}
-    elapsed, error = 0.0, None
-    for wave in waves:
-        if not wave:
-            continue
-        if error is not None:
-            for outgoing in wave:
-                outcomes[outgoing.envelope.id] = Outcome(
-                    outgoing.envelope.id,
-                    Status.NOT_SENT,
-                    code=Status.NOT_SENT.value,
-                    message="not sent: the batch stopped before it / 未发送",
-                )
-            continue
-        report = await send_batch(wave, settings, label=label, **options)
-        outcomes.update(report.outcomes)
-        elapsed += report.elapsed_s
-        error = report.error
-    return BatchReport(label, outcomes, elapsed, error)
 
 
 def run_template(args: argparse.Namespace) -> int:

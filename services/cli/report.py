@@ -147,10 +147,15 @@ def service_url(args: argparse.Namespace, service: str, given: str | None, defau
     """``given``, else the URL of the platform running from ``--data-dir``, else ``default``."""
     if given:
         return given.rstrip("/")
+    return running_service_url(args, service) or default
+
+
+def running_service_url(args: argparse.Namespace, service: str) -> str | None:
+    """The query API URL of ``service`` in the platform running from ``--data-dir``, if any."""
     platform = read_platform(load_settings(data_dir=args.data_dir).data_dir)
     if platform is not None and service in platform.services:
         return platform.services[service].rstrip("/")
-    return default
+    return None
 
 
 # --- reading the query APIs ---------------------------------------------------------------

@@ -11,9 +11,8 @@ import pytest
 from openpyxl import Workbook, load_workbook
 
 from contracts.codes import Category, EntryMethod, LeaderPost
-from contracts.roster import EnrolPerson
 from services.cli import importer
-from services.cli.batch import BatchReport, Outcome, Outgoing, Status
+from services.cli.batch import BatchReport, Outcome, Status
 from services.cli.common import CliError
 from services.cli.importer import (
     COLUMNS,
@@ -452,44 +451,3 @@ def test_without_quota_the_report_says_the_notices_were_not_checked() -> None:
     # Nothing to look at: every row has a problem.
     (refused,) = check_rows(sheet_rows(good_row(公民身份号码=BAD_CHECK)))
     assert importer.notice_report([refused], None) == ([], {})
-
-
-async def test_waves_go_one_after_the_other_and_stop_where_the_broker_went_away(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    sent: list[list[str]] = []
-
-    async def send_batch(wave: list[Outgoing], settings: object, **_: object) -> BatchReport:
-        ids = [o.envelope.id for o in wave]
-        sent.append(ids)
-        outcomes = {i: Outcome(i, Status.COMPLETED) for i in ids}
-        return BatchReport(
-            "import", outcomes, 1.5, "the broker went away" if len(sent) == 2 else None
-        )
-
-    monkeypatch.setattr(importer, "send_batch", send_batch)
-    envelopes = [
-        importer.build_envelope(
-            EnrolPerson,
-            c.command.model_dump(mode="json"),
-            command_id=str(uuid.uuid4()),
-            source="test",
-            actor="li.na",
-            region="130102",
-            roles="clerk",
-        )
-        for c in notice_rows(4)
-        if c.command is not None
-    ]
-    waves = [[Outgoing(e, "t")] for e in envelopes[:3]] + [[], [Outgoing(envelopes[3], "t")]]
-    report = await importer.send_in_waves(waves, object(), label="import")  # type: ignore[arg-type]
-    ids = [e.id for e in envelopes]
-    assert sent == [[ids[0]], [ids[1]]]  # the third and later waves were not sent
-    assert [o.status for o in report.outcomes.values()] == [
-        Status.COMPLETED,
-        Status.COMPLETED,
-        Status.NOT_SENT,
-        Status.NOT_SENT,
-    ]
-    assert list(report.outcomes) == ids
-    assert (report.elapsed_s, report.error) == (3.0, "the broker went away")

@@ -11,12 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from contracts.envelope import Envelope, new_id, now
 from contracts.results import CommandCompleted, CommandRejected
+from services.cli import batch
 from services.cli.batch import (
     BatchReport,
+    Outcome,
     Outgoing,
     RetryPolicy,
     Status,
@@ -205,3 +208,32 @@ async def test_a_broker_failure_keeps_the_answers_and_reports_the_rest() -> None
     assert report.count(Status.NOT_SENT) == 13
     assert report.error is not None and "KafkaConnectionError" in report.error
     assert "stopped: the broker failed" in report.summary()
+
+
+async def test_waves_go_one_after_the_other_and_stop_where_the_broker_went_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent: list[list[str]] = []
+
+    async def send_batch(wave: list[Outgoing], settings: object, **_: object) -> BatchReport:
+        ids = [o.envelope.id for o in wave]
+        sent.append(ids)
+        outcomes = {i: Outcome(i, Status.COMPLETED) for i in ids}
+        return BatchReport(
+            "import", outcomes, 1.5, "the broker went away" if len(sent) == 2 else None
+        )
+
+    monkeypatch.setattr(batch, "send_batch", send_batch)
+    items = commands(4)
+    waves = [[item] for item in items[:3]] + [[], [items[3]]]
+    report = await batch.send_in_waves(waves, object(), label="import")  # type: ignore[arg-type]
+    ids = [item.envelope.id for item in items]
+    assert sent == [[ids[0]], [ids[1]]]  # the third and later waves were not sent
+    assert [o.status for o in report.outcomes.values()] == [
+        Status.COMPLETED,
+        Status.COMPLETED,
+        Status.NOT_SENT,
+        Status.NOT_SENT,
+    ]
+    assert list(report.outcomes) == ids
+    assert (report.elapsed_s, report.error) == (3.0, "the broker went away")
