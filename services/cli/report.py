@@ -2,7 +2,8 @@
 
 ``report establishment`` prints the establishment of a division and the divisions below it
 (核定数、实有数、预留数、空编数、控制数、余量) per category; ``report export`` writes the annual
-statistics tables (机构编制统计 表1–3) to an ``.xlsx`` workbook. Both only read: orgs and quota
+statistics tables (机构编制统计 表1–3) to an ``.xlsx`` workbook; ``report notices`` lists an
+org's quota-use notices (用编通知单) with the places left on each. All only read: orgs and quota
 over HTTP (WIRE-CONTRACT §6), at the URLs of the platform running from ``--data-dir`` or the
 defaults of `bianzhi up` (orgs on 8080, quota on 8081).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import unicodedata
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -113,6 +115,33 @@ def register(commands: Any) -> None:
     export.add_argument("--out", type=Path, required=True, metavar="FILE.xlsx")
     export.set_defaults(run=run_export)
 
+    listing = reports.add_parser(
+        "notices",
+        help="the quota-use notices (用编通知单) of an org, with the places left on each",
+        description=(
+            "List an org's quota-use notices (用编通知单): number, category, places, used, "
+            "left, valid until and status, those that lapse first first. What a clerk needs "
+            "to fill in the 用编通知单号 of an enrolment or an import file."
+        ),
+    )
+    listing.add_argument("--org", required=True, type=_org_id, metavar="ORG_ID")
+    listing.add_argument(
+        "--category", choices=tuple(CATEGORY_NAMES), help="only notices of this category"
+    )
+    listing.add_argument(
+        "--usable",
+        action="store_true",
+        help="only the notices an enrolment could use today (issued, not lapsed, places left)",
+    )
+    listing.add_argument(
+        "--quota-url",
+        metavar="URL",
+        help=f"the quota query API (default: the running platform's, else {DEFAULT_QUOTA_URL})",
+    )
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    add_data_dir_option(listing)
+    listing.set_defaults(run=run_notices)
+
 
 def _division_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -134,6 +163,13 @@ def _division_code(text: str) -> str:
     if identifiers.division(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a known GB/T 2260 division code")
     return text
+
+
+def _org_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an org id (a UUID), got {text!r}") from None
 
 
 def _iso_date(text: str) -> date:
@@ -330,6 +366,75 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> Itera
         yield "  ".join(parts).rstrip()
         if n == 0:
             yield "  ".join("-" * w for w in widths)
+
+
+# --- report notices (用编通知单) --------------------------------------------------------------
+
+NOTICE_HEADERS = ("用编通知单号", "编制类别", "名额", "已用", "剩余", "有效期至", "状态")
+NOTICE_STATUS_NAMES = {"issued": "有效", "cancelled": "已作废", "expired": "已过期"}
+
+
+def org_notices(
+    quota: Api, org_id: str, *, category: str | None = None, usable: bool = False
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """The org's name (as quota knows it) and its notices, every page of
+    ``GET /orgs/{org_id}/notices``."""
+    found: list[dict[str, Any]] = []
+    name: str | None = None
+    while True:
+        page = quota.get(
+            f"/orgs/{org_id}/notices",
+            category=category,
+            usable="true" if usable else None,
+            limit=1000,
+            offset=len(found),
+        )
+        name = page.get("name")
+        found.extend(page["notices"])
+        if not page["notices"] or len(found) >= page["total"]:
+            return name, found
+
+
+def notice_status_name(notice: dict[str, Any]) -> str:
+    """The status as an office says it; an issued notice with no place left is 已用完."""
+    if notice["status"] == "issued" and notice["remaining"] == 0:
+        return "已用完"
+    return NOTICE_STATUS_NAMES.get(notice["status"], notice["status"])
+
+
+def run_notices(args: argparse.Namespace) -> int:
+    quota = Api("quota", service_url(args, "quota", args.quota_url, DEFAULT_QUOTA_URL))
+    name, notices = org_notices(quota, args.org, category=args.category, usable=args.usable)
+    if args.format == "json":
+        body = {"org_id": args.org, "name": name, "notices": notices}
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+        return 0
+    print(render_notices(args.org, name, notices, usable=args.usable))
+    return 0
+
+
+def render_notices(
+    org_id: str, name: str | None, notices: Sequence[dict[str, Any]], *, usable: bool
+) -> str:
+    title = f"{name or '单位'}（{org_id}）的{'可用' if usable else ''}用编通知单"
+    if not notices:
+        return f"{title}：无"
+    body = [
+        (
+            n["notice_no"],
+            CATEGORY_NAMES.get(n["category"], n["category"]),
+            n["count"],
+            n["used"],
+            n["remaining"],
+            n["valid_until"],
+            notice_status_name(n),
+        )
+        for n in notices
+    ]
+    left = sum(n["remaining"] for n in notices)
+    return "\n".join(
+        [f"{title}：{len(notices)} 张，剩余名额 {left} 个", *format_table(NOTICE_HEADERS, body)]
+    )
 
 
 # --- report export (机构编制统计 表1–3) --------------------------------------------------------

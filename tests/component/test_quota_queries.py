@@ -281,6 +281,90 @@ async def test_a_notice_number_with_a_slash_is_found_by_query(
     assert by_path == body
 
 
+async def test_an_orgs_notices_are_listed_soonest_to_lapse_first(
+    quota, projection, monkeypatch
+) -> None:
+    org_id = await org(projection, name="长安区财政局")
+    other = await org(projection, name="长安区发改局")
+    on(monkeypatch, date(2026, 1, 1))
+    await completed(quota, approve(org_id, 20, date(2026, 1, 1)))
+    await completed(quota, approve(other, 5, date(2026, 1, 1)))
+    await completed(
+        quota,
+        ApproveQuota(
+            org_id=org_id,
+            category=Category.SUPPORT,
+            approved=4,
+            document=doc(date(2026, 1, 1)),
+            effective_date=date(2026, 1, 1),
+        ),
+    )
+
+    def issued(number: str, count: int, until: date, category: Category = Category.ADMIN) -> Any:
+        return completed(
+            quota,
+            notice(org_id, number, count, date(2026, 1, 2)).model_copy(
+                update={"valid_until": until, "category": category}
+            ),
+        )
+
+    await issued("冀编用〔2026〕1号", 3, date(2099, 6, 30))  # usable
+    await issued("冀编用〔2026〕2号", 1, date(2098, 1, 1))  # its one place used below
+    await issued("冀编用〔2026〕3号", 2, date(2097, 1, 1))  # cancelled below
+    await issued("冀编用〔2026〕4号", 2, date(2026, 3, 31))  # lapsed (the query's today is later)
+    await issued("冀编用〔2026〕5号", 2, date(2099, 1, 1), Category.SUPPORT)  # usable, support
+    await completed(quota, notice(other, "冀编用〔2026〕9号", 2, date(2026, 1, 2)))
+    await completed(
+        quota,
+        OccupySlot(
+            request_id=uuid.uuid4(),
+            person_id=uuid.uuid4(),
+            org_id=org_id,
+            category=Category.ADMIN,
+            notice_no="冀编用〔2026〕2号",
+        ),
+        **CLERK,
+    )
+    await completed(quota, CancelQuotaUseNotice(notice_no="冀编用〔2026〕3号"))
+
+    body = await get(quota, f"/orgs/{org_id}/notices")
+    assert (body["org_id"], body["name"], body["total"]) == (str(org_id), "长安区财政局", 5)
+    listed = [(n["notice_no"], n["status"], n["remaining"]) for n in body["notices"]]
+    assert listed == [
+        ("冀编用〔2026〕4号", "expired", 0),
+        ("冀编用〔2026〕3号", "cancelled", 0),
+        ("冀编用〔2026〕2号", "issued", 0),
+        ("冀编用〔2026〕5号", "issued", 2),
+        ("冀编用〔2026〕1号", "issued", 3),
+    ]
+    # Each as the notice's own query shows it.
+    one = await get(quota, "/notices", notice_no="冀编用〔2026〕1号")
+    assert body["notices"][-1] == one
+
+    usable = await get(quota, f"/orgs/{org_id}/notices", usable="true")
+    assert [n["notice_no"] for n in usable["notices"]] == ["冀编用〔2026〕5号", "冀编用〔2026〕1号"]
+    admin_usable = await get(quota, f"/orgs/{org_id}/notices", usable="true", category="admin")
+    assert [n["notice_no"] for n in admin_usable["notices"]] == ["冀编用〔2026〕1号"]
+    assert admin_usable["total"] == 1
+    support = await get(quota, f"/orgs/{org_id}/notices", category="support")
+    assert [n["notice_no"] for n in support["notices"]] == ["冀编用〔2026〕5号"]
+
+    page = await get(quota, f"/orgs/{org_id}/notices", limit=2, offset=2)
+    assert (page["total"], [n["notice_no"] for n in page["notices"]]) == (
+        5,
+        ["冀编用〔2026〕2号", "冀编用〔2026〕5号"],
+    )
+    theirs = await get(quota, f"/orgs/{other}/notices")
+    assert [n["notice_no"] for n in theirs["notices"]] == ["冀编用〔2026〕9号"]
+
+    assert (await get(quota, f"/orgs/{uuid.uuid4()}/notices", 404))["error"] == "not_found"
+    bad = await get(quota, f"/orgs/{org_id}/notices", 400, category="teachers")
+    assert bad["error"] == "invalid_query"
+    assert (await get(quota, f"/orgs/{org_id}/notices", 400, usable="maybe"))["error"] == (
+        "invalid_query"
+    )
+
+
 async def test_the_ledger_lists_every_change_with_its_document(
     quota, projection, monkeypatch
 ) -> None:

@@ -212,6 +212,28 @@ async def test_report_establishment_and_export(
             notice = await http.get("/notices", params={"notice_no": NOTICE_DOC.number})
         assert (notice.status_code, notice.json()["remaining"]) == (200, 2)
 
+        bureau, tangshan = str(orgs["bureau"].org_id), str(orgs["tangshan"].org_id)
+        notices = ["report", "notices", "--quota-url", quota_url, "--org"]
+        listing = (await bianzhi(capsys, *notices, bureau)).splitlines()
+        assert listing[0] == f"长安区财政局（{bureau}）的用编通知单：1 张，剩余名额 2 个"
+        assert listing[3].split() == [
+            NOTICE_DOC.number,
+            "行政编制",
+            "3",
+            "1",
+            "2",
+            "2099-12-31",
+            "有效",
+        ]
+        usable = json.loads(await bianzhi(capsys, *notices, bureau, "--usable", "--format", "json"))
+        assert [(n["notice_no"], n["remaining"]) for n in usable["notices"]] == [
+            (NOTICE_DOC.number, 2)
+        ]
+        other = await bianzhi(capsys, *notices, bureau, "--category", "institutional")
+        assert other.strip() == f"长安区财政局（{bureau}）的用编通知单：无"
+        none = await bianzhi(capsys, *notices, tangshan)
+        assert none.strip() == f"路北区财政局（{tangshan}）的用编通知单：无"
+
         out = tmp_path / "统计" / "hebei.xlsx"
         said = await bianzhi(
             capsys,
@@ -258,3 +280,6 @@ async def test_report_errors_are_one_line(capsys: pytest.CaptureFixture[str]) ->
     )
     assert status == 2
     assert ".xlsx" in capsys.readouterr().err
+    status = await asyncio.to_thread(main, ["report", "notices", "--org", "长安区财政局"])
+    assert status == 2
+    assert "expected an org id" in capsys.readouterr().err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.cli.report import (
     OrgStats,
     display_width,
     format_table,
+    org_notices,
     render_establishment,
+    render_notices,
     subtree,
     table1,
     table2,
@@ -51,6 +55,74 @@ def test_the_establishment_table_has_a_title_and_dashes_for_no_limit() -> None:
     text = render_establishment("130000", None, [row]).splitlines()
     assert text[0] == "河北省（130000）机构编制情况  当前"
     assert text[3].split() == ["130100", "石家庄市", "行政编制", "12", "1", "2", "9", "—", "—"]
+
+
+def _notice(number: str, status: str, count: int, used: int) -> dict[str, Any]:
+    return {
+        "notice_no": number,
+        "category": "admin",
+        "count": count,
+        "used": used,
+        "remaining": count - used if status == "issued" else 0,
+        "valid_until": "2027-06-30",
+        "status": status,
+    }
+
+
+def test_the_notices_table_says_each_notices_state_as_an_office_does() -> None:
+    org_id = "7d3f0a3e-8c1e-4a43-9d6b-1b8f2f0c1a02"
+    notices = [
+        _notice("冀编用〔2026〕1号", "issued", 3, 1),
+        _notice("冀编用〔2026〕2号", "issued", 2, 2),
+        _notice("冀编用〔2026〕3号", "cancelled", 2, 0),
+        _notice("冀编用〔2026〕4号", "expired", 2, 1),
+    ]
+    text = render_notices(org_id, "长安区财政局", notices, usable=False).splitlines()
+    assert text[0] == f"长安区财政局（{org_id}）的用编通知单：4 张，剩余名额 2 个"
+    assert text[1].split() == [
+        "用编通知单号",
+        "编制类别",
+        "名额",
+        "已用",
+        "剩余",
+        "有效期至",
+        "状态",
+    ]
+    assert [line.split() for line in text[3:]] == [
+        ["冀编用〔2026〕1号", "行政编制", "3", "1", "2", "2027-06-30", "有效"],
+        ["冀编用〔2026〕2号", "行政编制", "2", "2", "0", "2027-06-30", "已用完"],
+        ["冀编用〔2026〕3号", "行政编制", "2", "0", "0", "2027-06-30", "已作废"],
+        ["冀编用〔2026〕4号", "行政编制", "2", "1", "0", "2027-06-30", "已过期"],
+    ]
+    assert render_notices(org_id, None, [], usable=True) == f"单位（{org_id}）的可用用编通知单：无"
+
+
+class _Pages:
+    """A quota query API that answers ``GET /orgs/{id}/notices`` two notices a page."""
+
+    def __init__(self, notices: list[dict[str, Any]]) -> None:
+        self.notices = notices
+        self.asked: list[dict[str, Any]] = []
+
+    def get(self, path: str, **params: Any) -> dict[str, Any]:
+        self.asked.append({"path": path, **params})
+        start = params["offset"]
+        return {
+            "name": "长安区财政局",
+            "total": len(self.notices),
+            "notices": self.notices[start : start + 2],
+        }
+
+
+def test_every_page_of_an_orgs_notices_is_read() -> None:
+    notices = [_notice(f"冀编用〔2026〕{i}号", "issued", 2, 0) for i in range(5)]
+    api = _Pages(notices)
+    name, got = org_notices(api, "org-1", category="admin", usable=True)  # type: ignore[arg-type]
+    assert (name, got) == ("长安区财政局", notices)
+    assert [a["offset"] for a in api.asked] == [0, 2, 4]
+    assert {(a["path"], a["category"], a["usable"]) for a in api.asked} == {
+        ("/orgs/org-1/notices", "admin", "true")
+    }
 
 
 def test_statistics_sheets_list_orgs_units_and_leader_posts() -> None:

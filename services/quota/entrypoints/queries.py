@@ -9,6 +9,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
+from contracts.codes import Category
 from contracts.identifiers import division_prefix
 from services.quota.adapters.orm import (
     establishment,
@@ -19,8 +20,10 @@ from services.quota.adapters.orm import (
     region_limits,
 )
 from services.quota.adapters.repository import DivisionTotals, Totals
-from services.quota.domain.model import Replay, today
+from services.quota.domain.model import NoticeStatus, Replay, today
 from services.runtime.http import HttpError, Request, Router
+
+_CATEGORIES = tuple(c.value for c in Category)
 
 
 def _counts(approved: int, occupied: int, reserved: int) -> dict[str, int]:
@@ -300,6 +303,9 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             ).one_or_none()
         if row is None:
             raise HttpError(404, "not_found", f"quota-use notice {notice_no} is not known")
+        return _notice_body(row)
+
+    def _notice_body(row: Any) -> dict[str, Any]:
         status = row.status
         if status == "issued" and row.valid_until < today():
             status = "expired"  # lapsed; its places are released by the next expiry sweep
@@ -329,6 +335,61 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         if not notice_no:
             raise HttpError(400, "invalid_query", "notice_no is required")
         return 200, await _notice(notice_no)
+
+    @router.get("/orgs/{org_id}/notices")
+    async def org_notices(request: Request) -> tuple[int, Any]:
+        """An org's quota-use notices (用编通知单), as ``GET /notices/{notice_no}`` shows each,
+        those that lapse first first: what a clerk looks up to fill in an enrolment.
+        ``category=`` keeps one category; ``usable=true`` keeps those an enrolment could use
+        today (issued, not lapsed, places left); paged by ``limit`` and ``offset``."""
+        org_id = str(request.uuid_param("org_id"))
+        category = request.arg("category")
+        if category is not None and category not in _CATEGORIES:
+            raise HttpError(
+                400, "invalid_query", f"unknown category {category!r}; one of {_CATEGORIES}"
+            )
+        usable = request.bool_arg("usable")
+        limit = request.int_arg("limit", 100, low=1, high=1000)
+        offset = request.int_arg("offset", 0, high=10_000_000)
+        conditions = [notices.c.org_id == org_id]
+        if category is not None:
+            conditions.append(notices.c.category == category)
+        if usable:
+            conditions += [
+                notices.c.status == NoticeStatus.ISSUED.value,
+                notices.c.valid_until >= today(),
+                notices.c.used < notices.c.count,
+            ]
+        async with sessions() as session:
+            known = (
+                await session.execute(
+                    select(org_projection.c.name).where(
+                        org_projection.c.org_id == org_id, org_projection.c.kind.is_not(None)
+                    )
+                )
+            ).one_or_none()
+            if known is None:
+                raise HttpError(404, "not_found", f"org {org_id} is not known")
+            total = (
+                await session.execute(select(func.count()).select_from(notices).where(*conditions))
+            ).scalar_one()
+            rows = (
+                await session.execute(
+                    select(notices)
+                    .where(*conditions)
+                    .order_by(notices.c.valid_until, notices.c.issued_at, notices.c.notice_no)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            ).all()
+        return 200, {
+            "org_id": org_id,
+            "name": known.name,
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "notices": [_notice_body(row) for row in rows],
+        }
 
     @router.get("/orgs/{org_id}/ledger")
     async def org_ledger(request: Request) -> tuple[int, Any]:
