@@ -2,16 +2,18 @@
 
 * ``bianzhi import template`` writes the template: Chinese column headers, an instructions sheet
   (填写说明) and drop-down lists for the coded columns (xlsx), or a header row (csv).
-* ``bianzhi import people FILE`` reads every row, checks every row against the contract first (the
-  导入校核 report: row, column, problem; a citizen ID twice in the file is a problem of every row
-  that has it) and the quota-use notices the valid rows use against quota's books as they stand
-  (unknown, another org or category, cancelled, lapsed, fewer places left than rows: warnings,
-  since quota's answer is what counts), then sends the valid rows as ``EnrolPerson`` commands,
-  collects every result and writes ``FILE.result.xlsx`` (or ``.csv``) beside the input: each row
-  with 结果, 原因代码, 说明 and person_id. Where a notice has fewer places left than the rows
-  using it, the rows past its places are sent only once the others have their answers, so the
-  places go to the rows in the order of the file, not in the order the roster happens to take
-  the rows up (each is keyed by its citizen ID, so they spread over the partitions).
+* ``bianzhi import people FILE`` reads every row, checks every row against the contract
+  first (the 导入校核 report: row, column, problem; a citizen ID twice in the file is a problem
+  of every row that has it) and the quota-use notices the valid rows use against quota's
+  books as they stand (unknown, another org or category, cancelled, lapsed, fewer places
+  left than rows: warnings, since quota's answer is what counts; for the rows they name, the
+  notices of their org and category with places left today, to correct the file with), then
+  sends the valid rows as ``EnrolPerson`` commands, collects every result and writes
+  ``FILE.result.xlsx`` (or ``.csv``) beside the input: each row with 结果, 原因代码, 说明 and
+  person_id. Where a notice has fewer places left than the rows using it, the rows past its
+  places are sent only once the others have their answers, so the places go to the rows in
+  the order of the file, not in the order the roster happens to take the rows up (each is
+  keyed by its citizen ID, so they spread over the partitions).
 
 Each row's command id is derived from the row's content (`batch.command_id`): importing the same
 file again re-sends the same ids, which get their stored results (with the same person_id) and
@@ -61,7 +63,7 @@ from services.cli.common import (
     read_platform,
     say,
 )
-from services.cli.report import Api, running_service_url
+from services.cli.report import Api, org_notices, running_service_url
 from services.cli.send import build_envelope
 
 SOURCE = f"{CLI_SOURCE}/import"
@@ -658,7 +660,65 @@ def notice_report(
     for finding in findings:
         rows = "、".join(str(r) for r in finding.rows)
         lines.append(f"{rows}\t{finding.notice_no}\t{finding.message}")
+    try:
+        available = usable_notices(quota, finding_pairs(checked, findings))
+    except CliError as exc:
+        lines.append(f"可用的用编通知单未能查询：{exc}")
+    else:
+        lines.extend(suggestion_lines(available))
     return lines, notices
+
+
+def finding_pairs(
+    checked: Sequence[CheckedRow], findings: Sequence[NoticeFinding]
+) -> list[tuple[str, str]]:
+    """The (org, category) of the rows the findings name, in file order, each once."""
+    named = {row for finding in findings for row in finding.rows}
+    return list(
+        dict.fromkeys(
+            (str(c.command.org_id), str(c.command.category))
+            for c in checked
+            if c.command is not None and c.row.number in named
+        )
+    )
+
+
+def usable_notices(
+    quota: Api, pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str | None, list[dict[str, Any]]] | None]:
+    """For each (org, category), the org's name and the notices of that category an enrolment
+    could use today (quota's ``GET /orgs/{org_id}/notices?usable=true``); ``None`` for an org
+    quota does not know."""
+    return {
+        (org, category): org_notices(quota, org, category=category, usable=True, missing_ok=True)
+        for org, category in pairs
+    }
+
+
+def suggestion_lines(
+    available: Mapping[tuple[str, str], tuple[str | None, Sequence[Mapping[str, Any]]] | None],
+) -> list[str]:
+    """What the rows that drew a finding could use instead: per org and category, the notices
+    with places left today, so the clerk can correct the file before importing it."""
+    if not available:
+        return []
+    lines = ["可用的用编通知单（quota 当前账目，供修改以上各行）："]
+    for (org, category), found in available.items():
+        label = label_of("category", category)
+        if found is None:
+            lines.append(f"单位 {org}：quota 中没有这个单位（尚未登记，或还没有同步到 quota）")
+            continue
+        name, usable = found
+        who = f"{name}（{org}）" if name else f"单位 {org}"
+        if not usable:
+            lines.append(f"{who}的{label}：没有可用的用编通知单")
+            continue
+        listed = "、".join(
+            f"{n['notice_no']}（剩余 {n['remaining']} 个名额，有效期至 {n['valid_until']}）"
+            for n in usable
+        )
+        lines.append(f"{who}的{label}：{listed}")
+    return lines
 
 
 def quota_api(args: argparse.Namespace) -> Api | None:

@@ -375,20 +375,29 @@ NOTICE_STATUS_NAMES = {"issued": "有效", "cancelled": "已作废", "expired": 
 
 
 def org_notices(
-    quota: Api, org_id: str, *, category: str | None = None, usable: bool = False
-) -> tuple[str | None, list[dict[str, Any]]]:
+    quota: Api,
+    org_id: str,
+    *,
+    category: str | None = None,
+    usable: bool = False,
+    missing_ok: bool = False,
+) -> tuple[str | None, list[dict[str, Any]]] | None:
     """The org's name (as quota knows it) and its notices, every page of
-    ``GET /orgs/{org_id}/notices``."""
+    ``GET /orgs/{org_id}/notices``; ``None`` for an org quota does not know when
+    ``missing_ok``."""
     found: list[dict[str, Any]] = []
     name: str | None = None
     while True:
         page = quota.get(
             f"/orgs/{org_id}/notices",
+            missing_ok=missing_ok,
             category=category,
             usable="true" if usable else None,
             limit=1000,
             offset=len(found),
         )
+        if page is None:
+            return None
         name = page.get("name")
         found.extend(page["notices"])
         if not page["notices"] or len(found) >= page["total"]:
@@ -404,7 +413,9 @@ def notice_status_name(notice: dict[str, Any]) -> str:
 
 def run_notices(args: argparse.Namespace) -> int:
     quota = Api("quota", service_url(args, "quota", args.quota_url, DEFAULT_QUOTA_URL))
-    name, notices = org_notices(quota, args.org, category=args.category, usable=args.usable)
+    listed = org_notices(quota, args.org, category=args.category, usable=args.usable)
+    assert listed is not None  # not missing_ok: an unknown org is a CliError
+    name, notices = listed
     if args.format == "json":
         body = {"org_id": args.org, "name": name, "notices": notices}
         print(json.dumps(body, ensure_ascii=False, indent=2))

@@ -257,6 +257,11 @@ async def test_import_enrols_the_valid_rows_and_a_second_import_changes_nothing(
         # Once they are enrolled, the notice has no place left, and the check says so.
         dry = await asyncio.to_thread(bianzhi, *argv, "--quota-url", quota_url, "--dry-run")
     assert f"2、3\t{notice.notice_no}\t用编通知单剩余 0 个名额，本文件有 2 行使用" in dry.stdout
+    # And it names the org's notices with places left today: not this one any more.
+    said = dry.stdout.splitlines()
+    header = said.index("可用的用编通知单（quota 当前账目，供修改以上各行）：")
+    instead = said[header + 1]
+    assert f"（{org.org_id}）的行政编制：" in instead and notice.notice_no not in instead
     assert first.returncode == 1, first.stderr  # one row failed the check
     out = tmp_path / "people.result.csv"
     with out.open(encoding="utf-8-sig", newline="") as handle:
@@ -303,6 +308,7 @@ async def test_import_enrols_the_valid_rows_and_a_second_import_changes_nothing(
         done = await asyncio.to_thread(bianzhi, *argv, "--quota-url", quota_url)
     assert done.returncode == 1, done.stderr  # two rows refused
     assert "名额按文件顺序分配，第 3、4 行等其余各行有了答复再发送" in done.stdout
+    assert f"{one.notice_no}（剩余 1 个名额，有效期至 {one.valid_until}）" in done.stdout
     with (tmp_path / "crowded.result.csv").open(encoding="utf-8-sig", newline="") as handle:
         outcomes = [(r["姓名"], r["结果"], r["原因代码"]) for r in csv.DictReader(handle)]
     assert outcomes == [

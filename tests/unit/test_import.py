@@ -6,6 +6,7 @@ import csv
 import uuid
 from datetime import date, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openpyxl import Workbook, load_workbook
@@ -412,18 +413,37 @@ def test_rows_with_problems_and_notices_not_looked_up_are_left_out() -> None:
 
 
 class Quota:
-    """Quota's query API as ``notice_lines`` reads it: the notices it knows, by number."""
+    """Quota's query API as ``notice_report`` reads it: the notices it knows by number
+    (``GET /notices``), and the usable ones of each org it knows (``GET /orgs/{id}/notices``)."""
 
-    def __init__(self, known: dict[str, dict[str, object]], fail: bool = False) -> None:
-        self.known, self.fail = known, fail
+    def __init__(
+        self,
+        known: dict[str, dict[str, object]],
+        fail: bool = False,
+        usable: dict[str, list[dict[str, object]]] | None = None,
+        fail_lists: bool = False,
+    ) -> None:
+        self.known, self.fail, self.fail_lists = known, fail, fail_lists
+        self.usable = {ORG: []} if usable is None else usable
         self.asked: list[str] = []
+        self.listed: list[tuple[str, str | None]] = []
 
-    def get(self, path: str, *, missing_ok: bool = False, **params: str) -> object:
-        assert (path, missing_ok) == ("/notices", True)
+    def get(self, path: str, *, missing_ok: bool = False, **params: Any) -> object:
+        assert missing_ok
         if self.fail:
             raise CliError("cannot reach the quota query API at http://127.0.0.1:1")
-        self.asked.append(params["notice_no"])
-        return self.known.get(params["notice_no"])
+        if path == "/notices":
+            self.asked.append(params["notice_no"])
+            return self.known.get(params["notice_no"])
+        org = path.removeprefix("/orgs/").removesuffix("/notices")
+        assert path == f"/orgs/{org}/notices" and params["usable"] == "true"
+        if self.fail_lists:
+            raise CliError("quota /orgs/x/notices answered 500 (internal: boom)")
+        self.listed.append((org, params["category"]))
+        if org not in self.usable:
+            return None
+        found = [n for n in self.usable[org] if n["category"] == params["category"]]
+        return {"name": "长安区财政局", "total": len(found), "notices": found}
 
 
 def test_the_report_asks_for_each_notice_once_and_says_what_it_found() -> None:
@@ -434,6 +454,46 @@ def test_the_report_asks_for_each_notice_once_and_says_what_it_found() -> None:
     assert lines[0].startswith("用编通知单核对（quota 当前账目，仅为提示")
     assert lines[0].endswith("1 张，1 处提示")
     assert lines[2].startswith(f"2、3、4\t{NOTICE}\t用编通知单剩余 1 个名额")
+    # What the rows could use instead: asked once for their org and category.
+    assert quota.listed == [(ORG, "admin")]
+    assert lines[3:] == [
+        "可用的用编通知单（quota 当前账目，供修改以上各行）：",
+        f"长安区财政局（{ORG}）的行政编制：没有可用的用编通知单",
+    ]
+
+
+def test_rows_on_a_notice_quota_would_refuse_are_shown_the_notices_they_could_use() -> None:
+    other_org = str(uuid.uuid4())
+    usable = {
+        ORG: [
+            notice(notice_no="石编用〔2026〕20号", remaining=4, valid_until="2027-03-31"),
+            notice(notice_no="石编用〔2026〕21号", remaining=1, valid_until="2027-12-31"),
+            notice(notice_no="石编用〔2026〕22号", category="support", remaining=2),
+        ]
+    }
+    checked = notice_rows(3)
+    assert checked[2].command is not None
+    checked[2].command.org_id = uuid.UUID(other_org)  # a row of an org quota does not know
+    quota = Quota({NOTICE: notice(status="cancelled", remaining=0)}, usable=usable)
+    lines, _ = importer.notice_report(checked, quota)  # type: ignore[arg-type]
+    assert quota.listed == [(ORG, "admin"), (other_org, "admin")]
+    assert lines[-3:] == [
+        "可用的用编通知单（quota 当前账目，供修改以上各行）：",
+        f"长安区财政局（{ORG}）的行政编制：石编用〔2026〕20号（剩余 4 个名额，有效期至 "
+        "2027-03-31）、石编用〔2026〕21号（剩余 1 个名额，有效期至 2027-12-31）",
+        f"单位 {other_org}：quota 中没有这个单位（尚未登记，或还没有同步到 quota）",
+    ]
+    # When that look-up fails, the report says so and keeps its findings.
+    failing = Quota({NOTICE: notice(status="cancelled", remaining=0)}, fail_lists=True)
+    lines, _ = importer.notice_report(notice_rows(1), failing)  # type: ignore[arg-type]
+    assert lines[2].startswith(f"2\t{NOTICE}\t用编通知单已作废")
+    assert lines[3] == (
+        "可用的用编通知单未能查询：quota /orgs/x/notices answered 500 (internal: boom)"
+    )
+    # No finding, no look-up.
+    fine = Quota({NOTICE: notice()}, usable=usable)
+    importer.notice_report(notice_rows(2), fine)  # type: ignore[arg-type]
+    assert fine.listed == []
 
     quota = Quota({NOTICE: notice()})
     fine, _ = importer.notice_report(notice_rows(1), quota)  # type: ignore[arg-type]

@@ -104,7 +104,8 @@ class _Pages:
         self.notices = notices
         self.asked: list[dict[str, Any]] = []
 
-    def get(self, path: str, **params: Any) -> dict[str, Any]:
+    def get(self, path: str, *, missing_ok: bool = False, **params: Any) -> dict[str, Any]:
+        assert not missing_ok
         self.asked.append({"path": path, **params})
         start = params["offset"]
         return {
@@ -117,8 +118,8 @@ class _Pages:
 def test_every_page_of_an_orgs_notices_is_read() -> None:
     notices = [_notice(f"冀编用〔2026〕{i}号", "issued", 2, 0) for i in range(5)]
     api = _Pages(notices)
-    name, got = org_notices(api, "org-1", category="admin", usable=True)  # type: ignore[arg-type]
-    assert (name, got) == ("长安区财政局", notices)
+    got = org_notices(api, "org-1", category="admin", usable=True)  # type: ignore[arg-type]
+    assert got == ("长安区财政局", notices)
     assert [a["offset"] for a in api.asked] == [0, 2, 4]
     assert {(a["path"], a["category"], a["usable"]) for a in api.asked} == {
         ("/orgs/org-1/notices", "admin", "true")
