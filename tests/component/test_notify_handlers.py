@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from contracts.base import Event
 from contracts.codes import Category, OrgKind, OrgStatus
@@ -316,6 +316,99 @@ async def test_org_events_without_a_division_are_placed_by_the_org_projection(
     ids = {r.event_id for r in await delivery_rows(notify, city)}
     assert {renamed.id, approved.id} <= ids and len(ids) == 3
     assert await delivery_rows(notify, other_city) == []
+
+
+async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wanted_events(
+    notify: ServiceRuntime, feeds: dict[str, EventConsumer]
+) -> None:
+    orgs_city = await subscribed(notify, event_types=["bianzhi.orgs.*"], division_code="130100")
+    quota_city = await subscribed(notify, event_types=["bianzhi.quota.*"], division_code="130100")
+    org_id = uuid.uuid4()
+    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+
+    def approved(approved: int) -> Envelope:
+        event = QuotaApproved.model_validate(
+            {
+                "org_id": str(org_id),
+                "category": Category.ADMIN.value,
+                "approved": approved,
+                "previous_approved": approved - 1,
+                "document": DOC.model_dump(mode="json"),
+                "effective_date": DOC.date.isoformat(),
+            }
+        )
+        return event.envelope(source="/quota", actorid="li.na", actorregion="130000")
+
+    def raw(env: Envelope) -> RawMessage:
+        return RawMessage(
+            topic=QUOTA_EVENTS,
+            partition=0,
+            offset=next(_offsets),
+            key=env.id.encode(),
+            value=env.to_bytes(),
+        )
+
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    def reads(table: str) -> int:
+        return sum(1 for s in statements if s.lstrip().startswith("SELECT") and table in s)
+
+    event.listen(notify.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        await feeds[QUOTA_EVENTS].process_batch([raw(approved(n)) for n in range(1, 6)])
+        # Each event is placed (one division look-up each) for the one subscription of its type.
+        assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 5)
+        assert len(await delivery_rows(notify, quota_city)) == 5
+        res = await command(notify, Unsubscribe(subscription_id=quota_city))
+        assert res.type == COMPLETED, res.data
+        # With no subscription to quota's events, a fetch of them places nothing.
+        statements.clear()
+        await feeds[QUOTA_EVENTS].process_batch([raw(approved(n)) for n in range(6, 11)])
+        assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 0)
+    finally:
+        event.remove(notify.engine.sync_engine, "before_cursor_execute", seen)
+    assert len(await delivery_rows(notify, orgs_city)) == 1  # its OrgRegistered only
+
+
+async def test_each_wanted_event_of_a_fetch_is_queued_for_its_subscription(
+    notify: ServiceRuntime, feeds: dict[str, EventConsumer]
+) -> None:
+    city = await subscribed(notify, event_types=["bianzhi.quota.*"], division_code="130100")
+    elsewhere = await subscribed(
+        notify, event_types=["bianzhi.quota.*"], division_code="130200", actorregion="130000"
+    )
+    org_id = uuid.uuid4()
+    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+    envs = [
+        QuotaApproved.model_validate(
+            {
+                "org_id": str(org_id),
+                "category": Category.ADMIN.value,
+                "approved": n,
+                "previous_approved": n - 1,
+                "document": DOC.model_dump(mode="json"),
+                "effective_date": DOC.date.isoformat(),
+            }
+        ).envelope(source="/quota", actorid="li.na", actorregion="130000")
+        for n in range(1, 4)
+    ]
+    await feeds[QUOTA_EVENTS].process_batch(
+        [
+            RawMessage(
+                topic=QUOTA_EVENTS,
+                partition=0,
+                offset=next(_offsets),
+                key=env.id.encode(),
+                value=env.to_bytes(),
+            )
+            for env in envs
+        ]
+    )
+    assert {r.event_id for r in await delivery_rows(notify, city)} == {e.id for e in envs}
+    assert await delivery_rows(notify, elsewhere) == []
 
 
 async def test_an_event_is_queued_once_per_subscription_however_often_it_arrives(

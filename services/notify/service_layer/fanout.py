@@ -41,13 +41,19 @@ async def event_divisions(uow: NotifyUnitOfWork, data: dict[str, Any]) -> set[st
 
 
 async def fan_out(topic: str, uow: NotifyUnitOfWork, env: Envelope) -> int:
-    """Queue ``env`` for every subscription owed it; the number of deliveries queued."""
-    divisions = await event_divisions(uow, env.data)
-    owed = [
-        s.subscription_id
-        for s in await uow.subscriptions.active()
-        if model.wants(s, env.type, divisions)
+    """Queue ``env`` for every subscription owed it; the number of deliveries queued.
+
+    The active subscriptions are read once per transaction (a fetch of events is one), and
+    the divisions an event concerns are looked up only when a subscription wants its type:
+    most events of a busy platform (every enrolment's) go to nobody, and cost no query then.
+    """
+    wanting = [
+        s for s in await uow.active_subscriptions() if model.type_matches(s.event_types, env.type)
     ]
+    if not wanting:
+        return 0
+    divisions = await event_divisions(uow, env.data)
+    owed = [s.subscription_id for s in wanting if model.wants(s, env.type, divisions)]
     if owed:
         await uow.deliveries.queue(
             event_id=env.id,

@@ -12,6 +12,7 @@ from services.notify.adapters.repository import (
     SubscriptionRepository,
 )
 from services.notify.adapters.secrets import SecretBox
+from services.notify.domain.model import Subscription
 from services.runtime.uow import UnitOfWork
 
 
@@ -40,7 +41,16 @@ class NotifyUnitOfWork(UnitOfWork):
         self.subscriptions = SubscriptionRepository(self.session, self.box)
         self.deliveries = DeliveryRepository(self.session, self.box)
         self.orgs = OrgDivisions(self.session)
+        self._active: list[Subscription] | None = None
         return self
+
+    async def active_subscriptions(self) -> list[Subscription]:
+        """The active subscriptions as this transaction first read them: what the fan-out of
+        each event in it matches against. Only commands change subscriptions, each in a
+        transaction of its own, never one that fans out events."""
+        if self._active is None:
+            self._active = await self.subscriptions.active()
+        return self._active
 
     async def commit(self) -> None:
         queued = self.deliveries.queued
