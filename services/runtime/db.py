@@ -20,11 +20,15 @@ import structlog
 from sqlalchemy import (
     Column,
     ColumnElement,
+    FromClause,
     Insert,
     Label,
     LargeBinary,
+    Row,
+    Select,
     Table,
     event,
+    func,
     insert,
     select,
     text,
@@ -771,3 +775,21 @@ async def ping(engine: AsyncEngine) -> bool:
         return True
     except Exception:
         return False
+
+
+async def paged(
+    session: AsyncSession,
+    rows: Select[Any],
+    counted: FromClause,
+    conditions: Sequence[ColumnElement[bool]],
+    *,
+    limit: int,
+    offset: int,
+) -> tuple[int, Sequence[Row[Any]]]:
+    """One page of a listing query: how many rows of ``counted`` meet ``conditions``, and the
+    ``limit`` rows of ``rows`` (a select in the caller's order) meeting them from ``offset``."""
+    total = (
+        await session.execute(select(func.count()).select_from(counted).where(*conditions))
+    ).scalar_one()
+    found = (await session.execute(rows.where(*conditions).limit(limit).offset(offset))).all()
+    return int(total), found

@@ -171,6 +171,32 @@ def org_registered(division_code: str = "130102", org_id: uuid.UUID | None = Non
     )
 
 
+def quota_approved(org_id: uuid.UUID, approved: int = 10) -> QuotaApproved:
+    """Quota's event for ``approved`` admin places of ``org_id`` (one more than before)."""
+    return QuotaApproved.model_validate(
+        {
+            "org_id": str(org_id),
+            "category": Category.ADMIN.value,
+            "approved": approved,
+            "previous_approved": approved - 1,
+            "document": DOC.model_dump(mode="json"),
+            "effective_date": DOC.date.isoformat(),
+        }
+    )
+
+
+def quota_raw(event: Event) -> RawMessage:
+    """``event`` as a record of quota's events topic."""
+    env = event.envelope(source="/quota", actorid="li.na", actorregion="130000")
+    return RawMessage(
+        topic=QUOTA_EVENTS,
+        partition=0,
+        offset=next(_offsets),
+        key=env.id.encode(),
+        value=env.to_bytes(),
+    )
+
+
 async def delivery_rows(rt: ServiceRuntime, subscription_id: uuid.UUID) -> list[Any]:
     async with rt.sessions() as session:
         query = select(deliveries).where(deliveries.c.subscription_id == str(subscription_id))
@@ -302,16 +328,7 @@ async def test_org_events_without_a_division_are_placed_by_the_org_projection(
     approved = await feed(
         feeds,
         QUOTA_EVENTS,
-        QuotaApproved.model_validate(
-            {
-                "org_id": str(org_id),
-                "category": Category.ADMIN.value,
-                "approved": 10,
-                "previous_approved": 0,
-                "document": DOC.model_dump(mode="json"),
-                "effective_date": DOC.date.isoformat(),
-            }
-        ),
+        quota_approved(org_id),
     )
     ids = {r.event_id for r in await delivery_rows(notify, city)}
     assert {renamed.id, approved.id} <= ids and len(ids) == 3
@@ -326,28 +343,6 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
     org_id = uuid.uuid4()
     await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
 
-    def approved(approved: int) -> Envelope:
-        event = QuotaApproved.model_validate(
-            {
-                "org_id": str(org_id),
-                "category": Category.ADMIN.value,
-                "approved": approved,
-                "previous_approved": approved - 1,
-                "document": DOC.model_dump(mode="json"),
-                "effective_date": DOC.date.isoformat(),
-            }
-        )
-        return event.envelope(source="/quota", actorid="li.na", actorregion="130000")
-
-    def raw(env: Envelope) -> RawMessage:
-        return RawMessage(
-            topic=QUOTA_EVENTS,
-            partition=0,
-            offset=next(_offsets),
-            key=env.id.encode(),
-            value=env.to_bytes(),
-        )
-
     statements: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
@@ -358,7 +353,9 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
 
     event.listen(notify.engine.sync_engine, "before_cursor_execute", seen)
     try:
-        await feeds[QUOTA_EVENTS].process_batch([raw(approved(n)) for n in range(1, 6)])
+        await feeds[QUOTA_EVENTS].process_batch(
+            [quota_raw(quota_approved(org_id, n)) for n in range(1, 6)]
+        )
         # Each event is placed (one division look-up each) for the one subscription of its type.
         assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 5)
         assert len(await delivery_rows(notify, quota_city)) == 5
@@ -366,7 +363,9 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
         assert res.type == COMPLETED, res.data
         # With no subscription to quota's events, a fetch of them places nothing.
         statements.clear()
-        await feeds[QUOTA_EVENTS].process_batch([raw(approved(n)) for n in range(6, 11)])
+        await feeds[QUOTA_EVENTS].process_batch(
+            [quota_raw(quota_approved(org_id, n)) for n in range(6, 11)]
+        )
         assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 0)
     finally:
         event.remove(notify.engine.sync_engine, "before_cursor_execute", seen)
@@ -382,32 +381,10 @@ async def test_each_wanted_event_of_a_fetch_is_queued_for_its_subscription(
     )
     org_id = uuid.uuid4()
     await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
-    envs = [
-        QuotaApproved.model_validate(
-            {
-                "org_id": str(org_id),
-                "category": Category.ADMIN.value,
-                "approved": n,
-                "previous_approved": n - 1,
-                "document": DOC.model_dump(mode="json"),
-                "effective_date": DOC.date.isoformat(),
-            }
-        ).envelope(source="/quota", actorid="li.na", actorregion="130000")
-        for n in range(1, 4)
-    ]
-    await feeds[QUOTA_EVENTS].process_batch(
-        [
-            RawMessage(
-                topic=QUOTA_EVENTS,
-                partition=0,
-                offset=next(_offsets),
-                key=env.id.encode(),
-                value=env.to_bytes(),
-            )
-            for env in envs
-        ]
-    )
-    assert {r.event_id for r in await delivery_rows(notify, city)} == {e.id for e in envs}
+    records = [quota_raw(quota_approved(org_id, n)) for n in range(1, 4)]
+    await feeds[QUOTA_EVENTS].process_batch(records)
+    sent = {json.loads(r.value)["id"] for r in records}
+    assert {r.event_id for r in await delivery_rows(notify, city)} == sent
     assert await delivery_rows(notify, elsewhere) == []
 
 

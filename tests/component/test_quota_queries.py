@@ -289,16 +289,10 @@ async def test_an_orgs_notices_are_listed_soonest_to_lapse_first(
     on(monkeypatch, date(2026, 1, 1))
     await completed(quota, approve(org_id, 20, date(2026, 1, 1)))
     await completed(quota, approve(other, 5, date(2026, 1, 1)))
-    await completed(
-        quota,
-        ApproveQuota(
-            org_id=org_id,
-            category=Category.SUPPORT,
-            approved=4,
-            document=doc(date(2026, 1, 1)),
-            effective_date=date(2026, 1, 1),
-        ),
+    support_places = approve(org_id, 4, date(2026, 1, 1)).model_copy(
+        update={"category": Category.SUPPORT}
     )
+    await completed(quota, support_places)
 
     def issued(number: str, count: int, until: date, category: Category = Category.ADMIN) -> Any:
         return completed(

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.notify.adapters.orm import deliveries, delivery_attempts, subscriptions
 from services.notify.domain.model import DeliveryStatus
+from services.runtime.db import paged
 from services.runtime.http import HttpError, Request, Router
 
 # Everything a query may show of a subscription: the secret is deliberately not selected.
@@ -134,20 +135,12 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         conditions = [deliveries.c.subscription_id == subscription_id, *_status_condition(request)]
         async with sessions() as session:
             await _subscription(session, subscription_id)
-            total = (
-                await session.execute(
-                    select(func.count()).select_from(deliveries).where(*conditions)
-                )
-            ).scalar_one()
-            rows = (
-                await session.execute(
-                    select(deliveries)
-                    .where(*conditions)
-                    .order_by(deliveries.c.created_at.desc(), deliveries.c.delivery_id)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            ).all()
+            newest_first = select(deliveries).order_by(
+                deliveries.c.created_at.desc(), deliveries.c.delivery_id
+            )
+            total, rows = await paged(
+                session, newest_first, deliveries, conditions, limit=limit, offset=offset
+            )
             history = await _attempts_of(session, [r.delivery_id for r in rows])
         return 200, {
             "subscription_id": subscription_id,
@@ -171,24 +164,17 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
                 raise HttpError(400, "invalid_query", "subscription_id must be a UUID") from None
             conditions.append(deliveries.c.subscription_id == subscription_id)
         async with sessions() as session:
-            total = (
-                await session.execute(
-                    select(func.count()).select_from(deliveries).where(*conditions)
+            changed_first = (
+                select(deliveries, subscriptions.c.subscriber, subscriptions.c.channel_kind)
+                .join(
+                    subscriptions,
+                    subscriptions.c.subscription_id == deliveries.c.subscription_id,
                 )
-            ).scalar_one()
-            rows = (
-                await session.execute(
-                    select(deliveries, subscriptions.c.subscriber, subscriptions.c.channel_kind)
-                    .join(
-                        subscriptions,
-                        subscriptions.c.subscription_id == deliveries.c.subscription_id,
-                    )
-                    .where(*conditions)
-                    .order_by(deliveries.c.updated_at.desc(), deliveries.c.delivery_id)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            ).all()
+                .order_by(deliveries.c.updated_at.desc(), deliveries.c.delivery_id)
+            )
+            total, rows = await paged(
+                session, changed_first, deliveries, conditions, limit=limit, offset=offset
+            )
             history = await _attempts_of(session, [r.delivery_id for r in rows])
         items = [
             _delivery(r, history[r.delivery_id])

@@ -12,6 +12,7 @@ from contracts import identifiers
 from contracts.codes import OrgKind, OrgStatus
 from contracts.identifiers import division_prefix
 from services.orgs.adapters.orm import org_history, org_units, orgs
+from services.runtime.db import paged
 from services.runtime.http import HttpError, Request, Router
 
 
@@ -114,18 +115,10 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             )
 
         async with sessions() as session:
-            total = (
-                await session.execute(select(func.count()).select_from(orgs).where(*conditions))
-            ).scalar_one()
-            rows = (
-                await session.execute(
-                    select(orgs)
-                    .where(*conditions)
-                    .order_by(orgs.c.division_code, orgs.c.name, orgs.c.org_id)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            ).all()
+            in_order = select(orgs).order_by(orgs.c.division_code, orgs.c.name, orgs.c.org_id)
+            total, rows = await paged(
+                session, in_order, orgs, conditions, limit=limit, offset=offset
+            )
         return 200, {
             "items": [_org_summary(r) for r in rows],
             "total": total,

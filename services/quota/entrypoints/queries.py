@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts import identifiers
@@ -21,6 +21,7 @@ from services.quota.adapters.orm import (
 )
 from services.quota.adapters.repository import DivisionTotals, Totals
 from services.quota.domain.model import NoticeStatus, Replay, today
+from services.runtime.db import paged
 from services.runtime.http import HttpError, Request, Router
 
 _CATEGORIES = tuple(c.value for c in Category)
@@ -370,18 +371,12 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
             ).one_or_none()
             if known is None:
                 raise HttpError(404, "not_found", f"org {org_id} is not known")
-            total = (
-                await session.execute(select(func.count()).select_from(notices).where(*conditions))
-            ).scalar_one()
-            rows = (
-                await session.execute(
-                    select(notices)
-                    .where(*conditions)
-                    .order_by(notices.c.valid_until, notices.c.issued_at, notices.c.notice_no)
-                    .limit(limit)
-                    .offset(offset)
-                )
-            ).all()
+            in_order = select(notices).order_by(
+                notices.c.valid_until, notices.c.issued_at, notices.c.notice_no
+            )
+            total, rows = await paged(
+                session, in_order, notices, conditions, limit=limit, offset=offset
+            )
         return 200, {
             "org_id": org_id,
             "name": known.name,
@@ -416,20 +411,10 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         if category := request.arg("category"):
             conditions.append(quota_ledger.c.category == category)
         async with sessions() as session:
-            total = (
-                await session.execute(
-                    select(func.count()).select_from(quota_ledger).where(*conditions)
-                )
-            ).scalar_one()
-            rows = (
-                await session.execute(
-                    select(quota_ledger)
-                    .where(*conditions)
-                    .order_by(quota_ledger.c.seq.desc())
-                    .limit(limit)
-                    .offset(offset)
-                )
-            ).all()
+            newest_first = select(quota_ledger).order_by(quota_ledger.c.seq.desc())
+            total, rows = await paged(
+                session, newest_first, quota_ledger, conditions, limit=limit, offset=offset
+            )
         return subject | {
             "total": total,
             "limit": limit,
