@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.runtime import metrics
-from services.runtime.broker import OffsetGapGuard
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics
+from services.runtime.gaps import OffsetGapGuard
 
 PARTITIONS = 12
 TOPIC = "bench.order"

@@ -63,8 +63,8 @@ from contracts.orgs import OrgRegistered
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice, OccupySlot
 from contracts.roster import EnrolPerson
 from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, QUOTA_COMMANDS, all_topics
-from services.runtime.broker import OffsetGapGuard
 from services.runtime.embedded_broker import EmbeddedBroker, ensure_topics, free_port
+from services.runtime.gaps import OffsetGapGuard
 from services.runtime.settings import Settings
 
 COMPLETED = "bianzhi.CommandCompleted.v1"

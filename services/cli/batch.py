@@ -38,7 +38,7 @@ from services.cli.common import (
     make_producer,
     topic_partitions,
 )
-from services.runtime.broker import OffsetGapGuard
+from services.runtime.gaps import OffsetGapGuard
 from services.runtime.settings import Settings
 
 log = logging.getLogger("bianzhi.cli.batch")

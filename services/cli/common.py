@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from contracts.base import Command, Message, registry
 from contracts.envelope import Envelope
 from contracts.topics import COMMAND_RESULTS, DLQ_SUFFIX, SERVICES, all_topics, commands, events
-from services.runtime.broker import client_options
 
 if TYPE_CHECKING:
     from services.runtime.app import ServiceDefinition
@@ -337,6 +336,10 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
 
 def kafka_options(settings: Settings) -> dict[str, Any]:
     """Connection options of a plain aiokafka client, security included, from settings."""
+    # Imported here: the services' broker module brings FastStream and SQLAlchemy, which the
+    # commands that only read the query APIs need not load.
+    from services.runtime.broker import client_options
+
     try:
         return client_options(settings, client_id=f"{settings.kafka_client_id}-cli")
     except ValueError as exc:

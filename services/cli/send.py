@@ -35,7 +35,7 @@ from services.cli.common import (
     short_type,
     topic_partitions,
 )
-from services.runtime.broker import OffsetGapGuard
+from services.runtime.gaps import OffsetGapGuard
 from services.runtime.settings import Settings
 
 EXIT_COMPLETED = 0

@@ -24,7 +24,7 @@ from services.cli.common import (
     service_sealer,
     topic_partitions,
 )
-from services.runtime.broker import OffsetGapGuard
+from services.runtime.gaps import OffsetGapGuard
 from services.runtime.sealing import DLQ_SEALED_HEADER, Sealer, open_dead_letter
 from services.runtime.settings import Settings
 

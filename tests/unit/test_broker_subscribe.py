@@ -11,7 +11,8 @@ from aiokafka import TopicPartition
 from faststream.kafka import KafkaBroker
 
 from services.runtime import metrics
-from services.runtime.broker import IDLE_POLL_MS, OffsetGapGuard, make_broker, subscribe
+from services.runtime.broker import IDLE_POLL_MS, make_broker, subscribe
+from services.runtime.gaps import OffsetGapGuard
 from services.runtime.messaging import RawMessage
 from services.runtime.settings import Settings
 
@@ -195,7 +196,7 @@ def test_a_hole_that_never_fills_is_passed_after_a_while(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("services.runtime.broker.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("services.runtime.gaps.time.monotonic", lambda: clock[0])
     guard = OffsetGapGuard(give_up_s=5.0)
     consumer = _Consumer([])
     passed = _holes("passed")

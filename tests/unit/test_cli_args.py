@@ -25,7 +25,7 @@ from services.cli.common import (
     resolve_topic,
     write_platform,
 )
-from services.cli.main import main
+from services.cli.main import COMMANDS, build_parser, main
 from services.runtime.embedded_broker import free_port
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -447,3 +447,40 @@ def test_the_cliff_warning_names_the_fullest_partition_and_the_way_out() -> None
     assert "2 partition(s) hold more than 10,000 messages" in warning
     assert "partition 3 of t.b, 12,000" in warning
     assert "Restart with `bianzhi up`" in warning
+
+
+# --- which modules a command line loads ----------------------------------------------------
+
+
+def _registered(parser: object) -> list[str]:
+    (commands,) = [a for a in parser._actions if a.dest == "command"]  # type: ignore[attr-defined]
+    return list(commands.choices)
+
+
+def test_a_command_line_registers_its_command_alone_and_no_command_registers_all() -> None:
+    everything = _registered(build_parser([]))
+    assert everything == list(COMMANDS)  # each module registers the command it is listed for
+    assert _registered(build_parser(["--help"])) == everything
+    assert _registered(build_parser(["no-such-command"])) == everything
+    for command in COMMANDS:
+        assert _registered(build_parser([command, "--help"])) == [command]
+
+
+@pytest.mark.parametrize("argv", [["report", "notices"], ["check"], ["send"], ["tail"]])
+def test_commands_that_only_read_or_send_do_not_load_the_services_stack(argv: list[str]) -> None:
+    probe = (
+        "import sys; from services.cli.main import build_parser; "
+        f"build_parser({argv!r}); "
+        "print(sorted(m for m in ('faststream', 'sqlalchemy', 'alembic') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_an_unknown_command_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'no-such-command'" in error
+    assert all(f"'{command}'" in error for command in COMMANDS), error
