@@ -204,6 +204,13 @@ _LEDGER_INSERT = insert(quota_ledger)
 _NOTICE_GET = select(notices).where(notices.c.notice_no == bindparam("b_notice_no"))
 
 
+def usable_notice(on: date | ColumnElement[Any], k: int | ColumnElement[Any] = 1) -> list[Any]:
+    """The conditions on a notice for ``k`` of its places to be taken on the day ``on``: issued,
+    not lapsed that day, ``k`` places left (the org and category are the caller's)."""
+    n = notices.c
+    return [n.status == NoticeStatus.ISSUED.value, n.valid_until >= on, n.used + k <= n.count]
+
+
 def _taking(k: int | ColumnElement[Any]) -> Update:
     """Take ``k`` places of a notice issued to the org for the category, open and unexpired on
     the day, only when all ``k`` fit (``k`` a number, or a parameter for the commands of one
@@ -215,9 +222,7 @@ def _taking(k: int | ColumnElement[Any]) -> Update:
             n.notice_no == bindparam("b_notice_no"),
             n.org_id == bindparam("b_org_id"),
             n.category == bindparam("b_category"),
-            n.status == NoticeStatus.ISSUED.value,
-            n.valid_until >= _param("b_on", n.valid_until),
-            n.used + k <= n.count,
+            *usable_notice(_param("b_on", n.valid_until), k),
         )
         .values(used=n.used + k, version=n.version + 1)
         .returning(n.used)
@@ -242,9 +247,7 @@ def _taking_groups(groups: int) -> Update:
             n.notice_no == want.c.notice_no,
             n.org_id == want.c.org_id,
             n.category == want.c.category,
-            n.status == NoticeStatus.ISSUED.value,
-            n.valid_until >= _param("b_on", n.valid_until),
-            n.used + want.c.k <= n.count,
+            *usable_notice(_param("b_on", n.valid_until), want.c.k),
         )
         .values(used=n.used + want.c.k, version=n.version + 1)
         .returning(n.notice_no, n.used)

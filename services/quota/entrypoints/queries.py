@@ -19,8 +19,8 @@ from services.quota.adapters.orm import (
     quota_ledger,
     region_limits,
 )
-from services.quota.adapters.repository import DivisionTotals, Totals
-from services.quota.domain.model import NoticeStatus, Replay, today
+from services.quota.adapters.repository import DivisionTotals, Totals, usable_notice
+from services.quota.domain.model import Replay, today
 from services.runtime.db import paged
 from services.runtime.http import HttpError, Request, Router
 
@@ -44,6 +44,16 @@ def _leader_posts(row: Any) -> dict[str, Any]:
         "principal_held": row.principal_held,
         "deputy_held": row.deputy_held,
     }
+
+
+async def _known_org(session: AsyncSession, org_id: str) -> Any:
+    """The org's projection row; 404 for an org quota has not seen registered."""
+    org = (
+        await session.execute(select(org_projection).where(org_projection.c.org_id == org_id))
+    ).one_or_none()
+    if org is None or org.kind is None:
+        raise HttpError(404, "not_found", f"org {org_id} is not known")
+    return org
 
 
 def _division_arg(code: str | None) -> str:
@@ -185,13 +195,7 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         org_id = str(request.uuid_param("org_id"))
         as_of = request.date_arg("as_of")
         async with sessions() as session:
-            org = (
-                await session.execute(
-                    select(org_projection).where(org_projection.c.org_id == org_id)
-                )
-            ).one_or_none()
-            if org is None or org.kind is None:
-                raise HttpError(404, "not_found", f"org {org_id} is not known")
+            org = await _known_org(session, org_id)
             if as_of is not None:
                 return 200, {
                     "org_id": org_id,
@@ -356,21 +360,9 @@ def register_queries(router: Router, sessions: async_sessionmaker[AsyncSession])
         if category is not None:
             conditions.append(notices.c.category == category)
         if usable:
-            conditions += [
-                notices.c.status == NoticeStatus.ISSUED.value,
-                notices.c.valid_until >= today(),
-                notices.c.used < notices.c.count,
-            ]
+            conditions += usable_notice(today())
         async with sessions() as session:
-            known = (
-                await session.execute(
-                    select(org_projection.c.name).where(
-                        org_projection.c.org_id == org_id, org_projection.c.kind.is_not(None)
-                    )
-                )
-            ).one_or_none()
-            if known is None:
-                raise HttpError(404, "not_found", f"org {org_id} is not known")
+            known = await _known_org(session, org_id)
             in_order = select(notices).order_by(
                 notices.c.valid_until, notices.c.issued_at, notices.c.notice_no
             )
