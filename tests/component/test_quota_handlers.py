@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import select, update
 
 from contracts.base import Event, Message
@@ -448,6 +449,44 @@ async def test_an_enclosing_region_limit_also_applies(quota, projection) -> None
     assert (details["division_code"], details["used"], details["asked"]) == ("130000", 8, 3)
     details = await rejected(quota, approve(a, 11), "region_limit_exceeded")
     assert details["division_code"] == "130100"  # the nearest region over its limit
+
+
+async def test_every_limited_enclosing_region_is_checked_with_one_read_of_the_totals(
+    quota, projection
+) -> None:
+    a = await org(projection)  # 130102, in the city 130100, in the province 130000
+    b = await org(projection, division_code="130104", name="桥西区财政局")
+    c = await org(projection, division_code="130202", name="路南区财政局")
+    for code, value in (("130000", 100), ("130100", 50), ("130102", 20)):
+        await completed(quota, limit(code, value))
+    await completed(quota, approve(c, 40))
+    await completed(quota, approve(b, 30))
+
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "division_totals" in statement:
+            reads.append(statement)
+
+    engine = quota.engine.sync_engine
+    sa_event.listen(engine, "before_cursor_execute", count)
+    try:
+        await completed(quota, approve(a, 15))
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", count)
+    assert len(reads) == 1
+    # Each region is still judged by its own total: the county (15 of 20), the city (45 of
+    # 50) and the province (85 of 100).
+    details = await rejected(quota, approve(a, 21), "region_limit_exceeded")
+    assert (details["division_code"], details["used"], details["asked"]) == ("130102", 15, 6)
+    details = await rejected(quota, approve(b, 36), "region_limit_exceeded")
+    assert (details["division_code"], details["used"], details["asked"]) == ("130100", 45, 6)
+    details = await rejected(quota, approve(c, 56), "region_limit_exceeded")
+    assert (details["division_code"], details["used"], details["asked"]) == ("130000", 85, 16)
+    reached = await events(quota, "RegionLimitReached")
+    assert [(e.data["division_code"], e.data["threshold_percent"]) for e in reached] == [
+        ("130100", 90)
+    ]
 
 
 async def test_region_limit_reached_is_emitted_when_crossing_90_and_100_percent(

@@ -556,16 +556,21 @@ class Ledger:
         """Approved places of ``category`` held by orgs in the division and every one below it:
         one indexed read of the maintained roll-up (``division_totals``, kept by triggers in
         this same transaction), not a scan of the subtree."""
+        return (await self.used_in([division_code], category))[division_code]
+
+    async def used_in(self, division_codes: Iterable[str], category: Category) -> dict[str, int]:
+        """``used`` of several divisions (a division and those enclosing it) in one read."""
+        prefixes = {code: division_prefix(code) for code in division_codes}
+        if not prefixes:
+            return {}
         t = division_totals
-        total = (
-            await self.session.execute(
-                select(func.coalesce(func.sum(t.c.approved), 0)).where(
-                    t.c.prefix == division_prefix(division_code),
-                    t.c.category == category.value,
-                )
-            )
-        ).scalar_one()
-        return int(total)
+        rows = await self.session.execute(
+            select(t.c.prefix, func.sum(t.c.approved))
+            .where(t.c.prefix.in_(set(prefixes.values())), t.c.category == category.value)
+            .group_by(t.c.prefix)
+        )
+        totals = {prefix: int(total or 0) for prefix, total in rows}
+        return {code: totals.get(prefix, 0) for code, prefix in prefixes.items()}
 
     # region limits --------------------------------------------------------------------------
 

@@ -86,11 +86,9 @@ async def _regions(
     in the order of ``codes`` (nearest first)."""
     codes = list(codes)
     limits = await uow.ledger.limits(codes, category)
-    return [
-        model.RegionUse(code, limits[code], await uow.ledger.used(code, category))
-        for code in codes
-        if code in limits
-    ]
+    limited = [code for code in codes if code in limits]
+    used = await uow.ledger.used_in(limited, category)
+    return [model.RegionUse(code, limits[code], used[code]) for code in limited]
 
 
 def _emit_thresholds(
