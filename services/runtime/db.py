@@ -394,11 +394,17 @@ def insert_ignoring_duplicates(
     """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect (PostgreSQL or SQLite), on
     the unique key ``on`` (any unique key when not given); add ``.returning(…)`` to learn which
     rows went in."""
-    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert_fn(table)
+    stmt = dialect_insert(session, table)
     if values is not None:
         stmt = stmt.values(list(values))
     return stmt.on_conflict_do_nothing(index_elements=list(on) if on else None)
+
+
+def dialect_insert(session: AsyncSession, table: Table) -> Any:
+    """An ``INSERT`` of the session's dialect (PostgreSQL or SQLite), which has
+    ``on_conflict_do_nothing`` and ``on_conflict_do_update``."""
+    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return insert_fn(table)
 
 
 def ignoring_duplicates(

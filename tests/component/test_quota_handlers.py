@@ -8,9 +8,10 @@ checked. The queries are called on the service's router.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,29 @@ async def rejected(rt: ServiceRuntime, payload: Message, code: str, **actor: Any
 
 async def ledger_size(rt: ServiceRuntime) -> int:
     return await count(rt, quota_ledger)
+
+
+@contextlib.contextmanager
+def statements(rt: ServiceRuntime) -> Iterator[list[str]]:
+    """The SQL statements ``rt`` runs inside the block, upper-cased and on one line."""
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(" ".join(statement.split()).upper())
+
+    engine = rt.engine.sync_engine
+    sa_event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        sa_event.remove(engine, "before_cursor_execute", record)
+
+
+def writes(seen: list[str], table: str) -> list[str]:
+    """The statements of ``seen`` that write ``table`` (a word of each: INSERT or UPDATE)."""
+    return [
+        s.split()[0] for s in seen if s.startswith((f"INSERT INTO {table} ", f"UPDATE {table} "))
+    ]
 
 
 def approve(org_id: uuid.UUID, approved: int, category: str = "admin", **kw: Any) -> ApproveQuota:
@@ -462,19 +486,9 @@ async def test_every_limited_enclosing_region_is_checked_with_one_read_of_the_to
     await completed(quota, approve(c, 40))
     await completed(quota, approve(b, 30))
 
-    reads: list[str] = []
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and "division_totals" in statement:
-            reads.append(statement)
-
-    engine = quota.engine.sync_engine
-    sa_event.listen(engine, "before_cursor_execute", count)
-    try:
+    with statements(quota) as seen:
         await completed(quota, approve(a, 15))
-    finally:
-        sa_event.remove(engine, "before_cursor_execute", count)
-    assert len(reads) == 1
+    assert len([s for s in seen if s.startswith("SELECT") and "DIVISION_TOTALS" in s]) == 1
     # Each region is still judged by its own total: the county (15 of 20), the city (45 of
     # 50) and the province (85 of 100).
     details = await rejected(quota, approve(a, 21), "region_limit_exceeded")
@@ -637,6 +651,26 @@ async def test_leader_posts_of_an_org_and_of_a_unit(quota, projection) -> None:
         (None, 4, 3),
     ]
     assert await count(quota, leader_posts) == 2
+
+
+async def test_a_first_approval_or_leader_post_setting_writes_its_row_in_one_statement(
+    quota, projection
+) -> None:
+    a = await org(projection)
+    for times in ("first", "again"):
+        with statements(quota) as seen:
+            await completed(quota, approve(a, 5 if times == "first" else 7))
+        assert writes(seen, "ESTABLISHMENT") == ["INSERT"], times
+        with statements(quota) as seen:
+            await completed(quota, posts(a, 1, 2 if times == "first" else 3))
+        assert writes(seen, "LEADER_POSTS") == ["INSERT"], times
+    assert await approved(quota, a) == 7
+    body = await get(quota, f"/orgs/{a}/establishment")
+    assert body["leader_posts"] == [
+        {"unit_id": None, "principal": 1, "deputy": 3, "principal_held": 0, "deputy_held": 0}
+    ]
+    found = await events(quota, "QuotaApproved")
+    assert [(e.data["approved"], e.data["previous_approved"]) for e in found] == [(5, 0), (7, 5)]
 
 
 async def test_leader_posts_below_the_posts_held_are_a_conflict(quota, projection) -> None:

@@ -52,6 +52,7 @@ from services.quota.domain.model import (
     OrgRef,
 )
 from services.runtime.db import (
+    dialect_insert,
     ignoring_duplicates,
     insert_ignoring_duplicates,
     insert_rows,
@@ -513,44 +514,32 @@ class Ledger:
         funding: Funding | None = None,
     ) -> bool:
         """Update the row where nothing held exceeds ``approved``; without a row, insert one
-        approving ``first`` places."""
+        approving ``first`` places. One statement either way (an upsert whose update is
+        conditional), so an org's first approval costs what a later one does."""
         held = establishment.c.occupied + establishment.c.reserved
-        done = await self.session.execute(
-            update(establishment)
-            .where(
-                establishment.c.org_id == str(org_id),
-                establishment.c.category == category.value,
-                held <= approved,
-            )
-            .values(**values)
-        )
-        if done.rowcount == 1:  # type: ignore[attr-defined]
-            return True
-        exists = (
-            await self.session.execute(
-                select(func.count()).where(
-                    establishment.c.org_id == str(org_id),
-                    establishment.c.category == category.value,
-                )
-            )
-        ).scalar_one()
-        if exists:
-            return False
         if first < 0:  # nothing is held without a row, but a total is never negative
-            return False
-        await self.session.execute(
-            insert(establishment).values(
-                org_id=str(org_id),
-                category=category.value,
-                approved=first,
-                occupied=0,
-                reserved=0,
-                funding=funding.value if funding else None,
-                version=1,
-                updated_at=now(),
+            done = await self.session.execute(
+                update(establishment)
+                .where(*self._est_key(org_id, category), held <= approved)
+                .values(**values)
+            )
+            return done.rowcount == 1  # type: ignore[attr-defined]
+        stmt = dialect_insert(self.session, establishment).values(
+            org_id=str(org_id),
+            category=category.value,
+            approved=first,
+            occupied=0,
+            reserved=0,
+            funding=funding.value if funding else None,
+            version=1,
+            updated_at=now(),
+        )
+        done = await self.session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["org_id", "category"], set_=values, where=held <= approved
             )
         )
-        return True
+        return done.rowcount == 1  # type: ignore[attr-defined]
 
     async def used(self, division_code: str, category: Category) -> int:
         """Approved places of ``category`` held by orgs in the division and every one below it:
@@ -638,39 +627,32 @@ class Ledger:
     async def set_leader_posts(
         self, org_id: UUID, unit_id: UUID | None, principal: int, deputy: int
     ) -> bool:
-        """Set the approved posts unless they would fall below the posts held."""
-        key = (leader_posts.c.org_id == str(org_id), leader_posts.c.unit_id == _unit_key(unit_id))
+        """Set the approved posts unless they would fall below the posts held (one upsert: the
+        first setting inserts the row)."""
+        stmt = dialect_insert(self.session, leader_posts).values(
+            org_id=str(org_id),
+            unit_id=_unit_key(unit_id),
+            principal=principal,
+            deputy=deputy,
+            principal_held=0,
+            deputy_held=0,
+            version=1,
+            updated_at=now(),
+        )
         done = await self.session.execute(
-            update(leader_posts)
-            .where(
-                *key,
-                leader_posts.c.principal_held <= principal,
-                leader_posts.c.deputy_held <= deputy,
-            )
-            .values(
-                principal=principal,
-                deputy=deputy,
-                version=leader_posts.c.version + 1,
-                updated_at=now(),
-            )
-        )
-        if done.rowcount == 1:  # type: ignore[attr-defined]
-            return True
-        if (await self.session.execute(select(func.count()).where(*key))).scalar_one():
-            return False
-        await self.session.execute(
-            insert(leader_posts).values(
-                org_id=str(org_id),
-                unit_id=_unit_key(unit_id),
-                principal=principal,
-                deputy=deputy,
-                principal_held=0,
-                deputy_held=0,
-                version=1,
-                updated_at=now(),
+            stmt.on_conflict_do_update(
+                index_elements=["org_id", "unit_id"],
+                set_={
+                    "principal": principal,
+                    "deputy": deputy,
+                    "version": leader_posts.c.version + 1,
+                    "updated_at": now(),
+                },
+                where=(leader_posts.c.principal_held <= principal)
+                & (leader_posts.c.deputy_held <= deputy),
             )
         )
-        return True
+        return done.rowcount == 1  # type: ignore[attr-defined]
 
     # reservations and occupation ----------------------------------------------------------
     # Each change is one conditional UPDATE: occupied + reserved <= approved is checked by the
