@@ -384,22 +384,6 @@ def _connect_sqlite(database: str, *, inline: bool = False, **kwargs: Any) -> _O
     return connection
 
 
-def insert_ignoring_duplicates(
-    session: AsyncSession,
-    table: Table,
-    values: Sequence[dict[str, Any]] | None = None,
-    *,
-    on: Sequence[str] | None = None,
-) -> Insert:
-    """``INSERT … ON CONFLICT DO NOTHING`` in the session's dialect (PostgreSQL or SQLite), on
-    the unique key ``on`` (any unique key when not given); add ``.returning(…)`` to learn which
-    rows went in."""
-    stmt = dialect_insert(session, table)
-    if values is not None:
-        stmt = stmt.values(list(values))
-    return stmt.on_conflict_do_nothing(index_elements=list(on) if on else None)
-
-
 def dialect_insert(session: AsyncSession, table: Table) -> Any:
     """An ``INSERT`` of the session's dialect (PostgreSQL or SQLite), which has
     ``on_conflict_do_nothing`` and ``on_conflict_do_update``."""
@@ -414,10 +398,13 @@ def ignoring_duplicates(
     on: Sequence[str] | None = None,
     returning: ColumnElement[Any] | tuple[ColumnElement[Any], ...] | None = None,
 ) -> Insert:
-    """``insert_ignoring_duplicates`` for hot paths: built once per dialect and table, its rows
-    given at execution (``session.execute(stmt, rows)``); building a statement with its values,
-    and its cache key from them, every time costs more than running it. ``returning``: a column
-    or a tuple of them (made once, as module constants: they are part of the cache key)."""
+    """``INSERT … ON CONFLICT DO NOTHING`` in the dialect of ``bind`` (PostgreSQL or SQLite), on
+    the unique key ``on`` (any unique key when not given), built once per dialect and table: its
+    rows are given at execution (``insert_rows(session, stmt, rows)``). A statement built with
+    its values costs more to build, and to make a cache key of, than to run; and one with a
+    list of rows (a multi-row ``VALUES``) has no cache key at all, so SQLAlchemy compiles it
+    again every time. ``returning``: a column or a tuple of them (made once, as module
+    constants: they are part of the cache key), to learn which rows went in."""
     dialect = (bind if isinstance(bind, AsyncConnection) else bind.get_bind()).dialect.name
     if returning is None:
         columns: tuple[ColumnElement[Any], ...] = ()

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from contracts.base import Event
 from contracts.codes import Category, OrgKind, OrgStatus
@@ -47,6 +47,7 @@ from tests.component.test_orgs_handlers import (
     stored_results,
 )
 from tests.conftest import service_settings
+from tests.support.sql import recorded, uncached
 
 ADMIN = {"actorid": "wang.fang", "actorregion": "130100", "actorroles": "admin"}
 SECRET = "whsec-0123456789abcdef"
@@ -343,32 +344,25 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
     org_id = uuid.uuid4()
     await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
 
-    statements: list[str] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        statements.append(statement)
-
     def reads(table: str) -> int:
-        return sum(1 for s in statements if s.lstrip().startswith("SELECT") and table in s)
+        return sum(1 for e in seen if e.reads(table))
 
-    event.listen(notify.engine.sync_engine, "before_cursor_execute", seen)
-    try:
+    with recorded(notify.engine) as seen:
         await feeds[QUOTA_EVENTS].process_batch(
             [quota_raw(quota_approved(org_id, n)) for n in range(1, 6)]
         )
         # Each event is placed (one division look-up each) for the one subscription of its type.
-        assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 5)
+        assert (reads("subscriptions"), reads("org_divisions")) == (1, 5)
+        assert uncached(seen) == []  # the events and what is owed for them: compiled once
         assert len(await delivery_rows(notify, quota_city)) == 5
         res = await command(notify, Unsubscribe(subscription_id=quota_city))
         assert res.type == COMPLETED, res.data
         # With no subscription to quota's events, a fetch of them places nothing.
-        statements.clear()
+        seen.clear()
         await feeds[QUOTA_EVENTS].process_batch(
             [quota_raw(quota_approved(org_id, n)) for n in range(6, 11)]
         )
-        assert (reads("FROM subscriptions"), reads("FROM org_divisions")) == (1, 0)
-    finally:
-        event.remove(notify.engine.sync_engine, "before_cursor_execute", seen)
+        assert (reads("subscriptions"), reads("org_divisions")) == (1, 0)
     assert len(await delivery_rows(notify, orgs_city)) == 1  # its OrgRegistered only
 
 

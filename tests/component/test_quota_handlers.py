@@ -8,17 +8,15 @@ checked. The queries are called on the service's router.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event as sa_event
 from sqlalchemy import select, update
 
 from contracts.base import Event, Message
@@ -63,6 +61,7 @@ from tests.component.test_orgs_handlers import (
     stored_results,
 )
 from tests.conftest import service_settings
+from tests.support.sql import recorded
 
 DOC = Document(title="关于核定编制的批复", number="冀编〔2026〕7号", date=date(2026, 2, 1))
 DAY = date(2026, 2, 1)
@@ -170,29 +169,6 @@ async def rejected(rt: ServiceRuntime, payload: Message, code: str, **actor: Any
 
 async def ledger_size(rt: ServiceRuntime) -> int:
     return await count(rt, quota_ledger)
-
-
-@contextlib.contextmanager
-def statements(rt: ServiceRuntime) -> Iterator[list[str]]:
-    """The SQL statements ``rt`` runs inside the block, upper-cased and on one line."""
-    seen: list[str] = []
-
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(" ".join(statement.split()).upper())
-
-    engine = rt.engine.sync_engine
-    sa_event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        sa_event.remove(engine, "before_cursor_execute", record)
-
-
-def writes(seen: list[str], table: str) -> list[str]:
-    """The statements of ``seen`` that write ``table`` (a word of each: INSERT or UPDATE)."""
-    return [
-        s.split()[0] for s in seen if s.startswith((f"INSERT INTO {table} ", f"UPDATE {table} "))
-    ]
 
 
 def approve(org_id: uuid.UUID, approved: int, category: str = "admin", **kw: Any) -> ApproveQuota:
@@ -486,9 +462,9 @@ async def test_every_limited_enclosing_region_is_checked_with_one_read_of_the_to
     await completed(quota, approve(c, 40))
     await completed(quota, approve(b, 30))
 
-    with statements(quota) as seen:
+    with recorded(quota.engine) as seen:
         await completed(quota, approve(a, 15))
-    assert len([s for s in seen if s.startswith("SELECT") and "DIVISION_TOTALS" in s]) == 1
+    assert len([e for e in seen if e.reads("division_totals")]) == 1
     # Each region is still judged by its own total: the county (15 of 20), the city (45 of
     # 50) and the province (85 of 100).
     details = await rejected(quota, approve(a, 21), "region_limit_exceeded")
@@ -658,12 +634,12 @@ async def test_a_first_approval_or_leader_post_setting_writes_its_row_in_one_sta
 ) -> None:
     a = await org(projection)
     for times in ("first", "again"):
-        with statements(quota) as seen:
+        with recorded(quota.engine) as seen:
             await completed(quota, approve(a, 5 if times == "first" else 7))
-        assert writes(seen, "ESTABLISHMENT") == ["INSERT"], times
-        with statements(quota) as seen:
+        assert [w for e in seen if (w := e.writes("establishment"))] == ["INSERT"], times
+        with recorded(quota.engine) as seen:
             await completed(quota, posts(a, 1, 2 if times == "first" else 3))
-        assert writes(seen, "LEADER_POSTS") == ["INSERT"], times
+        assert [w for e in seen if (w := e.writes("leader_posts"))] == ["INSERT"], times
     assert await approved(quota, a) == 7
     body = await get(quota, f"/orgs/{a}/establishment")
     assert body["leader_posts"] == [

@@ -22,9 +22,13 @@ from tests.component.test_quota_handlers import (
     completed,
     events,
     get,
+    limit,
     org,
+    posts,
     rejected,
+    transfer,
 )
+from tests.support.sql import recorded, uncached
 
 FAR = date(2099, 12, 31)
 
@@ -180,3 +184,22 @@ async def test_the_periodic_sweep_expires_lapsed_notices(
     assert event.source.endswith("/quota")
     assert event.data["remaining"] == 2
     assert expiry.sweep_expired_notices in quota.definition.background
+
+
+async def test_every_statement_of_quotas_commands_is_compiled_once(quota, projection) -> None:
+    # A statement SQLAlchemy can make no cache key for (one with a multi-row VALUES, say) is
+    # compiled again at every execution, which costs more than running it.
+    a = await org(projection)
+    b = await org(projection, division_code="130104", name="桥西区财政局")
+    with recorded(quota.engine) as seen:
+        await completed(quota, limit("130100", 50))
+        await completed(quota, approve(a, 10))
+        await completed(quota, approve(a, 12))
+        await completed(quota, transfer(a, b, 2))
+        await completed(quota, posts(a, 1, 2))
+        first = issue(a, 3)
+        await completed(quota, first)
+        await completed(quota, CancelQuotaUseNotice(notice_no=first.notice_no))
+        await rejected(quota, approve(b, 60), "region_limit_exceeded")
+    assert len(seen) > 30
+    assert uncached(seen) == []

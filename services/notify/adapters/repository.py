@@ -22,7 +22,7 @@ from services.notify.adapters.orm import (
 )
 from services.notify.adapters.secrets import SecretBox, SecretKeyError, is_sealed
 from services.notify.domain.model import DeliveryStatus, Subscription, SubscriptionStatus
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_rows
 
 
 def _subscription(row: Any) -> Subscription:
@@ -192,36 +192,37 @@ class DeliveryRepository:
     ) -> None:
         """Keep the event and owe it once to each subscription (again: no second row)."""
         stamp = now()
-        await self.session.execute(
-            insert_ignoring_duplicates(self.session, notify_events, on=["event_id"]).values(
-                event_id=event_id,
-                event_type=event_type,
-                topic=topic,
-                correlation_id=correlation_id,
-                body=body,
-                received_at=stamp,
-            )
+        await insert_rows(
+            self.session,
+            ignoring_duplicates(self.session, notify_events, on=("event_id",)),
+            [
+                {
+                    "event_id": event_id,
+                    "event_type": event_type,
+                    "topic": topic,
+                    "correlation_id": correlation_id,
+                    "body": body,
+                    "received_at": stamp,
+                }
+            ],
         )
-        await self.session.execute(
-            insert_ignoring_duplicates(
-                self.session, deliveries, on=["subscription_id", "event_id"]
-            ).values(
-                [
-                    {
-                        "delivery_id": new_id(),
-                        "subscription_id": str(sid),
-                        "event_id": event_id,
-                        "event_type": event_type,
-                        "attempts": 0,
-                        "status": DeliveryStatus.PENDING.value,
-                        "next_attempt_at": stamp,
-                        "created_at": stamp,
-                        "updated_at": stamp,
-                    }
-                    for sid in subscription_ids
-                ]
-            )
-        )
+        rows = [
+            {
+                "delivery_id": new_id(),
+                "subscription_id": str(sid),
+                "event_id": event_id,
+                "event_type": event_type,
+                "attempts": 0,
+                "status": DeliveryStatus.PENDING.value,
+                "next_attempt_at": stamp,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+            for sid in subscription_ids
+        ]
+        if rows:
+            owed = ignoring_duplicates(self.session, deliveries, on=("subscription_id", "event_id"))
+            await insert_rows(self.session, owed, rows)
         self.queued += len(subscription_ids)
 
     async def claim_due(
@@ -435,10 +436,10 @@ class OrgDivisions:
             update(org_divisions).where(org_divisions.c.org_id == str(org_id)).values(**values)
         )
         if updated.rowcount == 0:  # type: ignore[attr-defined]
-            await self.session.execute(
-                insert_ignoring_duplicates(self.session, org_divisions, on=["org_id"]).values(
-                    org_id=str(org_id), **values
-                )
+            await insert_rows(
+                self.session,
+                ignoring_duplicates(self.session, org_divisions, on=("org_id",)),
+                [{"org_id": str(org_id), **values}],
             )
 
     async def rename(self, org_id: UUID, name: str) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from contracts.codes import OrgStatus
 from contracts.envelope import Envelope, now
 from services.orgs.adapters.orm import org_saga_locks, org_sagas, orgs
-from services.runtime.db import insert_ignoring_duplicates
+from services.runtime.db import ignoring_duplicates, insert_rows
 
 
 class OrgSagas:
@@ -24,13 +24,10 @@ class OrgSagas:
         """Take every org for ``saga_id``; the ids already taken by another saga (then
         nothing of this call is kept: the caller refuses and rolls back)."""
         rows = [{"org_id": str(o), "saga_id": saga_id} for o in org_ids]
-        taken = (
-            await self.session.execute(
-                insert_ignoring_duplicates(
-                    self.session, org_saga_locks, rows, on=["org_id"]
-                ).returning(org_saga_locks.c.org_id)
-            )
-        ).scalars()
+        stmt = ignoring_duplicates(
+            self.session, org_saga_locks, on=("org_id",), returning=org_saga_locks.c.org_id
+        )
+        taken = (await insert_rows(self.session, stmt, rows)).scalars()
         got = set(taken)
         return sorted(str(o) for o in org_ids if str(o) not in got)
 

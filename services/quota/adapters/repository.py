@@ -54,7 +54,6 @@ from services.quota.domain.model import (
 from services.runtime.db import (
     dialect_insert,
     ignoring_duplicates,
-    insert_ignoring_duplicates,
     insert_rows,
     row_looked_up,
 )
@@ -414,12 +413,10 @@ class OrgProjection:
             .where(org_projection.c.org_id.in_(ids))
             .values(status=status.value, updated_at=stamp)
         )
-        await self.session.execute(
-            insert_ignoring_duplicates(
-                self.session,
-                org_projection,
-                [{"org_id": i, "status": status.value, "updated_at": stamp} for i in ids],
-            )
+        await insert_rows(
+            self.session,
+            ignoring_duplicates(self.session, org_projection),
+            [{"org_id": i, "status": status.value, "updated_at": stamp} for i in ids],
         )
 
 
@@ -442,12 +439,10 @@ class Ledger:
     async def lock(self, province_codes: Iterable[str], category: Category) -> None:
         """Lock the guard rows of these provinces for ``category``, in a fixed order."""
         codes = sorted(set(province_codes))
-        await self.session.execute(
-            insert_ignoring_duplicates(
-                self.session,
-                ledger_guards,
-                [{"province_code": c, "category": category.value} for c in codes],
-            )
+        await insert_rows(
+            self.session,
+            ignoring_duplicates(self.session, ledger_guards),
+            [{"province_code": c, "category": category.value} for c in codes],
         )
         await self.session.execute(
             select(ledger_guards.c.province_code)
@@ -831,26 +826,21 @@ class Notices:
         document: dict[str, Any],
     ) -> bool:
         """Keep a new notice; ``False`` if its number is taken."""
-        stmt = insert_ignoring_duplicates(
-            self.session,
-            notices,
-            [
-                {
-                    "notice_no": notice_no,
-                    "org_id": str(org_id),
-                    "category": category.value,
-                    "count": count,
-                    "used": 0,
-                    "valid_until": valid_until,
-                    "status": NoticeStatus.ISSUED.value,
-                    "document": document,
-                    "issued_at": now(),
-                    "closed_at": None,
-                    "version": 1,
-                }
-            ],
-        ).returning(notices.c.notice_no)  # type: ignore[attr-defined]
-        return (await self.session.execute(stmt)).one_or_none() is not None
+        stmt = ignoring_duplicates(self.session, notices, returning=notices.c.notice_no)
+        row = {
+            "notice_no": notice_no,
+            "org_id": str(org_id),
+            "category": category.value,
+            "count": count,
+            "used": 0,
+            "valid_until": valid_until,
+            "status": NoticeStatus.ISSUED.value,
+            "document": document,
+            "issued_at": now(),
+            "closed_at": None,
+            "version": 1,
+        }
+        return (await insert_rows(self.session, stmt, [row])).first() is not None
 
     async def use_one(
         self, notice_no: str, org_id: UUID, category: Category, on: date

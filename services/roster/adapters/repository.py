@@ -25,7 +25,6 @@ from contracts.envelope import Envelope, now
 from services.roster.adapters.orm import org_projection, people, person_history, sagas
 from services.runtime.db import (
     ignoring_duplicates,
-    insert_ignoring_duplicates,
     insert_rows,
     row_looked_up,
 )
@@ -161,10 +160,10 @@ class OrgProjection:
         )
         if done.rowcount == 0:  # type: ignore[attr-defined]
             values.setdefault("status", OrgStatus.ACTIVE.value)
-            await self.session.execute(
-                insert_ignoring_duplicates(
-                    self.session, org_projection, [{"org_id": str(org_id), **values}]
-                )
+            await insert_rows(
+                self.session,
+                ignoring_duplicates(self.session, org_projection),
+                [{"org_id": str(org_id), **values}],
             )
 
     async def set_status(self, org_ids: Iterable[UUID], status: OrgStatus) -> None:
