@@ -387,8 +387,12 @@ def _connect_sqlite(database: str, *, inline: bool = False, **kwargs: Any) -> _O
 def dialect_insert(session: AsyncSession, table: Table) -> Any:
     """An ``INSERT`` of the session's dialect (PostgreSQL or SQLite), which has
     ``on_conflict_do_nothing`` and ``on_conflict_do_update``."""
-    insert_fn = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    return insert_fn(table)
+    return _insert_of(session.get_bind().dialect.name)(table)
+
+
+def _insert_of(dialect: str) -> Any:
+    """The ``insert`` construct of ``dialect`` with ``ON CONFLICT`` (PostgreSQL or SQLite)."""
+    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
 def ignoring_duplicates(
@@ -420,8 +424,9 @@ def _ignoring_duplicates(
     on: tuple[str, ...] | None,
     returning: tuple[ColumnElement[Any], ...],
 ) -> Insert:
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert_fn(table).on_conflict_do_nothing(index_elements=list(on) if on else None)
+    stmt = _insert_of(dialect)(table).on_conflict_do_nothing(
+        index_elements=list(on) if on else None
+    )
     return stmt.returning(*returning) if returning else stmt
 
 
