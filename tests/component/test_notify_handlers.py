@@ -136,6 +136,22 @@ async def subscribed(rt: ServiceRuntime, actorregion: str = "130100", **kw: Any)
     return cmd.subscription_id
 
 
+async def in_two_cities(rt: ServiceRuntime, event_types: list[str]) -> tuple[uuid.UUID, uuid.UUID]:
+    """Subscriptions to ``event_types`` in 石家庄 (130100) and in 唐山 (130200)."""
+    city = await subscribed(rt, event_types=event_types, division_code="130100")
+    other_city = await subscribed(
+        rt, event_types=event_types, division_code="130200", actorregion="130000"
+    )
+    return city, other_city
+
+
+async def registered_org(feeds: dict[str, EventConsumer]) -> uuid.UUID:
+    """An org notify learns was registered in 长安区 (130102, in 130100)."""
+    org_id = uuid.uuid4()
+    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+    return org_id
+
+
 async def rejected(rt: ServiceRuntime, payload: Any, code: str, **actor: str) -> dict[str, Any]:
     res = await command(rt, payload, **actor)
     assert res.type == REJECTED, res.data
@@ -288,10 +304,7 @@ async def test_a_malformed_channel_is_an_invalid_message(notify: ServiceRuntime)
 async def test_events_are_queued_for_matching_subscriptions_in_their_region(
     notify: ServiceRuntime, feeds: dict[str, EventConsumer]
 ) -> None:
-    city = await subscribed(notify, event_types=["bianzhi.orgs.*"], division_code="130100")
-    other_city = await subscribed(
-        notify, event_types=["bianzhi.orgs.*"], division_code="130200", actorregion="130000"
-    )
+    city, other_city = await in_two_cities(notify, ["bianzhi.orgs.*"])
     quota_only = await subscribed(notify, event_types=["bianzhi.quota.*"])
 
     env = await feed(feeds, ORGS_EVENTS, org_registered("130102"))
@@ -309,12 +322,8 @@ async def test_events_are_queued_for_matching_subscriptions_in_their_region(
 async def test_org_events_without_a_division_are_placed_by_the_org_projection(
     notify: ServiceRuntime, feeds: dict[str, EventConsumer]
 ) -> None:
-    city = await subscribed(notify, event_types=["bianzhi.*"], division_code="130100")
-    other_city = await subscribed(
-        notify, event_types=["bianzhi.*"], division_code="130200", actorregion="130000"
-    )
-    org_id = uuid.uuid4()
-    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+    city, other_city = await in_two_cities(notify, ["bianzhi.*"])
+    org_id = await registered_org(feeds)
     renamed = await feed(
         feeds,
         ORGS_EVENTS,
@@ -341,8 +350,7 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
 ) -> None:
     orgs_city = await subscribed(notify, event_types=["bianzhi.orgs.*"], division_code="130100")
     quota_city = await subscribed(notify, event_types=["bianzhi.quota.*"], division_code="130100")
-    org_id = uuid.uuid4()
-    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+    org_id = await registered_org(feeds)
 
     def reads(table: str) -> int:
         return sum(1 for e in seen if e.reads(table))
@@ -369,12 +377,8 @@ async def test_a_fetch_of_events_reads_the_subscriptions_once_and_places_only_wa
 async def test_each_wanted_event_of_a_fetch_is_queued_for_its_subscription(
     notify: ServiceRuntime, feeds: dict[str, EventConsumer]
 ) -> None:
-    city = await subscribed(notify, event_types=["bianzhi.quota.*"], division_code="130100")
-    elsewhere = await subscribed(
-        notify, event_types=["bianzhi.quota.*"], division_code="130200", actorregion="130000"
-    )
-    org_id = uuid.uuid4()
-    await feed(feeds, ORGS_EVENTS, org_registered("130102", org_id))
+    city, elsewhere = await in_two_cities(notify, ["bianzhi.quota.*"])
+    org_id = await registered_org(feeds)
     records = [quota_raw(quota_approved(org_id, n)) for n in range(1, 4)]
     await feeds[QUOTA_EVENTS].process_batch(records)
     sent = {json.loads(r.value)["id"] for r in records}
