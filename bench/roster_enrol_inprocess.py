@@ -10,11 +10,13 @@ consumers run, in fetches of that size:
            round-robin over the orgs) to the command consumer's ``process_batch``: validation,
            blind index, encryption, person and saga rows, ``OccupySlot`` into the outbox;
   answer   quota's answers, built here as quota builds them (a ``CommandCompleted`` of each
-           ``OccupySlot`` the roster wrote, caused by it), to the results consumer's
-           ``process_batch``: saga end, person active, ``PersonEnrolled`` and its sealed
-           restricted counterpart, history, the command's result, the audit entry;
-  ignore   the roster's own ``EnrolPerson`` results, which come back on the same shared results
-           topic and are not the roster's to apply, to the same consumer.
+           ``OccupySlot`` the roster wrote, caused by it), to the consumer of the roster's
+           answers topic's ``process_batch``: saga end, person active, ``PersonEnrolled`` and
+           its sealed restricted counterpart, history, the command's result, the audit entry;
+  ignore   a roster that reads its answers from the shared results topic (a ``--baseline``
+           from before the answers topics) also gets its own ``EnrolPerson`` results back
+           there, which are not its to apply: they go to the same consumer. A roster with an
+           answers topic reads none (0).
 
 The relay does not run (it is the runtime's). Printed per phase: CPU ms per enrolment
 (``time.process_time``: this process, every thread, so the database driver's thread too) and
@@ -119,7 +121,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         uow_factory=rt.uow,
                         dead_letter=NoDeadLetters(),
                     )
-                results = consumers[COMMAND_RESULTS]
+                # The topic the roster reads quota's answers from, with its commands.
+                (answers_topic,) = [
+                    sub.topic for sub in rt.definition.event_subscriptions if sub.saga_answers
+                ]
+                results = consumers[answers_topic]
                 orgs: list[uuid.UUID] = []
                 for i in range(args.orgs):
                     org_id = uuid.uuid4()
@@ -174,7 +180,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         events=[str(uuid.uuid4())],
                     )
                     env = caused_envelope(done, step, source="/bianzhi/quota")
-                    return raw_message(COMMAND_RESULTS, env, step.id)
+                    return raw_message(answers_topic, env, step.id)
 
                 statements = 0
                 # --sql: per statement, how often and how long (wall, to the driver and back).
@@ -236,7 +242,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                         for e in await fresh(COMMAND_RESULTS)
                     ]
                     assert len(own) == n, (len(own), n)
-                    took["ignore"] = await run(chunks(own, size), results)
+                    if answers_topic == COMMAND_RESULTS:
+                        took["ignore"] = await run(chunks(own, size), results)
+                    else:
+                        took["ignore"] = (0.0, 0)
                     if warm:
                         figures["warm-up"] = True
                         continue

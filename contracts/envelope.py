@@ -37,6 +37,9 @@ class Envelope(BaseModel):
     actorregion: str | None = Field(default=None, max_length=12)
     actorroles: str | None = Field(default=None, max_length=200)
     authorization: str | None = None
+    # A saga step's sender names its answers topic here; the step's result goes there as well
+    # as to the results topic (docs/contract-extensions.md). Front-ends leave it out.
+    replyto: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
     @property

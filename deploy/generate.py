@@ -24,10 +24,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from contracts.topics import (  # noqa: E402
+    ANSWER_TOPICS,
     COMMAND_RESULTS,
     ROSTER_EVENTS_RESTRICTED,
     SERVICES,
     all_topics,
+    answers,
     commands,
     dlq,
     events,
@@ -91,22 +93,25 @@ def service_access(
 
 # Each service's row matches its services/<svc>/bootstrap.py (tests/deploy checks every existing
 # service's row against its definition() and the commands its code sends). roster projects the
-# orgs events in its projection group and reads quota's answers to its slot requests from the
-# command results with its commands, in its command group; it sends those requests (OccupySlot,
+# orgs events in its projection group and reads quota's answers to its slot requests from its
+# answers topic with its commands, in its command group; it sends those requests (OccupySlot,
 # MoveSlot, ReleaseSlot) to quota's command topic. orgs does the same for its merge and abolish
 # sagas (MergeEstablishments, CloseEstablishment), reading the answers in its projection group,
-# its only one. These sagas are the only writers of another service's commands.
+# its only one. These sagas are the only writers of another service's commands, and quota, which
+# answers them, the only writer of another service's answers topic.
 # roster alone writes its restricted events (full citizen IDs, docs/security.md §5), and only
 # finance payroll reads them: no service, front-end or downstream department may.
 ACCESS: dict[str, Access] = {
     "orgs": service_access(
-        "orgs", projections=(COMMAND_RESULTS,), extra_writes=(commands("quota"),)
+        "orgs", projections=(answers("orgs"),), extra_writes=(commands("quota"),)
     ),
-    "quota": service_access("quota", projections=(events("orgs"),)),
+    "quota": service_access(
+        "quota", projections=(events("orgs"),), extra_writes=(answers("orgs"), answers("roster"))
+    ),
     "roster": service_access(
         "roster",
         projections=(events("orgs"),),
-        answers=(COMMAND_RESULTS,),
+        answers=(answers("roster"),),
         extra_writes=(commands("quota"), ROSTER_EVENTS_RESTRICTED),
     ),
     "notify": service_access(
@@ -149,7 +154,7 @@ def retention_days(topic: str) -> int:
     # after an outage as any downstream consumer can.
     if topic.endswith(".dlq"):
         return RETENTION_DAYS["dlq"]
-    if topic == COMMAND_RESULTS:
+    if topic == COMMAND_RESULTS or topic in ANSWER_TOPICS:
         return RETENTION_DAYS["results"]
     if ".commands." in topic:
         return RETENTION_DAYS["commands"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contracts.topics import COMMAND_RESULTS
+from contracts.topics import ORGS_ANSWERS
 from services.orgs.adapters.orm import messaging, metadata
 from services.orgs.entrypoints.queries import register_queries
 from services.orgs.service_layer.handlers import COMMANDS
@@ -31,7 +31,7 @@ def definition() -> ServiceDefinition:
         migrations_dir=Path(__file__).parent / "migrations",
         register_queries=register_queries,
         # Quota's answers to the merge and abolish sagas' steps.
-        event_subscriptions=(EventSubscription(COMMAND_RESULTS, RESULT_ROUTES),),
+        event_subscriptions=(EventSubscription(ORGS_ANSWERS, RESULT_ROUTES),),
     )
 
 

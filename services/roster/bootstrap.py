@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contracts.topics import COMMAND_RESULTS, ORGS_EVENTS, ROSTER_EVENTS_RESTRICTED
+from contracts.topics import ORGS_EVENTS, ROSTER_ANSWERS, ROSTER_EVENTS_RESTRICTED
 from services.roster.adapters.orm import messaging, metadata
 from services.roster.domain.personal_data import PersonalDataCipher, load_master_key
 from services.roster.entrypoints.queries import register_queries
@@ -43,7 +43,7 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
             EventSubscription(ORGS_EVENTS, ORG_EVENTS),
             # Quota's answers to the roster's slot requests: read with its commands.
             EventSubscription(
-                COMMAND_RESULTS, RESULT_ROUTES, saga_answers=True, prepare=prepare_answers
+                ROSTER_ANSWERS, RESULT_ROUTES, saga_answers=True, prepare=prepare_answers
             ),
         ),
         background=(sweep_overdue_sagas,),

@@ -19,7 +19,7 @@ from faststream.kafka import KafkaBroker
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from contracts.topics import commands
+from contracts.topics import answers, commands
 from services.runtime import metrics
 from services.runtime.audit import command_auditor
 from services.runtime.broker import (
@@ -146,6 +146,13 @@ class ServiceRuntime:
         )
         source = f"{settings.source.rstrip('/')}/{self.name}"
         self.source = source
+        # The service reads the answers to its saga steps on its answers topic, which the steps
+        # it sends name (``replyto``), when it subscribes to that topic.
+        self.reply_to: str | None = (
+            answers(self.name)
+            if any(sub.topic == answers(self.name) for sub in definition.event_subscriptions)
+            else None
+        )
         # Signed commands and the audit chain (docs/security.md).
         self.verifier = command_verifier(self.security)
         self.auditor = command_auditor(self.name, definition.tables.audit, source, self.security)
@@ -182,19 +189,19 @@ class ServiceRuntime:
         # 12-partition consumer at 10 ms costs it 8-10 % of a core idle, two cost 16-20 %, one
         # over both topics 10-14 %). One group member reads all of a consumer's topics: a
         # member per topic in one group would make them rebalance each other.
-        answers = [sub.topic for sub in definition.event_subscriptions if sub.saga_answers]
+        answer_topics = [sub.topic for sub in definition.event_subscriptions if sub.saga_answers]
         cold = [sub.topic for sub in definition.event_subscriptions if not sub.saga_answers]
         self.subscribers: list[Any] = [
             subscribe(
                 self.broker,
-                [commands(self.name), *answers],
+                [commands(self.name), *answer_topics],
                 group_id=f"{settings.kafka_group_prefix}-{self.name}",
                 process=self._consume,
                 settings=settings,
                 fetch_max_wait_ms=settings.kafka_command_fetch_max_wait_ms,
                 max_records=settings.kafka_command_batch_size,
                 description=f"Commands of the {self.name} service"
-                + (" and the answers to its saga steps" if answers else ""),
+                + (" and the answers to its saga steps" if answer_topics else ""),
             )
         ]
         if cold:
@@ -255,6 +262,7 @@ class ServiceRuntime:
             signer=self.signer,
             sealer=self.definition.sealer,
             sealed_topics=self.definition.sealed_topics,
+            reply_to=self.reply_to,
         )
 
     async def migrate(self) -> None:

@@ -1,6 +1,7 @@
 """The command consumer: parse, authorize, handle once, answer once — or dead-letter.
 
-Every command gets exactly one result on ``bianzhi.command-results.v1``. The handler's state
+Every command gets exactly one result on ``bianzhi.command-results.v1`` (a saga step also on
+the answers topic its sender names, ``UnitOfWork.stage_result``). The handler's state
 changes, its events, the result and the inbox record commit in one transaction; a re-sent command
 id re-emits the stored result and changes nothing. The commands of one fetch share a
 transaction unless a handler refuses one of them.
@@ -20,7 +21,6 @@ from contracts.base import Command, Message
 from contracts.codes import ReasonCode
 from contracts.envelope import Envelope, now
 from contracts.results import CommandCompleted, CommandRejected
-from contracts.topics import COMMAND_RESULTS
 from services.runtime import metrics
 from services.runtime.messaging import (
     CommandRoute,
@@ -271,7 +271,7 @@ class CommandConsumer(Consumer):
                     if again is None and env.id in stored:
                         again = Envelope.from_bytes(stored[env.id])
                     if again is not None:
-                        uow.stage(again, COMMAND_RESULTS, env.id)
+                        uow.stage_result(env, again)
                     outcomes.append("duplicate")
                     continue
                 if p.rejection is not None:
@@ -306,7 +306,7 @@ class CommandConsumer(Consumer):
                 handled.add(env.id)
                 results[env.id] = result_env
                 to_store.append((env, result_env, code))
-                uow.stage(result_env, COMMAND_RESULTS, env.id)
+                uow.stage_result(env, result_env)
                 outcomes.append("rejected" if code else "completed")
             await uow.store_results(to_store)
             await uow.commit()
@@ -356,7 +356,7 @@ class CommandConsumer(Consumer):
                     if not ctx.deferred:
                         result_env = self._completed_envelope(env, command, ctx)
                         await uow.store_result(env, result_env, None)
-                        uow.stage(result_env, COMMAND_RESULTS, env.id)
+                        uow.stage_result(env, result_env)
                     await uow.commit()
         if duplicate:
             return await self._reemit(env)
@@ -374,7 +374,7 @@ class CommandConsumer(Consumer):
             if not duplicate:
                 result_env = self._rejected_envelope(env, rej)
                 await uow.store_result(env, result_env, rej.code.value)
-                uow.stage(result_env, COMMAND_RESULTS, env.id)
+                uow.stage_result(env, result_env)
                 await uow.commit()
         if duplicate:
             return await self._reemit(env)
@@ -388,7 +388,7 @@ class CommandConsumer(Consumer):
         async with self.uow_factory() as uow:
             stored = await uow.stored_result(env.id)
             if stored is not None:
-                uow.stage(Envelope.from_bytes(stored), COMMAND_RESULTS, env.id)
+                uow.stage_result(env, Envelope.from_bytes(stored))
                 await uow.commit()
         log.info("duplicate command, stored result re-emitted", had_result=stored is not None)
         return "duplicate"
@@ -432,5 +432,5 @@ async def finish_command(
         metrics.COMMANDS_REJECTED.labels(source.rsplit("/", 1)[-1], rejection.code.value).inc()
     env = result_envelope(command, result, source)
     await uow.store_result(command, env, rejection.code.value if rejection else None)
-    uow.stage(env, COMMAND_RESULTS, command.id)
+    uow.stage_result(command, env)
     return env

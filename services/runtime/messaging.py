@@ -195,7 +195,7 @@ class EventRoute:
     model: type[Event]
     handler: EventHandler
     # A cheap filter run before any database work: events it refuses are acknowledged and
-    # ignored (a saga reads only the results of its own steps from the shared results topic).
+    # ignored (a saga applies only the results of its own steps' types).
     accept: Callable[[Any], bool] | None = None
 
 

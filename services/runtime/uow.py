@@ -9,12 +9,13 @@ from functools import cache
 from types import TracebackType
 from typing import Any, Self
 
+import structlog
 from sqlalchemy import Insert, Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
-from contracts.topics import SERVICES, commands
+from contracts.topics import ANSWER_TOPICS, COMMAND_RESULTS, SERVICES, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
 from services.runtime.db import ignoring_duplicates, insert_rows
 from services.runtime.prepared import Kept
@@ -24,6 +25,7 @@ from services.runtime.tables import MessagingTables
 
 # Commands one service sends another (saga steps) are signed like a front-end's.
 COMMAND_TOPICS = frozenset(commands(s) for s in SERVICES)
+log = structlog.get_logger("bianzhi.uow")
 
 
 class UnitOfWork:
@@ -46,8 +48,11 @@ class UnitOfWork:
         signer: Callable[[Envelope], Envelope] | None = None,
         sealer: Sealer | None = None,
         sealed_topics: frozenset[str] = frozenset(),
+        reply_to: str | None = None,
     ) -> None:
         self._sessions = sessions
+        # This service's answers topic, named by the commands it sends (its saga steps).
+        self.reply_to = reply_to
         # Appends each stored result's command to the audit chain, in this transaction.
         self._auditor = auditor
         # Signs the commands this service sends (when it has a signing key).
@@ -183,15 +188,36 @@ class UnitOfWork:
 
     def stage(self, envelope: Envelope, topic: str, key: str | None) -> None:
         """Queue ``envelope`` for the outbox; written at ``commit()``. A command for another
-        service is signed here when this service has a signing key."""
-        if self._signer is not None and topic in COMMAND_TOPICS:
-            envelope = self._signer(envelope)
+        service names this service's answers topic (``replyto``) when it has one, and is
+        signed here when this service has a signing key."""
+        if topic in COMMAND_TOPICS:
+            if self.reply_to is not None and envelope.replyto is None:
+                envelope = envelope.model_copy(update={"replyto": self.reply_to})
+            if self._signer is not None:
+                envelope = self._signer(envelope)
         row = outbox_row(envelope, topic, key)
         if topic in self._sealed_topics:
             assert self._sealer is not None
             row["value"], label = self._sealer.seal(row["value"], topic)
             row["headers"] = {**row["headers"], SEALED_HEADER: label}
         self._staged.append(row)
+
+    def stage_result(self, command: Envelope, result: Envelope) -> None:
+        """Queue ``command``'s result: on the results topic, keyed by the command's id, and on
+        the answers topic the command names in ``replyto`` (a saga step's sender reads its
+        answers there). A ``replyto`` naming anything but an answers topic is not followed."""
+        self.stage(result, COMMAND_RESULTS, command.id)
+        reply_to = command.replyto
+        if reply_to is None:
+            return
+        if reply_to in ANSWER_TOPICS:
+            self.stage(result, reply_to, command.id)
+        else:
+            log.warning(
+                "reply topic not followed: not an answers topic",
+                message_id=command.id,
+                replyto=reply_to[:250],
+            )
 
     @property
     def staged(self) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The roster and quota services without Kafka, wired by hand: what the roster writes to its
-outbox for quota is fed to quota's command consumer, quota's results to the roster's results
+outbox for quota is fed to quota's command consumer, quota's answers to the roster's answers
 consumer, as the broker would carry them (SQLite and PostgreSQL).
 """
 
@@ -31,6 +31,7 @@ from contracts.topics import (
     COMMAND_RESULTS,
     ORGS_EVENTS,
     QUOTA_COMMANDS,
+    ROSTER_ANSWERS,
     ROSTER_COMMANDS,
     ROSTER_EVENTS,
 )
@@ -96,7 +97,7 @@ class Platform:
         self.roster = roster
         self.quota_orgs = consumer(quota, ORGS_EVENTS)
         self.roster_orgs = consumer(roster, ORGS_EVENTS)
-        self.roster_results = consumer(roster, COMMAND_RESULTS)
+        self.roster_answers = consumer(roster, ROSTER_ANSWERS)
         self.carried: dict[str, set[int]] = {"quota": set(), "roster": set()}
 
     async def org(
@@ -144,7 +145,8 @@ class Platform:
         await self.quota.command_consumer.process(raw(QUOTA_COMMANDS, env))
         res = await self.result(self.quota, env.id)
         assert res.type == COMPLETED, res.data
-        await self._uncarried(self.quota, COMMAND_RESULTS)  # front-end results: not the roster's
+        # A front end's command is answered on the results topic only, not on the roster's answers.
+        assert not await self._uncarried(self.quota, ROSTER_ANSWERS)
 
     async def send(self, payload: Message, *, pump: bool = True, **actor: Any) -> Envelope:
         env = payload.envelope(source="/tests", **{**CLERK, **actor})
@@ -163,9 +165,9 @@ class Platform:
                     raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
                 )
                 step += 1
-            for row in await self._uncarried(self.quota, COMMAND_RESULTS):
-                await self.roster_results.process(
-                    raw(COMMAND_RESULTS, Envelope.from_bytes(row.value))
+            for row in await self._uncarried(self.quota, ROSTER_ANSWERS):
+                await self.roster_answers.process(
+                    raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
                 )
                 step += 1
             if not step:
@@ -184,6 +186,14 @@ class Platform:
         fresh = [r for r in rows if r.seq not in done]
         done.update(r.seq for r in fresh)
         return fresh
+
+    async def _rows(self, rt: ServiceRuntime, topic: str | None = None) -> list[Any]:
+        table = rt.definition.tables.outbox
+        query = select(table).order_by(table.c.seq)
+        if topic is not None:
+            query = query.where(table.c.topic == topic)
+        async with rt.sessions() as session:
+            return list((await session.execute(query)).all())
 
     async def result(self, rt: ServiceRuntime, command_id: str) -> Envelope:
         found = await self.outbox(rt, COMMAND_RESULTS, key=command_id)
@@ -417,12 +427,12 @@ async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_o
             raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
         )
     answers = [
-        raw(COMMAND_RESULTS, Envelope.from_bytes(row.value))
-        for row in await platform._uncarried(platform.quota, COMMAND_RESULTS)
+        raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
+        for row in await platform._uncarried(platform.quota, ROSTER_ANSWERS)
     ]
     # Quota's answers in one fetch, then again (redelivered): each saga ends once.
-    await platform.roster_results.process_batch(answers)
-    await platform.roster_results.process_batch(answers)
+    await platform.roster_answers.process_batch(answers)
+    await platform.roster_answers.process_batch(answers)
     for cmd in (cmds[0], cmds[2]):
         res = await platform.result(platform.roster, cmd.id)
         assert res.type == COMPLETED, res.data
@@ -512,8 +522,8 @@ async def test_a_fetch_of_answers_ends_its_sagas_in_a_few_statements_as_one_by_o
             raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
         )
     answers = [
-        raw(COMMAND_RESULTS, Envelope.from_bytes(row.value))
-        for row in await platform._uncarried(platform.quota, COMMAND_RESULTS)
+        raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
+        for row in await platform._uncarried(platform.quota, ROSTER_ANSWERS)
     ]
     assert len(answers) == 7  # the late occupation, its release, five answers
     statements: list[str] = []
@@ -524,7 +534,7 @@ async def test_a_fetch_of_answers_ends_its_sagas_in_a_few_statements_as_one_by_o
     engine = platform.roster.engine.sync_engine
     sa_event.listen(engine, "before_cursor_execute", count)
     try:
-        await platform.roster_results.process_batch(answers)
+        await platform.roster_answers.process_batch(answers)
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     # Two statements end the waiting sagas (completed, rejected), one per effective date
@@ -661,8 +671,8 @@ async def test_redelivered_commands_and_answers_count_once(platform: Platform) -
     await platform.roster.command_consumer.process(raw(ROSTER_COMMANDS, env))  # before quota
     await platform.pump()
     # Quota's answers delivered again change nothing either.
-    for answer in await platform.outbox(platform.quota, COMMAND_RESULTS):
-        await platform.roster_results.process(raw(COMMAND_RESULTS, answer))
+    for answer in await platform.outbox(platform.quota, ROSTER_ANSWERS):
+        await platform.roster_answers.process(raw(ROSTER_ANSWERS, answer))
     await platform.roster.command_consumer.process(raw(ROSTER_COMMANDS, env))  # after the end
     await platform.pump()
     results = await platform.results(platform.roster, env.id)
@@ -670,6 +680,75 @@ async def test_redelivered_commands_and_answers_count_once(platform: Platform) -
     assert results[0].id == results[1].id
     assert len(await platform.events("PersonEnrolled")) == 1
     assert await platform.counts(org_id) == (5, 1, 2)
+
+
+async def test_quota_answers_the_roster_steps_on_its_answers_topic_as_well_as_the_results(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org(approved=1)
+    notice_no = await platform.notice(org_id, 1)
+    first = await platform.send(enrol(citizen(), org_id, notice_no), pump=False)
+    second = await platform.send(enrol(citizen(), org_id, notice_no), pump=False)
+    steps = await platform._uncarried(platform.roster, QUOTA_COMMANDS)
+    assert [Envelope.from_bytes(r.value).replyto for r in steps] == [
+        ROSTER_ANSWERS,
+        ROSTER_ANSWERS,
+    ]
+    for row in steps:
+        await platform.quota.command_consumer.process(
+            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+        )
+    # The first takes the only place, the second is refused: each answer is on both topics,
+    # the same envelope keyed by the step's id.
+    answers = await platform.outbox(platform.quota, ROSTER_ANSWERS)
+    results = [
+        r
+        for r in await platform.outbox(platform.quota, COMMAND_RESULTS)
+        if r.data["command_type"] == "bianzhi.quota.OccupySlot.v1"
+    ]
+    assert [a.to_bytes() for a in answers] == [r.to_bytes() for r in results]
+    assert [a.type for a in answers] == [COMPLETED, REJECTED]
+    assert answers[1].data["code"] in {"no_vacancy", "notice_exhausted"}
+    step_ids = [Envelope.from_bytes(r.value).id for r in steps]
+    assert [a.data["command_id"] for a in answers] == step_ids
+    keys = [r.key for r in await platform._rows(platform.quota, ROSTER_ANSWERS)]
+    assert keys == step_ids
+    # A step delivered again gets its stored answer again, on both topics.
+    await platform.quota.command_consumer.process(
+        raw(QUOTA_COMMANDS, Envelope.from_bytes(steps[0].value))
+    )
+    again = await platform.outbox(platform.quota, ROSTER_ANSWERS)
+    assert [a.id for a in again] == [answers[0].id, answers[1].id, answers[0].id]
+    assert len(await platform.results(platform.quota, step_ids[0])) == 2
+    await platform.pump()
+    assert (await platform.result(platform.roster, first.id)).type == COMPLETED
+    assert (await platform.result(platform.roster, second.id)).type == REJECTED
+
+
+async def test_a_replyto_naming_anything_but_an_answers_topic_is_not_followed(
+    platform: Platform,
+) -> None:
+    org_id = await platform.org(approved=0)
+    approve = ApproveQuota(
+        org_id=org_id, category=Category.ADMIN, approved=3, document=DOC, effective_date=DOC.date
+    )
+    env = approve.envelope(source="/tests", **APPROVER).model_copy(
+        update={"replyto": ROSTER_EVENTS}
+    )
+    await platform.quota.command_consumer.process(raw(QUOTA_COMMANDS, env))
+    assert (await platform.result(platform.quota, env.id)).type == COMPLETED
+    topics = {r.topic for r in await platform._rows(platform.quota)}
+    assert ROSTER_EVENTS not in topics and ROSTER_ANSWERS not in topics
+    # A front end's command naming the roster's answers topic is answered there too: the roster
+    # passes over an answer that ends none of its sagas, as it always has.
+    env = approve.envelope(source="/tests", **APPROVER).model_copy(
+        update={"replyto": ROSTER_ANSWERS}
+    )
+    await platform.quota.command_consumer.process(raw(QUOTA_COMMANDS, env))
+    (answer,) = await platform.outbox(platform.quota, ROSTER_ANSWERS)
+    await platform.roster_answers.process(raw(ROSTER_ANSWERS, answer))
+    async with platform.roster.sessions() as session:
+        assert (await session.execute(select(func.count()).select_from(sagas))).scalar() == 0
 
 
 async def test_an_unanswered_enrolment_times_out_and_a_late_occupation_is_undone(
@@ -847,7 +926,7 @@ async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: 
         await platform.quota.command_consumer.process(
             raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
         )
-    answer = await platform._uncarried(platform.quota, COMMAND_RESULTS)  # not yet delivered
+    answer = await platform._uncarried(platform.quota, ROSTER_ANSWERS)  # not yet delivered
     later = datetime.now(UTC) + timedelta(hours=1)
     assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
     await platform.pump()
@@ -856,7 +935,7 @@ async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: 
     assert len(await platform.events("PersonReleased")) == 1
     # The step's own answer, late, changes nothing.
     for row in answer:
-        await platform.roster_results.process(raw(COMMAND_RESULTS, Envelope.from_bytes(row.value)))
+        await platform.roster_answers.process(raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value)))
     assert len(await platform.results(platform.roster, cmd.id)) == 1
     assert len(await platform.events("PersonReleased")) == 1
     assert await platform.counts(source) == (5, 0, 0)

@@ -31,6 +31,7 @@ from contracts.topics import (
     ROSTER_EVENTS_RESTRICTED,
     SERVICES,
     all_topics,
+    answers,
     commands,
     dlq,
     events,
@@ -775,6 +776,12 @@ def messages_built_by(svc: str) -> dict[str, set[str]]:
     return built
 
 
+def subscribed_by(svc: str) -> set[str]:
+    """The topics whose messages ``svc``'s definition subscribes to, besides its commands."""
+    definition = importlib.import_module(f"services.{svc}.bootstrap").definition()
+    return {sub.topic for sub in definition.event_subscriptions}
+
+
 def test_the_message_scan_sees_what_a_service_sends() -> None:
     """The derivation below can fail: it finds orgs' events and roster's slot requests, and
     nothing of another service's events anywhere."""
@@ -803,12 +810,18 @@ def test_service_acls_are_exactly_what_the_service_consumes_and_produces(
     # e.g. roster's slot requests to quota), and the dead letters of what it consumes
     produced = {events(svc), COMMAND_RESULTS} | set(messages_built_by(svc))
     produced |= {dlq(topic) for topic, _ in consumed}
+    # and the answers topic of every service whose saga steps it handles, which those steps
+    # name (``replyto``) when their sender reads its answers there
+    produced |= {
+        answers(other)
+        for other in DEPLOYED
+        if commands(svc) in messages_built_by(other) and answers(other) in subscribed_by(other)
+    }
     expected: dict[tuple[str, str, str], set[str]] = {}
     for topic, group in consumed:
         expected.setdefault(("topic", topic, "literal"), set()).update({"Read", "Describe"})
         expected.setdefault(("group", group, "literal"), set()).add("Read")
-    # a topic both read and written (roster reads quota's answers from the command results it
-    # also writes to) holds both sets of operations
+    # a topic both read and written would hold both sets of operations
     for topic in produced:
         expected.setdefault(("topic", topic, "literal"), set()).update({"Write", "Describe"})
     user = named(prod, "KafkaUser", generate.user_name(svc))

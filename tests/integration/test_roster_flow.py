@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,9 +29,13 @@ from contracts.codes import Category, EntryMethod, ReleaseReason
 from contracts.common import Document
 from contracts.envelope import CONTENT_TYPE, Envelope
 from contracts.identifiers import compose_citizen_id, mask_citizen_id
+from contracts.orgs import AbolishOrg, MergeOrgs
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice
 from contracts.roster import EnrolPerson, ReleasePerson, TransferPerson, UpdatePerson
 from contracts.topics import (
+    COMMAND_RESULTS,
+    ORGS_ANSWERS,
+    ROSTER_ANSWERS,
     ROSTER_COMMANDS,
     ROSTER_EVENTS,
     ROSTER_EVENTS_RESTRICTED,
@@ -337,3 +342,113 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
         assert not found, f"a full citizen ID appears in a topic or log: {number} in {found}"
     for number in numbers:
         assert mask_citizen_id(number) in text
+
+
+async def test_merge_and_abolish_through_the_broker_answered_on_the_answers_topics(
+    services: tuple[ServiceRuntime, ServiceRuntime], client: CommandClient
+) -> None:
+    """The sagas of orgs (merge, abolish) and of the roster (enrol) on the real broker: quota
+    answers each saga step on its sender's answers topic as well as on the results, and each
+    sender reads its answers there; a front end's command is answered on the results only."""
+    quota, roster = services
+    target, source, empty = (
+        register_org(),
+        register_org(name="石家庄市长安区审计局"),
+        register_org(name="石家庄市长安区档案局"),
+    )
+    for org in (target, source, empty):
+        await done(client, await client.send(org))
+    async with http(quota) as quota_api, http(roster) as roster_api:
+
+        async def projected() -> bool:
+            for org in (target, source):
+                if (await quota_api.get(f"/orgs/{org.org_id}/establishment")).status_code != 200:
+                    return False
+            return True
+
+        await wait_for(projected, timeout=20)
+        fronts = []
+        for org in (target, source):
+            fronts.append(
+                await client.send(
+                    ApproveQuota(
+                        org_id=org.org_id,
+                        category=Category.ADMIN,
+                        approved=4,
+                        document=DOC,
+                        effective_date=DOC.date,
+                    )
+                )
+            )
+            await done(client, fronts[-1])
+        notice = IssueQuotaUseNotice(
+            notice_no=f"长编用〔2026〕{uuid.uuid4().hex[:6]}号",
+            org_id=source.org_id,
+            category=Category.ADMIN,
+            count=2,
+            valid_until=date(2099, 1, 1),
+            document=DOC,
+        )
+        await done(client, await client.send(notice))
+        enrolment = await client.send(
+            EnrolPerson(
+                citizen_id=compose_citizen_id("130102", date(1988, 8, 8), 31),
+                name="刘洋",
+                org_id=source.org_id,
+                category=Category.ADMIN,
+                notice_no=notice.notice_no,
+                entry_method=EntryMethod.EXAM,
+                effective_date=date(2026, 3, 1),
+            ),
+            **CLERK,
+        )
+        person_id = str((await done(client, enrolment))["subject"])
+
+        merge = await client.send(
+            MergeOrgs(source_org_ids=[source.org_id], target_org_id=target.org_id, document=DOC)
+        )
+        await done(client, merge)
+        abolished = await client.send(AbolishOrg(org_id=empty.org_id, document=DOC))
+        await done(client, abolished)
+        refused = await client.result(
+            await client.send(AbolishOrg(org_id=target.org_id, document=DOC)), timeout=30
+        )
+        assert (refused.type, refused.data["code"]) == (REJECTED, "org_not_empty")
+
+        est = (await quota_api.get(f"/orgs/{target.org_id}/establishment")).json()
+        assert [(c["approved"], c["occupied"]) for c in est["categories"]] == [(8, 1)]
+
+        async def moved() -> bool:
+            listed = (await roster_api.get(f"/orgs/{target.org_id}/people")).json()
+            return [p["person_id"] for p in listed["people"]] == [person_id]
+
+        await wait_for(moved, timeout=20)
+
+    def answered(records: list[Any]) -> list[tuple[str, str]]:
+        envs = [Envelope.from_bytes(r.value) for r in records]
+        return sorted((e.data["command_type"].split(".")[-2], e.type.split(".")[-2]) for e in envs)
+
+    orgs_answers = await read_topic(client.bootstrap, ORGS_ANSWERS)
+    assert answered(orgs_answers) == [
+        ("CloseEstablishment", "CommandCompleted"),
+        ("CloseEstablishment", "CommandRejected"),
+        ("MergeEstablishments", "CommandCompleted"),
+    ]
+    roster_answers = await read_topic(client.bootstrap, ROSTER_ANSWERS)
+    assert answered(roster_answers) == [("OccupySlot", "CommandCompleted")]
+    # Each answer is the step's result as it is on the results topic, keyed by the step's id.
+    results = {
+        Envelope.from_bytes(r.value).id: r
+        for r in await read_topic(client.bootstrap, COMMAND_RESULTS)
+    }
+    for record in [*orgs_answers, *roster_answers]:
+        answer = Envelope.from_bytes(record.value)
+        assert record.key == answer.data["command_id"].encode()
+        assert results[answer.id].value == record.value
+    # The front end's commands were answered on the results only.
+    sent = {*fronts, enrolment, merge, abolished}
+    assert sent <= {Envelope.from_bytes(r.value).data["command_id"] for r in results.values()}
+    in_answers = {
+        Envelope.from_bytes(r.value).data["command_id"] for r in [*orgs_answers, *roster_answers]
+    }
+    assert not sent & in_answers

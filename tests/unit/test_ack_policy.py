@@ -15,12 +15,13 @@ import pytest
 from faststream import AckPolicy
 
 from contracts.topics import (
-    COMMAND_RESULTS,
     NOTIFY_COMMANDS,
+    ORGS_ANSWERS,
     ORGS_COMMANDS,
     ORGS_EVENTS,
     QUOTA_COMMANDS,
     QUOTA_EVENTS,
+    ROSTER_ANSWERS,
     ROSTER_COMMANDS,
     ROSTER_EVENTS,
 )
@@ -96,17 +97,17 @@ def test_the_command_subscriber_uses_the_configured_consumer_timings(tmp_path: P
         (
             "roster",
             {
-                (ROSTER_COMMANDS, COMMAND_RESULTS): ("bz-roster", 7),
+                (ROSTER_COMMANDS, ROSTER_ANSWERS): ("bz-roster", 7),
                 (ORGS_EVENTS,): ("bz-roster-projection", 300),
             },
         ),
-        # Orgs' sagas (merge, abolish) are rare and its projection would wake for every result
-        # of its own; quota and notify only follow other services.
+        # Orgs' sagas (merge, abolish) are rare: their answers wait with its projections.
+        # Quota and notify send no saga steps and only follow other services.
         (
             "orgs",
             {
                 (ORGS_COMMANDS,): ("bz-orgs", 7),
-                (COMMAND_RESULTS,): ("bz-orgs-projection", 300),
+                (ORGS_ANSWERS,): ("bz-orgs-projection", 300),
             },
         ),
         (
@@ -158,19 +159,19 @@ async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_orde
         return process_batch
 
     monkeypatch.setattr(runtime.command_consumer, "process_batch", recorder("commands"))
-    monkeypatch.setattr(runtime.projections[COMMAND_RESULTS], "process_batch", recorder("answers"))
+    monkeypatch.setattr(runtime.projections[ROSTER_ANSWERS], "process_batch", recorder("answers"))
     (hot,) = [s for s in subscribers_of(runtime) if ROSTER_COMMANDS in s.topic_names]
     fetch = [
         RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
         for topic, offset in [
             (ROSTER_COMMANDS, 1),
-            (COMMAND_RESULTS, 10),
+            (ROSTER_ANSWERS, 10),
             (ROSTER_COMMANDS, 2),
-            (COMMAND_RESULTS, 11),
-            (COMMAND_RESULTS, 12),
+            (ROSTER_ANSWERS, 11),
+            (ROSTER_ANSWERS, 12),
         ]
     ]
     await runtime._consume(fetch)
     # One batch per topic (one transaction each), every record once, in its order.
     assert handled == [("commands", [1, 2]), ("answers", [10, 11, 12])]
-    assert hot.topic_names == [ROSTER_COMMANDS, COMMAND_RESULTS]
+    assert hot.topic_names == [ROSTER_COMMANDS, ROSTER_ANSWERS]

@@ -1,7 +1,8 @@
 """The ends of the roster sagas: quota's answer to a slot request, or the step's timeout.
 
 Quota answers each slot request (sent with the request id as its message id) with one result on
-``bianzhi.command-results.v1``; the roster reads the results of its own requests only. The saga
+``bianzhi.command-results.v1`` and, as the request names it (``replyto``), on the roster's
+answers topic ``bianzhi.roster.answers.v1``, where the roster reads them. The saga
 row decides, by a conditional update, which of answer and timeout ends the saga: the one that
 comes second changes nothing. An enrolment whose step timed out is refused with ``timeout`` and
 its slot request is cancelled in quota (``ReleaseSlot`` with ``occupy_request_id``), which
@@ -401,7 +402,8 @@ async def sweep_overdue_sagas(runtime: Any) -> None:
         await asyncio.sleep(interval)
 
 
-# The results of the roster's own slot requests, read from bianzhi.command-results.v1.
+# The results of the roster's own slot requests, read from its answers topic (anything else
+# there, such as a front end's command that named it, ends no saga and is passed over).
 RESULT_ROUTES: list[EventRoute] = [
     EventRoute(CommandCompleted, step_completed, accept=_ours),
     EventRoute(CommandRejected, step_rejected, accept=_ours),
