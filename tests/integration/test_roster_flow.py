@@ -29,7 +29,7 @@ from contracts.codes import Category, EntryMethod, ReleaseReason
 from contracts.common import Document
 from contracts.envelope import CONTENT_TYPE, Envelope
 from contracts.identifiers import compose_citizen_id, mask_citizen_id
-from contracts.orgs import AbolishOrg, MergeOrgs
+from contracts.orgs import AbolishOrg, MergeOrgs, RegisterOrg
 from contracts.quota import ApproveQuota, IssueQuotaUseNotice
 from contracts.roster import EnrolPerson, ReleasePerson, TransferPerson, UpdatePerson
 from contracts.topics import (
@@ -104,6 +104,49 @@ async def done(client: CommandClient, command_id: str) -> dict[str, object]:
     return res.data
 
 
+async def approved_orgs(
+    client: CommandClient, quota_api: httpx.AsyncClient, orgs: list[RegisterOrg], approved: int
+) -> list[str]:
+    """Register ``orgs``, wait until quota knows them, approve ``approved`` admin places each;
+    the approvals' command ids."""
+    for org in orgs:
+        await done(client, await client.send(org))
+
+    async def projected() -> bool:
+        for org in orgs:
+            if (await quota_api.get(f"/orgs/{org.org_id}/establishment")).status_code != 200:
+                return False
+        return True
+
+    await wait_for(projected, timeout=20)
+    approvals = []
+    for org in orgs:
+        approval = ApproveQuota(
+            org_id=org.org_id,
+            category=Category.ADMIN,
+            approved=approved,
+            document=DOC,
+            effective_date=DOC.date,
+        )
+        approvals.append(await client.send(approval))
+        await done(client, approvals[-1])
+    return approvals
+
+
+async def issued_notice(client: CommandClient, org_id: uuid.UUID, count: int) -> str:
+    """A quota-use notice for ``count`` admin places of ``org_id``; its number."""
+    notice = IssueQuotaUseNotice(
+        notice_no=f"长编用〔2026〕{uuid.uuid4().hex[:6]}号",
+        org_id=org_id,
+        category=Category.ADMIN,
+        count=count,
+        valid_until=date(2099, 1, 1),
+        document=DOC,
+    )
+    await done(client, await client.send(notice))
+    return notice.notice_no
+
+
 @pytest.fixture
 def service_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every log line of the services built after this fixture, in a file of the test's.
@@ -125,41 +168,11 @@ async def test_enrol_update_transfer_release_through_the_broker_leak_no_citizen_
 ) -> None:
     quota, roster = services
     first, second = register_org(), register_org(name="石家庄市长安区教育局")
-    for org in (first, second):
-        await done(client, await client.send(org))
     async with http(quota) as quota_api, http(roster) as roster_api:
-
-        async def projected() -> bool:
-            for org in (first, second):
-                if (await quota_api.get(f"/orgs/{org.org_id}/establishment")).status_code != 200:
-                    return False
-            return True
-
-        await wait_for(projected, timeout=20)
-        notices: dict[uuid.UUID, str] = {}
-        for org in (first, second):
-            await done(
-                client,
-                await client.send(
-                    ApproveQuota(
-                        org_id=org.org_id,
-                        category=Category.ADMIN,
-                        approved=5,
-                        document=DOC,
-                        effective_date=DOC.date,
-                    )
-                ),
-            )
-            notice = IssueQuotaUseNotice(
-                notice_no=f"长编用〔2026〕{uuid.uuid4().hex[:6]}号",
-                org_id=org.org_id,
-                category=Category.ADMIN,
-                count=3,
-                valid_until=date(2099, 1, 1),
-                document=DOC,
-            )
-            await done(client, await client.send(notice))
-            notices[org.org_id] = notice.notice_no
+        await approved_orgs(client, quota_api, [first, second], approved=5)
+        notices = {
+            org.org_id: await issued_notice(client, org.org_id, 3) for org in (first, second)
+        }
 
         numbers = [compose_citizen_id("130102", date(1990, 5, 1 + i), 11 + i) for i in range(3)]
         enrolled: list[str] = []
@@ -356,47 +369,17 @@ async def test_merge_and_abolish_through_the_broker_answered_on_the_answers_topi
         register_org(name="石家庄市长安区审计局"),
         register_org(name="石家庄市长安区档案局"),
     )
-    for org in (target, source, empty):
-        await done(client, await client.send(org))
+    await done(client, await client.send(empty))
     async with http(quota) as quota_api, http(roster) as roster_api:
-
-        async def projected() -> bool:
-            for org in (target, source):
-                if (await quota_api.get(f"/orgs/{org.org_id}/establishment")).status_code != 200:
-                    return False
-            return True
-
-        await wait_for(projected, timeout=20)
-        fronts = []
-        for org in (target, source):
-            fronts.append(
-                await client.send(
-                    ApproveQuota(
-                        org_id=org.org_id,
-                        category=Category.ADMIN,
-                        approved=4,
-                        document=DOC,
-                        effective_date=DOC.date,
-                    )
-                )
-            )
-            await done(client, fronts[-1])
-        notice = IssueQuotaUseNotice(
-            notice_no=f"长编用〔2026〕{uuid.uuid4().hex[:6]}号",
-            org_id=source.org_id,
-            category=Category.ADMIN,
-            count=2,
-            valid_until=date(2099, 1, 1),
-            document=DOC,
-        )
-        await done(client, await client.send(notice))
+        fronts = await approved_orgs(client, quota_api, [target, source], approved=4)
+        notice_no = await issued_notice(client, source.org_id, 2)
         enrolment = await client.send(
             EnrolPerson(
                 citizen_id=compose_citizen_id("130102", date(1988, 8, 8), 31),
                 name="刘洋",
                 org_id=source.org_id,
                 category=Category.ADMIN,
-                notice_no=notice.notice_no,
+                notice_no=notice_no,
                 entry_method=EntryMethod.EXAM,
                 effective_date=date(2026, 3, 1),
             ),
