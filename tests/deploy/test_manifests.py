@@ -881,6 +881,25 @@ def test_keda_watches_the_groups_the_service_users_may_read(prod: list[Resource]
         assert watched == groups
 
 
+@pytest.mark.parametrize("svc", DEPLOYED)
+def test_keda_watches_the_lag_of_every_topic_the_service_consumes(
+    svc: str, prod: list[Resource]
+) -> None:
+    """Each topic the service's definition reads, in the group that reads it: a trigger on a
+    topic it no longer reads would never see lag, and one missing would never scale for it."""
+    definition = importlib.import_module(f"services.{svc}.bootstrap").definition()
+    prefix = generate.GROUP_PREFIX
+    consumed = {(commands(svc), f"{prefix}-{svc}")} | {
+        (sub.topic, f"{prefix}-{svc}" if sub.saga_answers else f"{prefix}-{svc}-projection")
+        for sub in definition.event_subscriptions
+    }
+    scaled = named(prod, "ScaledObject", f"{prefix}-{svc}")
+    watched = {
+        (t["metadata"]["topic"], t["metadata"]["consumerGroup"]) for t in scaled["spec"]["triggers"]
+    }
+    assert watched == consumed
+
+
 # --- network policies -------------------------------------------------------------------------
 
 
