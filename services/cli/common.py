@@ -28,7 +28,16 @@ from pydantic import ValidationError
 
 from contracts.base import Command, Message, registry
 from contracts.envelope import Envelope
-from contracts.topics import COMMAND_RESULTS, DLQ_SUFFIX, SERVICES, all_topics, commands, events
+from contracts.topics import (
+    COMMAND_RESULTS,
+    DLQ_SUFFIX,
+    SAGA_SERVICES,
+    SERVICES,
+    all_topics,
+    answers,
+    commands,
+    events,
+)
 
 if TYPE_CHECKING:
     from services.runtime.app import ServiceDefinition
@@ -274,6 +283,8 @@ def _short_topics() -> dict[str, str]:
     for svc in SERVICES:
         names[f"{svc}.commands"] = commands(svc)
         names[f"{svc}.events"] = events(svc)
+    for svc in SAGA_SERVICES:
+        names[f"{svc}.answers"] = answers(svc)
     return names | {f"{k}{DLQ_SUFFIX}": f"{v}{DLQ_SUFFIX}" for k, v in names.items()}
 
 

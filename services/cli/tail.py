@@ -36,8 +36,8 @@ def register(commands: Any) -> None:
         description=(
             "Print one JSON line per message: topic, partition, offset, timestamp (ms), key, "
             "headers and value (parsed JSON, else the repr of the bytes). Topics may be short: "
-            "orgs.events, quota.commands, results, roster.events.dlq. Reads without a consumer "
-            "group, so it changes nobody's offsets."
+            "orgs.events, quota.commands, results, roster.answers, roster.events.dlq. Reads "
+            "without a consumer group, so it changes nobody's offsets."
         ),
     )
     parser.add_argument("topics", nargs="+", metavar="TOPIC", help="topics to read")

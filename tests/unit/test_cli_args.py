@@ -97,6 +97,8 @@ def test_an_event_type_is_not_sent() -> None:
         ("command-results", COMMAND_RESULTS),
         ("roster.events.dlq", "bianzhi.roster.events.v1.dlq"),
         ("results.dlq", f"{COMMAND_RESULTS}.dlq"),
+        ("roster.answers", "bianzhi.roster.answers.v1"),
+        ("orgs.answers.dlq", "bianzhi.orgs.answers.v1.dlq"),
         ("bianzhi.notify.events.v1", "bianzhi.notify.events.v1"),
         ("bianzhi.future.events.v2", "bianzhi.future.events.v2"),
     ],
