@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.envelope import CONTENT_TYPE, Envelope, now
-from contracts.topics import ANSWER_TOPICS, COMMAND_RESULTS, SERVICES, commands
+from contracts.topics import ANSWER_TOPICS, COMMAND_RESULTS, SERVICES, answers, commands
 from services.runtime.audit import AuditRecord, CommandAuditor
 from services.runtime.db import ignoring_duplicates, insert_rows
 from services.runtime.prepared import Kept
@@ -205,10 +205,17 @@ class UnitOfWork:
     def stage_result(self, command: Envelope, result: Envelope) -> None:
         """Queue ``command``'s result: on the results topic, keyed by the command's id, and on
         the answers topic the command names in ``replyto`` (a saga step's sender reads its
-        answers there). A ``replyto`` naming anything but an answers topic is not followed."""
+        answers there). A ``replyto`` naming anything but an answers topic is not followed.
+
+        A step sent by a service from before ``replyto`` (an upgrade under way) names none;
+        its answer also goes to the answers topic of the service its ``source`` names, where
+        that service reads its answers once upgraded (docs/deploy.md)."""
         self.stage(result, COMMAND_RESULTS, command.id)
         reply_to = command.replyto
         if reply_to is None:
+            sender = answers(command.source.rstrip("/").rsplit("/", 1)[-1])
+            if sender in ANSWER_TOPICS:
+                self.stage(result, sender, command.id)
             return
         if reply_to in ANSWER_TOPICS:
             self.stage(result, reply_to, command.id)

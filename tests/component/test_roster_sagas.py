@@ -725,6 +725,25 @@ async def test_quota_answers_the_roster_steps_on_its_answers_topic_as_well_as_th
     assert (await platform.result(platform.roster, second.id)).type == REJECTED
 
 
+async def test_a_step_from_a_roster_without_replyto_is_answered_on_the_roster_answers_topic(
+    platform: Platform,
+) -> None:
+    """A step sent by a roster from before ``replyto`` (an upgrade under way): quota answers it
+    on the answers topic of the service its ``source`` names too, where the new roster reads."""
+    org_id = await platform.org()
+    notice_no = await platform.notice(org_id, 1)
+    cmd = await platform.send(enrol(citizen(), org_id, notice_no), pump=False)
+    (row,) = await platform._uncarried(platform.roster, QUOTA_COMMANDS)
+    step = Envelope.from_bytes(row.value)
+    assert step.source.endswith("/roster")
+    old = step.model_copy(update={"replyto": None})
+    await platform.quota.command_consumer.process(raw(QUOTA_COMMANDS, old))
+    (answer,) = await platform.outbox(platform.quota, ROSTER_ANSWERS)
+    assert answer.data["command_id"] == step.id
+    await platform.pump()
+    assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+
+
 async def test_a_replyto_naming_anything_but_an_answers_topic_is_not_followed(
     platform: Platform,
 ) -> None:
