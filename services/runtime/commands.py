@@ -31,6 +31,7 @@ from services.runtime.messaging import (
     has_role,
     rejection_from_validation,
     salvage,
+    salvageable,
     validation_errors,
 )
 from services.runtime.rules import Rejection
@@ -196,8 +197,7 @@ class CommandConsumer(Consumer):
                 time=now(),
                 # Kept only when it could be sent on: the result carries it.
                 correlationid=correlation
-                if isinstance(correlation := obj.get("correlationid"), str)
-                and 0 < len(correlation) <= 200
+                if salvageable(correlation := obj.get("correlationid"), 1, 200)
                 else None,
                 data={},
             )

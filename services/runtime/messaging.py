@@ -238,9 +238,23 @@ def salvage(value: bytes | None) -> tuple[str | None, str | None, dict[str, Any]
     if not isinstance(obj, dict):
         return None, None, {}
     msg_id, msg_type = obj.get("id"), obj.get("type")
-    ok_id = msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= 200 else None
-    ok_type = msg_type if isinstance(msg_type, str) and len(msg_type) <= 200 else None
+    ok_id = msg_id if salvageable(msg_id, 1, 200) else None
+    ok_type = msg_type if salvageable(msg_type, 0, 200) else None
     return ok_id, ok_type, obj
+
+
+def salvageable(value: Any, shortest: int, longest: int) -> bool:
+    """Whether ``value``, read from an envelope that failed to parse, can be written into its
+    result: a string of ``shortest`` to ``longest`` characters that UTF-8 can carry. Python's
+    JSON reader accepts a lone surrogate escape (``"\\ud800"``) that no result could be
+    written with."""
+    if not isinstance(value, str) or not shortest <= len(value) <= longest:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _header_value(raw: bytes) -> str:

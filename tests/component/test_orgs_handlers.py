@@ -281,6 +281,30 @@ async def test_a_malformed_envelope_with_an_overlong_correlation_id_still_gets_i
     assert dead_letters.sent == []
 
 
+async def test_a_lone_surrogate_in_a_malformed_envelope_is_not_written_into_its_result(
+    runtime, dead_letters
+) -> None:
+    """JSON may escape a lone surrogate (``\\ud800``), which no UTF-8 text can carry: the
+    envelope fails to parse, and what is read from it for the result must not hold one."""
+    command_id = new_id()
+    value = (
+        f'{{"id": "{command_id}", "type": "\\ud800", "source": "/tests", '
+        f'"correlationid": "\\udfff"}}'
+    ).encode()
+    await runtime.command_consumer.process(record(value, command_id.encode()))
+    res = await result(runtime, command_id)
+    assert (res.type, res.data["code"]) == (REJECTED, "invalid_message")
+    assert res.data["command_type"] == "unknown"
+    assert res.correlationid == command_id
+    assert dead_letters.sent == []
+    # With such an id, nothing can answer it: the record goes to the dead-letter topic.
+    unanswerable = b'{"id": "\\ud800x", "type": "x", "source": "/tests"}'
+    await runtime.command_consumer.process(record(unanswerable, b"k-2"))
+    [(topic, dead_value, _, headers)] = dead_letters.sent
+    assert (topic, dead_value) == (dlq(ORGS_COMMANDS), unanswerable)
+    assert "not a CloudEvents envelope" in headers["x-dlq-error"]
+
+
 @pytest.mark.parametrize(
     "value",
     [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"id": 17, "type": "x"}', b'{"type": "x"}', b""],
