@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from contracts.codes import Category, EntryMethod, LeaderPost, OrgKind
 from contracts.common import Document
+from contracts.envelope import Envelope, now
 from contracts.identifiers import compose_citizen_id
 from contracts.orgs import AbolishOrg, MergeOrgs, RegisterOrg
 from contracts.quota import (
@@ -24,8 +25,17 @@ from contracts.quota import (
     SetLeaderPosts,
 )
 from contracts.roster import EnrolPerson, ReleasePerson
-from contracts.topics import ORGS_EVENTS, QUOTA_EVENTS, ROSTER_EVENTS
+from contracts.topics import (
+    COMMAND_RESULTS,
+    ORGS_ANSWERS,
+    ORGS_COMMANDS,
+    ORGS_EVENTS,
+    QUOTA_COMMANDS,
+    QUOTA_EVENTS,
+    ROSTER_EVENTS,
+)
 from services.orgs.bootstrap import build as build_orgs
+from services.orgs.service_layer.sagas import resend_overdue_steps
 from services.quota.adapters.orm import establishment, leader_posts, notices, slots
 from services.quota.bootstrap import build as build_quota
 from services.quota.service_layer.rebuild import compare, live_counts, outbox_events, rebuild
@@ -34,7 +44,7 @@ from services.roster.bootstrap import build as build_roster
 from services.runtime.app import ServiceRuntime
 from tests.conftest import service_settings
 from tests.support.databases import database
-from tests.support.wiring import Wiring
+from tests.support.wiring import Wiring, published, raw
 
 APPROVER = {"actorid": "li.na", "actorregion": "130100", "actorroles": "approver"}
 DOC = Document(title="关于机构改革的通知", number="石编〔2026〕9号", date=date(2026, 4, 1))
@@ -323,3 +333,61 @@ async def test_sub_orgs_are_not_left_behind(wiring: Wiring) -> None:
     await org(w, "长安区价格认证中心", kind=OrgKind.PUBLIC_INSTITUTION, approved=0, parent=parent)
     data = await refused(w, "orgs", AbolishOrg(org_id=parent, document=DOC), "conflict")
     assert len(data["details"]["children"]) == 1
+
+
+# --- steps quota does not answer ------------------------------------------------------------
+
+
+async def started_merge(w: Wiring) -> tuple[Envelope, uuid.UUID, Any]:
+    """A merge of a source with 3 places into a target with 2, its step to quota not yet
+    carried: (the command, the target, the step's outbox row)."""
+    source = await org(w, "长安区档案局", approved=3)
+    target = await org(w, "长安区史志办", approved=2)
+    env = MergeOrgs(source_org_ids=[source], target_org_id=target, document=DOC).envelope(
+        source="/tests", **APPROVER
+    )
+    orgs_rt = w.runtimes["orgs"]
+    await orgs_rt.command_consumer.process(raw(ORGS_COMMANDS, env))
+    (step,) = await w._fresh("orgs", orgs_rt)
+    assert step.topic == QUOTA_COMMANDS
+    return env, target, step
+
+
+async def test_a_merge_step_lost_on_its_way_to_quota_is_sent_again(wiring: Wiring) -> None:
+    w = wiring
+    orgs_rt = w.runtimes["orgs"]
+    env, target, _lost = await started_merge(w)
+    assert await resend_overdue_steps(orgs_rt.uow) == 0  # not due yet
+    later = now() + timedelta(seconds=orgs_rt.definition.uow_class.saga_step_resend_after_s + 1)
+    assert await resend_overdue_steps(orgs_rt.uow, at=later) == 1
+    assert await resend_overdue_steps(orgs_rt.uow, at=later) == 0  # due again a while later
+    await w.pump()
+    assert (await w.result("orgs", env.id)).type == COMPLETED
+    assert await counts(w, target) == (5, 0, 0)
+    assert len(types(await w.outbox("orgs", ORGS_EVENTS), "OrgsMerged")) == 1
+
+
+async def test_a_merge_whose_answer_is_lost_is_asked_again_and_done_once(wiring: Wiring) -> None:
+    w = wiring
+    orgs_rt, quota_rt = w.runtimes["orgs"], w.runtimes["quota"]
+    env, target, step = await started_merge(w)
+    await quota_rt.command_consumer.process(
+        raw(QUOTA_COMMANDS, Envelope.from_bytes(published(orgs_rt, step)))
+    )
+    # Quota merged; its events go out, its answer is lost.
+    answers = 0
+    for row in await w._fresh("quota", quota_rt):
+        if row.topic in (ORGS_ANSWERS, COMMAND_RESULTS):
+            answers += 1
+        else:
+            await w._deliver(row.topic, Envelope.from_bytes(published(quota_rt, row)))
+    assert answers == 2 and await counts(w, target) == (5, 0, 0)
+    later = now() + timedelta(seconds=orgs_rt.definition.uow_class.saga_step_resend_after_s + 1)
+    assert await resend_overdue_steps(orgs_rt.uow, at=later) == 1
+    await w.pump()
+    # Quota answered the step sent again with its stored result: merged once, not twice.
+    assert (await w.result("orgs", env.id)).type == COMPLETED
+    assert await counts(w, target) == (5, 0, 0)
+    assert len(types(await w.outbox("quota", QUOTA_EVENTS), "EstablishmentsMerged")) == 1
+    assert len(types(await w.outbox("orgs", ORGS_EVENTS), "OrgsMerged")) == 1
+    assert await resend_overdue_steps(orgs_rt.uow, at=later + timedelta(hours=1)) == 0

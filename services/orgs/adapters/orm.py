@@ -88,6 +88,9 @@ org_sagas = Table(
     Column("status", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # When the step to quota is sent again if no answer has come (none: a saga from before
+    # the column, sent again at the first sweep).
+    Column("step_due_at", DateTime(timezone=True), nullable=True),
     Index("ix_org_sagas_status", "status", "created_at"),
 )
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -39,6 +40,7 @@ class OrgSagas:
         command: Envelope,
         org_ids: Sequence[UUID],
         payload: dict[str, Any],
+        step_due_at: datetime,
     ) -> None:
         await self.session.execute(
             insert(org_sagas).values(
@@ -51,7 +53,27 @@ class OrgSagas:
                 status="waiting",
                 created_at=now(),
                 finished_at=None,
+                step_due_at=step_due_at,
             )
+        )
+
+    async def overdue(self, at: datetime, limit: int) -> list[Row[Any]]:
+        """Waiting sagas whose step is due to be sent again at ``at``, the longest due first."""
+        due = org_sagas.c.step_due_at
+        return list(
+            (
+                await self.session.execute(
+                    select(org_sagas)
+                    .where(org_sagas.c.status == "waiting", or_(due.is_(None), due < at))
+                    .order_by(org_sagas.c.created_at)
+                    .limit(limit)
+                )
+            ).all()
+        )
+
+    async def resent(self, saga_id: str, next_due_at: datetime) -> None:
+        await self.session.execute(
+            update(org_sagas).where(org_sagas.c.saga_id == saga_id).values(step_due_at=next_due_at)
         )
 
     async def get(self, saga_id: str) -> Row[Any] | None:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import date
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import structlog
 
 from contracts.codes import OrgStatus, ReasonCode, Role
 from contracts.common import Document, effective_date
-from contracts.envelope import Envelope, derived_id_after
+from contracts.envelope import Envelope, derived_id_after, now
 from contracts.orgs import AbolishOrg, MergeOrgs, OrgAbolished, OrgsMerged
 from contracts.quota import CloseEstablishment, MergeEstablishments
 from contracts.results import CommandCompleted, CommandRejected, CommandResult
@@ -27,13 +29,21 @@ from services.orgs.domain import model
 from services.orgs.service_layer.handlers import _load_in_region
 from services.orgs.service_layer.unit_of_work import OrgsUnitOfWork
 from services.runtime.commands import finish_command
-from services.runtime.messaging import CommandRoute, EventRoute, HandlerContext, emit_caused
+from services.runtime.messaging import (
+    CommandRoute,
+    EventRoute,
+    HandlerContext,
+    emit_caused,
+    send_caused,
+)
+from services.runtime.periodic import every
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.orgs.sagas")
 
 _NAMESPACE = uuid.UUID("0f6b1c52-8d4e-4c6a-9b0e-7a3d2e5f1c48")
 STEP_TYPES = frozenset({MergeEstablishments.TYPE, CloseEstablishment.TYPE})
+SWEEP_BATCH = 100
 
 
 def _step_id(command_id: str, step: str) -> str:
@@ -86,24 +96,7 @@ async def merge_orgs(cmd: MergeOrgs, uow: OrgsUnitOfWork, ctx: HandlerContext) -
     saga_id = _step_id(ctx.envelope.id, "merge")
     await _lock(uow, [target.org_id, *cmd.source_org_ids], saga_id)
     on = effective_date(cmd.effective_date, cmd.document)
-    await uow.sagas.start(
-        saga_id=saga_id,
-        kind="merge",
-        command=ctx.envelope,
-        org_ids=[target.org_id, *cmd.source_org_ids],
-        payload={"effective_date": on.isoformat()},
-    )
-    ctx.send(
-        MergeEstablishments(
-            request_id=UUID(saga_id),
-            source_org_ids=cmd.source_org_ids,
-            target_org_id=target.org_id,
-            document=cmd.document,
-            effective_date=on,
-        ),
-        id=saga_id,
-    )
-    ctx.defer_result()
+    await _start(uow, ctx, "merge", saga_id, [target.org_id, *cmd.source_org_ids], on)
 
 
 async def abolish_org(cmd: AbolishOrg, uow: OrgsUnitOfWork, ctx: HandlerContext) -> None:
@@ -113,20 +106,85 @@ async def abolish_org(cmd: AbolishOrg, uow: OrgsUnitOfWork, ctx: HandlerContext)
     saga_id = _step_id(ctx.envelope.id, "close")
     await _lock(uow, [org.org_id], saga_id)
     on = effective_date(cmd.effective_date, cmd.document)
+    await _start(uow, ctx, "abolish", saga_id, [org.org_id], on)
+
+
+async def _start(
+    uow: OrgsUnitOfWork,
+    ctx: HandlerContext,
+    kind: str,
+    saga_id: str,
+    org_ids: list[UUID],
+    on: date,
+) -> None:
+    """Record the saga and send its step to quota; the command's result waits for the answer."""
+    payload = {"effective_date": on.isoformat()}
     await uow.sagas.start(
         saga_id=saga_id,
-        kind="abolish",
+        kind=kind,
         command=ctx.envelope,
-        org_ids=[org.org_id],
-        payload={"effective_date": on.isoformat()},
+        org_ids=org_ids,
+        payload=payload,
+        step_due_at=now() + timedelta(seconds=uow.saga_step_resend_after_s),
     )
-    ctx.send(
-        CloseEstablishment(
-            request_id=UUID(saga_id), org_id=org.org_id, document=cmd.document, effective_date=on
-        ),
-        id=saga_id,
-    )
+    ctx.send(_step(kind, saga_id, ctx.envelope, payload), id=saga_id)
     ctx.defer_result()
+
+
+def _step(
+    kind: str, saga_id: str, command: Envelope, payload: dict[str, str]
+) -> MergeEstablishments | CloseEstablishment:
+    """The step a saga sends quota, from its command: the same each time it is sent."""
+    on = date.fromisoformat(payload["effective_date"])
+    if kind == "merge":
+        merge = MergeOrgs.model_validate(command.data)
+        return MergeEstablishments(
+            request_id=UUID(saga_id),
+            source_org_ids=merge.source_org_ids,
+            target_org_id=merge.target_org_id,
+            document=merge.document,
+            effective_date=on,
+        )
+    abolish = AbolishOrg.model_validate(command.data)
+    return CloseEstablishment(
+        request_id=UUID(saga_id),
+        org_id=abolish.org_id,
+        document=abolish.document,
+        effective_date=on,
+    )
+
+
+async def resend_overdue_steps(
+    uow_factory: Callable[[], OrgsUnitOfWork], *, at: datetime | None = None
+) -> int:
+    """Send again the step of every saga that has waited for quota's answer past its due time;
+    how many. The step keeps its id, so quota answers one it has handled with its stored
+    result and handles one it never got: a lost step or a lost answer ends in one outcome."""
+    at = at or now()
+    async with uow_factory() as uow:
+        due = await uow.sagas.overdue(at, SWEEP_BATCH)
+        for saga in due:
+            command = Envelope.from_bytes(saga.command_envelope)
+            step = _step(saga.kind, saga.saga_id, command, saga.payload)
+            send_caused(uow, step, command, id=saga.saga_id)
+            await uow.sagas.resent(
+                saga.saga_id, at + timedelta(seconds=uow.saga_step_resend_after_s)
+            )
+            log.warning(
+                "org saga step sent again: no answer from quota yet",
+                saga_id=saga.saga_id,
+                kind=saga.kind,
+                command_id=saga.command_id,
+                started=saga.created_at.isoformat(),
+            )
+        await uow.commit()
+    return len(due)
+
+
+async def resend_unanswered_steps(runtime: Any) -> None:
+    """The background task: look for unanswered saga steps every few seconds."""
+    interval = runtime.definition.uow_class.saga_sweep_interval_s
+    await every(interval, lambda: resend_overdue_steps(runtime.uow), "org saga sweep")
 
 
 def _ours(result: CommandResult) -> bool:

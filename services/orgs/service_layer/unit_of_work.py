@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import ClassVar, Self
 
 from services.orgs.adapters.repository import OrgRepository
 from services.orgs.adapters.sagas import OrgSagas
@@ -12,6 +12,9 @@ from services.runtime.uow import UnitOfWork
 class OrgsUnitOfWork(UnitOfWork):
     orgs: OrgRepository
     sagas: OrgSagas
+    # A running service takes these from OrgsSettings (services/orgs/bootstrap.py).
+    saga_step_resend_after_s: ClassVar[float] = 60.0
+    saga_sweep_interval_s: ClassVar[float] = 10.0
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()

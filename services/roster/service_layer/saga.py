@@ -19,7 +19,6 @@ compensation or the cancel.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from services.roster.service_layer.restricted import stage_restricted
 from services.roster.service_layer.unit_of_work import RosterUnitOfWork
 from services.runtime.commands import finish_command
 from services.runtime.messaging import EventRoute, emit_caused, send_caused
+from services.runtime.periodic import every
 from services.runtime.rules import Rejection
 
 log = structlog.get_logger("bianzhi.roster.saga")
@@ -394,12 +394,7 @@ async def sweep_once(uow_factory: Any, *, at: Any = None) -> int:
 async def sweep_overdue_sagas(runtime: Any) -> None:
     """The background task: look for overdue saga steps every few seconds."""
     interval = runtime.definition.uow_class.saga_sweep_interval_s
-    while True:
-        try:
-            await sweep_once(runtime.uow)
-        except Exception as exc:  # the next sweep tries again
-            log.warning("saga timeout sweep failed", error=repr(exc))
-        await asyncio.sleep(interval)
+    await every(interval, lambda: sweep_once(runtime.uow), "saga timeout sweep")
 
 
 # The results of the roster's own slot requests, read from its answers topic (anything else
