@@ -163,6 +163,8 @@ async def resend_overdue_steps(
     at = at or now()
     async with uow_factory() as uow:
         due = await uow.sagas.overdue(at, SWEEP_BATCH)
+        if not due:
+            return 0  # nothing written: left without a commit
         for saga in due:
             command = Envelope.from_bytes(saga.command_envelope)
             step = _step(saga.kind, saga.saga_id, command, saga.payload)
