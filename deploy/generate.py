@@ -73,19 +73,19 @@ def service_access(
     service: str,
     *,
     projections: tuple[str, ...] = (),
-    answers: tuple[str, ...] = (),
+    with_commands: tuple[str, ...] = (),
     extra_writes: tuple[str, ...] = (),
 ) -> Access:
-    """A bianzhi service: its commands in group ``bianzhi-<svc>``, with the answers to its saga
-    steps where it fetches them with its commands (``EventSubscription.saga_answers``), the
+    """A bianzhi service: its commands in group ``bianzhi-<svc>``, with the topics it fetches
+    with them (``with_commands``: its answers topic, ``EventSubscription.saga_answers``), the
     events it projects in ``bianzhi-<svc>-projection``; it writes its events, command results,
     the dead letters of what it consumes, and any internal commands of a saga."""
-    consumed = (commands(service), *projections, *answers)
+    consumed = (commands(service), *projections, *with_commands)
     return Access(
         consumes=(
             Consumes(commands(service), f"{GROUP_PREFIX}-{service}"),
             *(Consumes(t, f"{GROUP_PREFIX}-{service}-projection") for t in projections),
-            *(Consumes(t, f"{GROUP_PREFIX}-{service}") for t in answers),
+            *(Consumes(t, f"{GROUP_PREFIX}-{service}") for t in with_commands),
         ),
         produces=(events(service), COMMAND_RESULTS, *extra_writes, *(dlq(t) for t in consumed)),
     )
@@ -111,7 +111,7 @@ ACCESS: dict[str, Access] = {
     "roster": service_access(
         "roster",
         projections=(events("orgs"),),
-        answers=(answers("roster"),),
+        with_commands=(answers("roster"),),
         extra_writes=(commands("quota"), ROSTER_EVENTS_RESTRICTED),
     ),
     "notify": service_access(
