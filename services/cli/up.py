@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
@@ -588,11 +589,25 @@ def cliff_warning(over: list[tuple[str, int, int]]) -> str:
 
 
 def free_http_base(host: str = "127.0.0.1", count: int = len(SERVICES)) -> int:
-    """A base port H with H … H+count-1 all free right now (for tests and scripts)."""
+    """A base port H with H … H+count-1 all free right now (for tests and scripts).
+
+    Taken below the range the system hands out to outgoing connections (Linux:
+    ``ip_local_port_range``, 32768 and up by default): a port from that range can be taken by
+    any connection made between this check and the services binding, as a test run saw
+    (``address already in use`` on H+1)."""
+    top = _ephemeral_low() - count
     for _ in range(50):
-        base = free_port(host)
+        base = random.randrange(10_000, top) if top > 10_000 else free_port(host)
         if base + count - 1 <= 65_535 and not any(
             _port_in_use(host, base + i) for i in range(count)
         ):
             return base
     raise CliError(f"--http-port: found no {count} consecutive free ports on {host}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the system gives outgoing connections (32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768

@@ -486,3 +486,16 @@ def test_an_unknown_command_lists_every_command(capsys: pytest.CaptureFixture[st
     error = capsys.readouterr().err
     assert "invalid choice: 'no-such-command'" in error
     assert all(f"'{command}'" in error for command in COMMANDS), error
+
+
+def test_a_free_http_base_lies_below_the_ports_outgoing_connections_take() -> None:
+    import socket
+
+    from services.cli.up import _ephemeral_low, free_http_base
+
+    for _ in range(20):
+        base = free_http_base(count=4)
+        assert base >= 10_000 and base + 3 < _ephemeral_low()
+        for port in range(base, base + 4):  # each one free: a listener can bind it
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", port))
