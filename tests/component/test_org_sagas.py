@@ -44,6 +44,7 @@ from services.roster.bootstrap import build as build_roster
 from services.runtime.app import ServiceRuntime
 from tests.conftest import service_settings
 from tests.support.databases import database
+from tests.support.sql import commits
 from tests.support.wiring import Wiring, published, raw
 
 APPROVER = {"actorid": "li.na", "actorregion": "130100", "actorroles": "approver"}
@@ -357,7 +358,9 @@ async def test_a_merge_step_lost_on_its_way_to_quota_is_sent_again(wiring: Wirin
     w = wiring
     orgs_rt = w.runtimes["orgs"]
     env, target, _lost = await started_merge(w)
-    assert await resend_overdue_steps(orgs_rt.uow) == 0  # not due yet
+    with commits(orgs_rt.engine) as committed:
+        assert await resend_overdue_steps(orgs_rt.uow) == 0  # not due yet
+    assert committed == []  # a sweep that finds nothing writes nothing
     later = now() + timedelta(seconds=orgs_rt.definition.uow_class.saga_step_resend_after_s + 1)
     assert await resend_overdue_steps(orgs_rt.uow, at=later) == 1
     assert await resend_overdue_steps(orgs_rt.uow, at=later) == 0  # due again a while later

@@ -28,7 +28,7 @@ from tests.component.test_quota_handlers import (
     rejected,
     transfer,
 )
-from tests.support.sql import recorded, uncached
+from tests.support.sql import commits, recorded, uncached
 
 FAR = date(2099, 12, 31)
 
@@ -175,10 +175,14 @@ async def test_the_periodic_sweep_expires_lapsed_notices(
     lapsing = issue(org_id, 2, valid_until=date(2030, 6, 30))
     await completed(quota, lapsing)
     monkeypatch.setattr(handlers, "today", lambda: date(2030, 6, 30))
-    assert await expiry.sweep_once(quota) == []
+    with commits(quota.engine) as committed:
+        assert await expiry.sweep_once(quota) == []
+    assert committed == []  # a sweep that finds nothing writes nothing
     monkeypatch.setattr(handlers, "today", lambda: date(2030, 7, 1))
-    assert await expiry.sweep_once(quota) == [lapsing.notice_no]
-    assert await expiry.sweep_once(quota) == []
+    with commits(quota.engine) as committed:
+        assert await expiry.sweep_once(quota) == [lapsing.notice_no]
+        assert await expiry.sweep_once(quota) == []
+    assert len(committed) == 1
     assert tuple(await counts(quota, org_id)) == (3, 0, 0)
     (event,) = await events(quota, "QuotaUseNoticeExpired")
     assert event.source.endswith("/quota")

@@ -49,6 +49,7 @@ from services.runtime.messaging import RawMessage, event_routes
 from tests.component.test_orgs_handlers import DeadLetters
 from tests.conftest import service_settings
 from tests.support.databases import database
+from tests.support.sql import commits
 
 APPROVER = {"actorid": "li.na", "actorregion": "130000", "actorroles": "approver"}
 CLERK = {"actorid": "wang.fang", "actorregion": "130100", "actorroles": "clerk"}
@@ -777,8 +778,13 @@ async def test_an_unanswered_enrolment_times_out_and_a_late_occupation_is_undone
     notice_no = await platform.notice(org_id, 1)
     number = citizen()
     cmd = await platform.send(enrol(number, org_id, notice_no), pump=False)
+    with commits(platform.roster.engine) as committed:
+        assert await saga_layer.sweep_once(platform.roster.uow) == 0  # not overdue yet
+    assert committed == []  # a sweep that finds nothing writes nothing
     later = datetime.now(UTC) + timedelta(hours=1)
-    assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
+    with commits(platform.roster.engine) as committed:
+        assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
+    assert len(committed) == 1
     res = await platform.result(platform.roster, cmd.id)
     assert (res.type, res.data["code"]) == (REJECTED, "timeout")
     # Until quota confirms the undoing, the place may still be counted there: the roster's

@@ -60,3 +60,19 @@ def recorded(engine: AsyncEngine) -> Iterator[list[Executed]]:
 def uncached(seen: list[Executed]) -> list[str]:
     """The statements of ``seen`` that SQLAlchemy compiled anew, for want of a cache key."""
     return [e.sql for e in seen if not e.cached]
+
+
+@contextlib.contextmanager
+def commits(engine: AsyncEngine) -> Iterator[list[None]]:
+    """One entry per transaction ``engine`` commits inside the block."""
+    seen: list[None] = []
+
+    def record(_conn: Any) -> None:
+        seen.append(None)
+
+    sync = engine.sync_engine
+    event.listen(sync, "commit", record)
+    try:
+        yield seen
+    finally:
+        event.remove(sync, "commit", record)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from services.quota.service_layer import handlers
 from services.runtime.app import ServiceRuntime
+from services.runtime.periodic import every
 
 log = structlog.get_logger("bianzhi.quota.expiry")
 
@@ -19,17 +18,14 @@ async def sweep_once(runtime: ServiceRuntime) -> list[str]:
     source = f"{runtime.settings.source.rstrip('/')}/{runtime.name}"
     async with runtime.uow() as uow:
         expired = await handlers.expire_notices(uow, handlers.today(), source=source)  # type: ignore[arg-type]
+        if not expired:
+            return expired  # nothing written: left without a commit
         await uow.commit()
-    if expired:
-        log.info("quota-use notices expired", notices=expired, count=len(expired))
+    log.info("quota-use notices expired", notices=expired, count=len(expired))
     return expired
 
 
 async def sweep_expired_notices(runtime: ServiceRuntime) -> None:
-    """Run ``sweep_once`` every minute for as long as the service runs."""
-    while True:
-        try:
-            await sweep_once(runtime)
-        except Exception as exc:  # the next sweep tries again; handlers also expire lazily
-            log.warning("notice expiry sweep failed", error=repr(exc))
-        await asyncio.sleep(SWEEP_INTERVAL_S)
+    """Run ``sweep_once`` every minute for as long as the service runs (a sweep that fails is
+    logged and the next one tries again; handlers also expire notices lazily)."""
+    await every(SWEEP_INTERVAL_S, lambda: sweep_once(runtime), "notice expiry sweep")

@@ -384,6 +384,8 @@ async def sweep_once(uow_factory: Any, *, at: Any = None) -> int:
     ended = 0
     async with uow_factory() as uow:
         due = await uow.sagas.overdue(at or now(), SWEEP_BATCH)
+        if not due:
+            return 0  # nothing written: left without a commit
         for saga in due:
             if await time_out(uow, saga):
                 ended += 1
