@@ -51,6 +51,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from calibrate import machine_speed
 from orgs_throughput import Driver as OrgsDriver
 from orgs_throughput import broker_round_trip, cpu_seconds, fetch, percentile, run_dir, say
 from sqlalchemy.engine import make_url
@@ -985,6 +986,9 @@ async def main() -> None:
     places = math.ceil(total / args.orgs) + 1
     orgs_n = args.n if args.orgs_n is None else args.orgs_n
 
+    # Before anything else runs: how fast the machine is today (bench/calibrate.py).
+    speed = machine_speed()
+    say(speed.describe())
     with tempfile.TemporaryDirectory(prefix="bianzhi-bench-") as tmp:
         data_dir = run_dir(tmp)
         broker = EmbeddedBroker(log_path=data_dir / "broker.log")
@@ -1181,7 +1185,9 @@ async def main() -> None:
                     )
                     + f"paced_p50={paced_p50 * 1000:.1f}ms paced_p99={paced_p99 * 1000:.1f}ms "
                     f"(target ≤ {TARGET_P99_MS:.0f} ms at {args.rate:.0f}/s) "
-                    f"checks={'OK' if ok else 'FAILED'}"
+                    f"checks={'OK' if ok else 'FAILED'} "
+                    f"machine_envelopes={speed.envelopes_per_s:,.0f}/s "
+                    f"machine_sqlite_rows={speed.sqlite_rows_per_s:,.0f}/s"
                 )
         except Exception:
             for service in services.values():
