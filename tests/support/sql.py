@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +49,8 @@ def recorded(engine: AsyncEngine) -> Iterator[list[Executed]]:
         uncached = compiled is not None and context.cache_hit == CacheStats.NO_CACHE_KEY
         seen.append(Executed(" ".join(statement.split()).upper(), not uncached))
 
-    sync = engine.sync_engine
-    event.listen(sync, "after_cursor_execute", record)
-    try:
+    with _listening(engine, "after_cursor_execute", record):
         yield seen
-    finally:
-        event.remove(sync, "after_cursor_execute", record)
 
 
 def uncached(seen: list[Executed]) -> list[str]:
@@ -70,9 +66,16 @@ def commits(engine: AsyncEngine) -> Iterator[list[None]]:
     def record(_conn: Any) -> None:
         seen.append(None)
 
-    sync = engine.sync_engine
-    event.listen(sync, "commit", record)
-    try:
+    with _listening(engine, "commit", record):
         yield seen
+
+
+@contextlib.contextmanager
+def _listening(engine: AsyncEngine, name: str, listener: Callable[..., None]) -> Iterator[None]:
+    """``listener`` on ``engine``'s event ``name`` inside the block."""
+    sync = engine.sync_engine
+    event.listen(sync, name, listener)
+    try:
+        yield
     finally:
-        event.remove(sync, "commit", record)
+        event.remove(sync, name, listener)
