@@ -44,13 +44,9 @@ def definition(uow_class: type[OrgsUnitOfWork] = OrgsUnitOfWork) -> ServiceDefin
 
 def configured_uow(orgs: OrgsSettings) -> type[OrgsUnitOfWork]:
     """The unit of work of a running orgs service: its saga timings."""
-    return type(
-        "ConfiguredOrgsUnitOfWork",
-        (OrgsUnitOfWork,),
-        {
-            "saga_step_resend_after_s": orgs.saga_step_resend_after_s,
-            "saga_sweep_interval_s": orgs.saga_sweep_interval_s,
-        },
+    return OrgsUnitOfWork.configured(
+        saga_step_resend_after_s=orgs.saga_step_resend_after_s,
+        saga_sweep_interval_s=orgs.saga_sweep_interval_s,
     )
 
 

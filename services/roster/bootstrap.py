@@ -67,14 +67,10 @@ def configured_uow(settings: Settings, roster: RosterSettings) -> type[RosterUni
         generate_at=(settings.data_dir / KEY_FILE).resolve() if is_sqlite(url) else None,
     )
     cipher = PersonalDataCipher(master, roster.personal_data_key_id)
-    return type(
-        "ConfiguredRosterUnitOfWork",
-        (RosterUnitOfWork,),
-        {
-            "cipher": cipher,
-            "saga_timeout_s": roster.saga_timeout_s,
-            "saga_sweep_interval_s": roster.saga_sweep_interval_s,
-        },
+    return RosterUnitOfWork.configured(
+        cipher=cipher,
+        saga_timeout_s=roster.saga_timeout_s,
+        saga_sweep_interval_s=roster.saga_sweep_interval_s,
     )
 
 

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from functools import cache
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import structlog
 from sqlalchemy import Insert, Table, insert, select
@@ -34,6 +34,12 @@ class UnitOfWork:
     A handler never publishes: it stages outgoing messages here and they are written to the
     outbox in the same transaction as its state changes and its inbox record.
     """
+
+    @classmethod
+    def configured(cls, **settings: object) -> type[Self]:
+        """The unit of work of a running service: a subclass whose class attributes are that
+        service's ``settings`` (its saga timings, a cipher), which handlers read from it."""
+        return cast(type[Self], type(f"Configured{cls.__name__}", (cls,), settings))
 
     def __init__(
         self,
