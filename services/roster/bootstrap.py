@@ -6,9 +6,17 @@ from pathlib import Path
 
 from contracts.topics import ORGS_EVENTS, ROSTER_ANSWERS, ROSTER_EVENTS_RESTRICTED
 from services.roster.adapters.orm import messaging, metadata
-from services.roster.domain.personal_data import PersonalDataCipher, load_master_key
+from services.roster.domain.personal_data import (
+    PersonalDataCipher,
+    load_master_key,
+    load_retired_keys,
+)
 from services.roster.entrypoints.queries import register_queries
 from services.roster.service_layer.handlers import COMMANDS
+from services.roster.service_layer.keys import (
+    check_personal_data_keys,
+    reencrypt_personal_data,
+)
 from services.roster.service_layer.projection import ORG_EVENTS
 from services.roster.service_layer.saga import (
     RESULT_ROUTES,
@@ -46,7 +54,8 @@ def definition(uow_class: type[RosterUnitOfWork] = RosterUnitOfWork) -> ServiceD
                 ROSTER_ANSWERS, RESULT_ROUTES, saga_answers=True, prepare=prepare_answers
             ),
         ),
-        background=(sweep_overdue_sagas,),
+        background=(sweep_overdue_sagas, reencrypt_personal_data),
+        startup=(check_personal_data_keys,),
         # A roster command carries a citizen ID in full, and so does a restricted event: dead
         # letters of commands and outbox rows of restricted events are sealed with its key.
         sealer=uow_class.cipher,
@@ -66,7 +75,11 @@ def configured_uow(settings: Settings, roster: RosterSettings) -> type[RosterUni
         path=roster.personal_data_key_file,
         generate_at=(settings.data_dir / KEY_FILE).resolve() if is_sqlite(url) else None,
     )
-    cipher = PersonalDataCipher(master, roster.personal_data_key_id)
+    cipher = PersonalDataCipher(
+        master,
+        roster.personal_data_key_id,
+        retired=load_retired_keys(roster.personal_data_retired_keys_dir),
+    )
     return RosterUnitOfWork.configured(
         cipher=cipher,
         saga_timeout_s=roster.saga_timeout_s,

@@ -20,8 +20,14 @@ class RosterSettings(BaseSettings):
     # other database refuses to start. Losing the key makes the stored numbers unreadable.
     personal_data_key: SecretStr | None = None
     personal_data_key_file: Path | None = None
-    # The id stored beside every ciphertext, so a key can be rotated later.
+    # The id stored beside every ciphertext, so that the key can be rotated: a new key gets a
+    # new id, and the old one goes into the retired keys directory.
     personal_data_key_id: str = Field(default="k1", min_length=1, max_length=16, pattern=r"^\w+$")
+    # Keys that no longer encrypt but still open what they encrypted: a directory of files
+    # ``<key id>.key`` (base64, as the key file), e.g. a Secret mounted as a directory. While
+    # any is given, the roster re-encrypts under the current key, once per start, whatever is
+    # under another (docs/deploy.md, "Rotating credentials").
+    personal_data_retired_keys_dir: Path | None = None
 
     # A saga step (a slot request to quota) unanswered for this long times out: an enrolment
     # is refused with ``timeout`` and its slot request cancelled (or undone, when it took

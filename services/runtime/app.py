@@ -84,6 +84,9 @@ class ServiceDefinition:
     # Long-running work of the service's own (sweeps, timers): each is started once the
     # service is up and cancelled first at shutdown, before consumers drain.
     background: Sequence[Callable[[ServiceRuntime], Awaitable[None]]] = field(default_factory=tuple)
+    # Checks run as the service starts, after its migrations and before it reads a message:
+    # one that raises stops the start (a key that does not fit the stored data, say).
+    startup: Sequence[Callable[[ServiceRuntime], Awaitable[None]]] = field(default_factory=tuple)
     # A service whose messages carry personal data in full: the key its dead-lettered commands
     # and its outbox rows for ``sealed_topics`` are sealed with (``runtime.sealing``).
     sealer: Sealer | None = None
@@ -273,6 +276,8 @@ class ServiceRuntime:
     async def _on_startup(self) -> None:
         if self.settings.migrate_on_start:
             await self.migrate()
+        for check in self.definition.startup:
+            await check(self)
 
     def process_app(self) -> AsgiFastStream:
         """The app of a process of its own (what uvicorn's factory returns).

@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,11 @@ from services.runtime.signing import (
     sign_envelope,
 )
 from tests.deploy.render import Resource, kubectl, kubectl_build
-from tests.deploy.test_manifests import HAND_MADE_CONFIGMAPS, HAND_MADE_SECRETS
+from tests.deploy.test_manifests import (
+    HAND_MADE_CONFIGMAPS,
+    HAND_MADE_SECRET_DIRECTORIES,
+    HAND_MADE_SECRETS,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "deploy.md"
@@ -162,10 +167,12 @@ def test_the_webhook_egress_rule_is_documented_as_it_is() -> None:
     assert "webhook-egress-notify" in (ROOT / "deploy" / "README.md").read_text()
 
 
-def shell_block_with(text: str) -> str:
-    """The one ```sh block of docs/deploy.md that contains ``text``, continuation lines joined."""
-    blocks = re.findall(r"^```sh\n(.*?)^```", DOC.read_text(), re.MULTILINE | re.DOTALL)
-    (block,) = [b for b in blocks if text in b]
+def shell_block_with(text: str, *, nested: bool = False) -> str:
+    """The one ```sh block of docs/deploy.md that contains ``text``, continuation lines joined;
+    ``nested``: blocks inside list items too (indented), their lines dedented."""
+    fence = r"^[ \t]*```" if nested else r"^```"
+    blocks = re.findall(fence + r"sh\n(.*?)" + fence, DOC.read_text(), re.MULTILINE | re.DOTALL)
+    (block,) = [textwrap.dedent(b) for b in blocks if text in b]
     return block.replace("\\\n", " ")
 
 
@@ -224,6 +231,19 @@ def test_a_hand_made_secret_is_created_as_documented(secret: str) -> None:
     assert any(w.startswith(f"--from-file={key}=") for w in words), "the key the pod mounts"
     # its section names the setting that reads the mounted file
     assert HAND_MADE_SECRETS[secret].setting in section_with(create)
+
+
+@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRET_DIRECTORIES))
+def test_a_hand_made_secret_directory_is_created_as_documented(secret: str) -> None:
+    made = HAND_MADE_SECRET_DIRECTORIES[secret]
+    block = shell_block_with(f"create secret generic {secret}", nested=True)
+    (create,) = [line for line in block.splitlines() if f"create secret generic {secret}" in line]
+    (namespace,) = [o for o in prod() if o["kind"] == "Namespace"]
+    words = shlex.split(create)
+    assert words[:3] == ["kubectl", "-n", namespace["metadata"]["name"]]
+    # an entry named as the service reads the directory's files
+    assert any(w.startswith(f"--from-file={made.key}=") for w in words)
+    assert made.setting in section_with(f"create secret generic {secret}")
 
 
 @pytest.mark.parametrize("secret", ENCRYPTION_KEYS)

@@ -99,6 +99,16 @@ HAND_MADE_SECRETS: dict[str, HandMade] = {
         for svc in ("orgs", "roster")
     },
 }
+# Secrets the administrator creates only when needed, mounted whole as a directory (one file per
+# entry) at the path of the setting: optional, since the service starts without them.
+HAND_MADE_SECRET_DIRECTORIES: dict[str, HandMade] = {
+    # Personal-data keys retired by a rotation, `<key id>.key` each (docs/deploy.md).
+    "bianzhi-roster-personal-data-retired-keys": HandMade(
+        "roster", "k1.key", "BIANZHI_ROSTER_PERSONAL_DATA_RETIRED_KEYS_DIR", kind="credential"
+    ),
+}
+# Settings named like secrets that are not: an identifier stored in clear beside the data.
+NAMED_LIKE_SECRETS = frozenset({"BIANZHI_ROSTER_PERSONAL_DATA_KEY_ID"})
 # ConfigMaps no manifest holds: the administrator creates them (docs/deploy.md says how), and the
 # service reads the mounted directory named by the setting. Not secret, shared by every service.
 HAND_MADE_CONFIGMAPS: dict[str, str] = {
@@ -342,7 +352,8 @@ def test_no_literal_secrets(rendered: list[Resource]) -> None:
                     assert re.fullmatch(r"\$\(\w+\):\$\(\w+\)", userinfo.group(1)), env["name"]
     for configmap in of_kind(rendered, "ConfigMap"):
         for key, value in configmap["data"].items():
-            assert not SECRETISH.search(key) or is_file_setting(key), key
+            assert not SECRETISH.search(key) or is_file_setting(key) or key in NAMED_LIKE_SECRETS
+            assert key not in NAMED_LIKE_SECRETS or re.fullmatch(r"\w{1,16}", value), key
             if is_file_setting(key):
                 assert value.startswith("/"), f"{key} names a file: a path, never the secret"
             # no URL with user:password (an e-mail address like the From is fine)
@@ -358,7 +369,11 @@ def secrets_made_by_operators(objects: list[Resource]) -> set[str]:
 def test_secrets_are_referenced_only_from_what_the_operators_make(
     rendered: list[Resource],
 ) -> None:
-    allowed = secrets_made_by_operators(rendered) | set(HAND_MADE_SECRETS)
+    allowed = (
+        secrets_made_by_operators(rendered)
+        | set(HAND_MADE_SECRETS)
+        | set(HAND_MADE_SECRET_DIRECTORIES)
+    )
     referenced = set()
     for obj in rendered:
         for node in walk(obj):
@@ -371,7 +386,27 @@ def test_secrets_are_referenced_only_from_what_the_operators_make(
             if in_trigger_auth and isinstance(node, dict) and {"parameter", "key"} <= set(node):
                 assert node["name"] in allowed
     # and every hand-made Secret is mounted: none is listed (and documented) in vain
-    assert set(HAND_MADE_SECRETS) <= referenced
+    assert set(HAND_MADE_SECRETS) | set(HAND_MADE_SECRET_DIRECTORIES) <= referenced
+
+
+@pytest.mark.parametrize("secret", sorted(HAND_MADE_SECRET_DIRECTORIES))
+def test_a_hand_made_secret_directory_is_mounted_whole_read_only_and_optional(
+    secret: str, rendered: list[Resource]
+) -> None:
+    made = HAND_MADE_SECRET_DIRECTORIES[secret]
+    deployment = named(rendered, "Deployment", f"bianzhi-{made.service}")
+    pod = deployment["spec"]["template"]["spec"]
+    app = main_container(deployment)
+    path = configmap_env(rendered, app)[made.setting]
+    (mount,) = [m for m in app["volumeMounts"] if m["mountPath"] == path]
+    assert mount["readOnly"] is True
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]["secret"]
+    # every entry a file of the directory; none needed to start
+    assert volume["secretName"] == secret and "items" not in volume
+    assert volume["optional"] is True and not made.required
+    assert volume["defaultMode"] & 0o007 == 0, "not readable by other users"
+    for container in pod["initContainers"]:
+        assert mount["name"] not in {m["name"] for m in container["volumeMounts"]}
 
 
 def test_config_maps_are_mounted_only_from_the_manifests_or_hand_made(

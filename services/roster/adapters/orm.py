@@ -112,4 +112,15 @@ org_projection = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Which personal-data key computed the stored blind indexes (purpose ``blind_index``, one row):
+# recorded when the roster first starts, checked at every start against the keys configured,
+# since a number must hash as it did when it was stored to be found (docs/deploy.md).
+personal_data_keys = Table(
+    "personal_data_keys",
+    metadata,
+    Column("purpose", String(16), primary_key=True),
+    Column("key_id", String(16), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
 messaging = messaging_tables(metadata)
