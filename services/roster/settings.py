@@ -25,8 +25,8 @@ class RosterSettings(BaseSettings):
     personal_data_key_id: str = Field(default="k1", min_length=1, max_length=16, pattern=r"^\w+$")
     # Keys that no longer encrypt but still open what they encrypted: a directory of files
     # ``<key id>.key`` (base64, as the key file), e.g. a Secret mounted as a directory. While
-    # any is given, the roster re-encrypts under the current key, once per start, whatever is
-    # under another (docs/deploy.md, "Rotating credentials").
+    # any is given, the roster re-encrypts under the current key, at start, whatever is under
+    # another, until nothing is (docs/deploy.md, "Rotating credentials").
     personal_data_retired_keys_dir: Path | None = None
 
     # A saga step (a slot request to quota) unanswered for this long times out: an enrolment

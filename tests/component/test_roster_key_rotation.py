@@ -217,6 +217,21 @@ async def test_the_background_walk_runs_only_while_retired_keys_are_held(
     assert keys_of(await stored(rotated)) == [("k2", "k2")]
     (done,) = [e for e in logs if e["event"].startswith("personal data re-encrypted")]
     assert (done["people_reencrypted"], done["retired_keys"]) == (1, ["k1"])
+    # That is recorded: the next start under k2 does not walk again.
+    restarted = rosters.build(K2_TEXT, "k2", retired={"k1": K1_TEXT})
+    with capture_logs() as logs:
+        await reencrypt_personal_data(restarted)
+    assert [e["event"] for e in logs] == [
+        "personal data is all under the current key: nothing to re-encrypt"
+    ]
+    # A new current key walks again.
+    k3 = rosters.build(
+        base64.b64encode(bytes(range(64, 96))).decode(),
+        "k3",
+        retired={"k1": K1_TEXT, "k2": K2_TEXT},
+    )
+    await reencrypt_personal_data(k3)
+    assert keys_of(await stored(k3)) == [("k3", "k3")]
 
 
 async def test_values_under_a_key_no_longer_held_are_reported_not_lost(
@@ -243,6 +258,10 @@ async def test_values_under_a_key_no_longer_held_are_reported_not_lost(
     assert report["event"].startswith("personal data under keys that are not configured")
     # The person enrolled under k2, and the sealed outbox row of their restricted event.
     assert (report["keys"], report["people_reencrypted"]) == ({"k2": 2}, 1)
+    # Not recorded as done: with k2 given back, the next start walks again and finishes.
+    k3_again = rosters.build(k3_text, "k3", retired={"k1": K1_TEXT, "k2": K2_TEXT})
+    await reencrypt_personal_data(k3_again)
+    assert keys_of(await stored(k3_again)) == [("k3", "k3")] * 2
 
 
 async def test_the_roster_refuses_to_start_with_a_key_that_does_not_fit_its_data(

@@ -112,9 +112,10 @@ org_projection = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-# Which personal-data key computed the stored blind indexes (purpose ``blind_index``, one row):
-# recorded when the roster first starts, checked at every start against the keys configured,
-# since a number must hash as it did when it was stored to be found (docs/deploy.md).
+# Which personal-data key computed the stored blind indexes (purpose ``blind_index``): recorded
+# when the roster first starts, checked at every start against the keys configured, since a
+# number must hash as it did when it was stored to be found (docs/deploy.md). And which key
+# everything was encrypted under when a re-encryption last finished clean (``encryption``).
 personal_data_keys = Table(
     "personal_data_keys",
     metadata,

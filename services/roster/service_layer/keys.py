@@ -14,11 +14,12 @@ its keys fit the stored data, and refuses to start when they do not:
 **Rotation** (docs/deploy.md, "Rotating credentials"): a new current key encrypts everything
 written from then on; the old key, given as a retired key, still opens what it encrypted.
 While retired keys are held, ``reencrypt_personal_data`` walks the people (citizen ID and
-phone number) and the sealed outbox rows once per start, in pages, and re-encrypts under the
-current key whatever is under another, each page in one transaction with the rows locked, so
-a handler's write and the walk's never interleave. The log shows the progress and says when
-nothing under a retired key is left. The blind index does not change, so lookups and the unique
-constraint work throughout.
+phone number) and the sealed outbox rows at start, in pages, and re-encrypts under the current
+key whatever is under another, each page in one transaction with the rows locked, so a
+handler's write and the walk's never interleave. The log shows the progress and says when
+nothing under a retired key is left; that is recorded, and later starts under the same current
+key do not walk again. The blind index does not change, so lookups and the unique constraint
+work throughout.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 
 from contracts.envelope import now
 from services.roster.adapters.orm import people, personal_data_keys
@@ -47,7 +48,10 @@ from services.runtime.sealing import SEALED_HEADER
 
 log = structlog.get_logger("bianzhi.roster.keys")
 
+# The purposes recorded in ``personal_data_keys``: the key the stored blind indexes were
+# computed with, and the key everything was encrypted under when a walk last finished clean.
 BLIND_INDEX = "blind_index"
+ENCRYPTION = "encryption"
 PAGE = 1000
 # How often the walk says how far it got, at most.
 PROGRESS_EVERY_S = 10.0
@@ -315,13 +319,44 @@ async def reencrypt_all(runtime: Any) -> Progress:
     return progress
 
 
+async def _encrypted_under(runtime: Any) -> str | None:
+    """The key everything was under when a walk last left nothing under another, if any."""
+    async with runtime.read_sessions() as session:
+        found: str | None = await session.scalar(
+            select(personal_data_keys.c.key_id).where(personal_data_keys.c.purpose == ENCRYPTION)
+        )
+    return found
+
+
+async def _record_encrypted_under(runtime: Any, key_id: str) -> None:
+    async with runtime.uow() as uow:
+        await uow.session.execute(
+            delete(personal_data_keys).where(personal_data_keys.c.purpose == ENCRYPTION)
+        )
+        await uow.session.execute(
+            insert(personal_data_keys).values(purpose=ENCRYPTION, key_id=key_id, recorded_at=now())
+        )
+        await uow.commit()
+
+
 async def reencrypt_personal_data(runtime: Any) -> None:
-    """The background task: while retired keys are held, one walk per start."""
+    """The background task: while retired keys are held, one walk per start, until a walk
+    leaves nothing under another key than the current one. That is recorded (everything
+    written since is under the current key too), and later starts with the same current key
+    do not walk again."""
     cipher = _cipher(runtime)
     if not cipher.retired_key_ids:
         return
     try:
+        if await _encrypted_under(runtime) == cipher.key_id:
+            log.info(
+                "personal data is all under the current key: nothing to re-encrypt",
+                current_key=cipher.key_id,
+            )
+            return
         progress = await reencrypt_all(runtime)
+        if not progress.unopenable:
+            await _record_encrypted_under(runtime, cipher.key_id)
     except Exception as exc:  # the next start walks again; nothing is half-written
         log.error("re-encrypting personal data failed", error=repr(exc))
         return
