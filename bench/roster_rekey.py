@@ -11,8 +11,9 @@ composition root with a new key ``k2`` and ``k1`` retired, and times
            page at a time (people re-encrypted per second);
   again    the same walk with nothing left to do: the cost of reading alone (the baseline in
            this run; the ratio says what the re-encryption adds);
-  pages    the longest and the mean write transaction of a page: on SQLite the write lock is
-           held that long, so a handler waiting for it waits at most about that.
+  writes   the longest and the mean write transaction (``keys.WRITE_CHUNK`` people of a page):
+           on SQLite the write lock is held that long, so a handler waiting for it waits at
+           most about that.
 
 Figures, not assertions: ``.venv/bin/python bench/roster_rekey.py -n 20000``.
 """
@@ -181,11 +182,7 @@ def main() -> None:
     parser.add_argument("--postgres", metavar="URL", help="a PostgreSQL server to use")
     parser.add_argument("--page", type=int, help="people per page (default: the service's)")
     args = parser.parse_args()
-    envelopes, sqlite_rows = machine_speed()
-    say(
-        f"machine speed (one core, best of 3): {envelopes:,.0f} envelopes/s, "
-        f"{sqlite_rows:,.0f} SQLite rows/s; load average {load_average()}"
-    )
+    say(f"{machine_speed().describe()}; load average {load_average()}")
     asyncio.run(measure(args))
 
 
