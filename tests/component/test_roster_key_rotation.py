@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from structlog.testing import capture_logs
 
 from contracts.codes import ReleaseReason
@@ -309,3 +309,55 @@ async def test_the_first_start_records_the_key_the_stored_index_was_computed_wit
     assert [(r.purpose, r.key_id) for r in recorded] == [("blind_index", "k1")]
     again = await switched(platform, rotated).send(enrol(number, org_id, "冀编用〔2026〕x号"))
     assert (await platform.result(rotated, again.id)).data["code"] == "already_enrolled"
+
+
+async def test_a_change_made_while_the_walk_computes_a_page_is_kept(
+    keys: tuple[Platform, Roster],
+) -> None:
+    platform, rosters = keys
+    org_id = await platform.org()
+    number = citizen()
+    cmd = await platform.send(enrol(number, org_id, await platform.notice(org_id, 1)))
+    person_id = (await platform.result(platform.roster, cmd.id)).data["subject"]
+    rotated = rosters.build(K2_TEXT, "k2", retired={"k1": K1_TEXT})
+    await check_personal_data_keys(rotated)
+    cipher = rotated.definition.uow_class.cipher
+    assert cipher is not None
+    # The walk reads the page and computes its new values; before it takes the lock to write
+    # them, a handler writes the person's new phone number (under k2, as handlers do).
+    real_uow = rotated.uow
+    changes = 0
+
+    def uow_after_a_change() -> Any:
+        async def change() -> None:
+            nonlocal changes
+            changes += 1
+            if changes > 1:  # once, before the first write transaction
+                return
+            async with rotated.sessions() as session:
+                await session.execute(
+                    update(people)
+                    .where(people.c.person_id == person_id)
+                    .values(phone_enc=cipher.encrypt("13900139000", context=person_id))
+                )
+                await session.commit()
+
+        class After:
+            async def __aenter__(self) -> Any:
+                await change()
+                self.uow = real_uow()
+                return await self.uow.__aenter__()
+
+            async def __aexit__(self, *exc: Any) -> Any:
+                return await self.uow.__aexit__(*exc)
+
+        return After()
+
+    rotated.uow = uow_after_a_change  # type: ignore[method-assign]
+    progress = await reencrypt_all(rotated)
+    assert progress.people_reencrypted == 1
+    (row,) = await stored(rotated)
+    assert keys_of([row]) == [("k2", "k2")]
+    # The walk wrote the new number, not the old one it had computed.
+    assert cipher.decrypt(row.phone_enc, context=person_id) == "13900139000"
+    assert cipher.decrypt(row.citizen_enc, context=person_id) == number
