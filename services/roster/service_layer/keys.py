@@ -15,7 +15,7 @@ its keys fit the stored data, and refuses to start when they do not:
 written from then on; the old key, given as a retired key, still opens what it encrypted.
 While retired keys are held, ``reencrypt_personal_data`` walks the people (citizen ID and
 phone number) and the sealed outbox rows at start, in pages, and re-encrypts under the current
-key whatever is under another, each page in one transaction with the rows locked, so a
+key whatever is under another, ``WRITE_CHUNK`` rows per transaction with the rows locked, so a
 handler's write and the walk's never interleave. The log shows the progress and says when
 nothing under a retired key is left; that is recorded, and later starts under the same current
 key do not walk again. The blind index does not change, so lookups and the unique constraint
