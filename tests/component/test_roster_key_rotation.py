@@ -119,6 +119,17 @@ def keys_of(rows: list[Any]) -> list[tuple[str | None, str | None]]:
     ]
 
 
+async def enrolled(platform: Platform, places: int = 1) -> tuple[Any, str, str]:
+    """A new org with a notice of ``places``, and one person enrolled in it: the org's id, the
+    person's number and person id."""
+    org_id = await platform.org()
+    number = citizen()
+    cmd = await platform.send(enrol(number, org_id, await platform.notice(org_id, places)))
+    result = await platform.result(platform.roster, cmd.id)
+    assert result.type == COMPLETED, result.data
+    return org_id, number, result.data["subject"]
+
+
 async def test_a_rotated_key_encrypts_what_comes_and_the_old_values_are_reencrypted(
     keys: tuple[Platform, Roster],
 ) -> None:
@@ -204,9 +215,7 @@ async def test_the_background_walk_runs_only_while_retired_keys_are_held(
     keys: tuple[Platform, Roster],
 ) -> None:
     platform, rosters = keys
-    org_id = await platform.org()
-    cmd = await platform.send(enrol(citizen(), org_id, await platform.notice(org_id, 1)))
-    assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+    await enrolled(platform)
     # No retired key: nothing to walk for.
     await reencrypt_personal_data(platform.roster)
     assert keys_of(await stored(platform.roster)) == [("k1", "k1")]
@@ -238,9 +247,7 @@ async def test_values_under_a_key_no_longer_held_are_reported_not_lost(
     keys: tuple[Platform, Roster],
 ) -> None:
     platform, rosters = keys
-    org_id = await platform.org()
-    cmd = await platform.send(enrol(citizen(), org_id, await platform.notice(org_id, 1)))
-    assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+    org_id, _, _ = await enrolled(platform)
     # k2 came and went: its values stay, but with k3 current and only k1 retired nobody
     # can open them. The walk passes them over and says so; it does not stop at them.
     k2 = rosters.build(K2_TEXT, "k2", retired={"k1": K1_TEXT})
@@ -268,9 +275,7 @@ async def test_the_roster_refuses_to_start_with_a_key_that_does_not_fit_its_data
     keys: tuple[Platform, Roster],
 ) -> None:
     platform, rosters = keys
-    org_id = await platform.org()
-    cmd = await platform.send(enrol(citizen(), org_id, await platform.notice(org_id, 1)))
-    assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+    await enrolled(platform)
     # Another key given the id of the one that encrypted the data: with it, the same number
     # would hash to an index nobody has, and could be enrolled twice. The start stops first,
     # before the service reads a message.
@@ -292,10 +297,7 @@ async def test_the_first_start_records_the_key_the_stored_index_was_computed_wit
     async with platform.roster.sessions() as session:
         recorded = (await session.execute(select(personal_data_keys))).all()
     assert [(r.purpose, r.key_id) for r in recorded] == [("blind_index", "k1")]
-    org_id = await platform.org()
-    number = citizen()
-    cmd = await platform.send(enrol(number, org_id, await platform.notice(org_id, 2)))
-    assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+    org_id, number, _ = await enrolled(platform, places=2)
     # A roster upgraded from before the record, started after a rotation: the stored numbers
     # tell which key computed their index, and that is what is recorded.
     async with platform.roster.sessions() as session:
@@ -315,10 +317,7 @@ async def test_a_change_made_while_the_walk_computes_a_page_is_kept(
     keys: tuple[Platform, Roster],
 ) -> None:
     platform, rosters = keys
-    org_id = await platform.org()
-    number = citizen()
-    cmd = await platform.send(enrol(number, org_id, await platform.notice(org_id, 1)))
-    person_id = (await platform.result(platform.roster, cmd.id)).data["subject"]
+    _, number, person_id = await enrolled(platform)
     rotated = rosters.build(K2_TEXT, "k2", retired={"k1": K1_TEXT})
     await check_personal_data_keys(rotated)
     cipher = rotated.definition.uow_class.cipher
