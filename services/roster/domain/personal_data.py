@@ -60,7 +60,7 @@ class _Key:
     def of(cls, master: bytes, key_id: str) -> _Key:
         if len(master) != KEY_BYTES:
             raise PersonalDataKeyError(
-                f"the personal-data key {key_id} must be {KEY_BYTES} bytes, not {len(master)}"
+                f"the personal-data key must be {KEY_BYTES} bytes, not {len(master)} (key {key_id})"
             )
         if not KEY_ID.match(key_id):
             raise PersonalDataKeyError(
