@@ -164,14 +164,22 @@ class PersonalDataCipher:
     # Dead letters: a roster command that cannot be read goes to the DLQ whole, citizen ID and
     # all, so the DLQ record is sealed with the same key (its topic bound as associated data).
 
+    @property
+    def seal_label(self) -> str:
+        """The label ``seal`` gives what it seals (the current key's)."""
+        return f"{SEAL_LABEL}:{self.key_id}"
+
     def seal(self, value: bytes, topic: str) -> tuple[bytes, str]:
         """``value`` sealed for the dead-letter topic of ``topic``, and the key's label."""
-        sealed = self._seal(self._current, value, DEAD_LETTER_CONTEXT + topic)
-        return sealed, f"{SEAL_LABEL}:{self.key_id}"
+        return self._seal(self._current, value, DEAD_LETTER_CONTEXT + topic), self.seal_label
 
     def unseal(self, blob: bytes, topic: str) -> bytes:
         """The original value of a dead letter sealed by ``seal`` for ``topic``."""
         return self._open(blob, DEAD_LETTER_CONTEXT + topic, "sealed value")
+
+    def reseal(self, blob: bytes, topic: str) -> bytes:
+        """``blob`` (sealed for ``topic``) sealed under the current key (itself when it is)."""
+        return self.reencrypt(blob, context=DEAD_LETTER_CONTEXT + topic)
 
     def _seal(self, key: _Key, value: bytes, context: str) -> bytes:
         nonce = secrets.token_bytes(_NONCE_BYTES)

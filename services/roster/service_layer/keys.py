@@ -27,18 +27,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Select, Table, Update, bindparam, delete, insert, select, update
 
 from contracts.envelope import now
 from services.roster.adapters.orm import people, personal_data_keys
 from services.roster.domain.personal_data import (
-    SEAL_LABEL,
     PersonalDataCipher,
     PersonalDataKeyError,
     key_id_of,
@@ -59,12 +59,38 @@ WRITE_CHUNK = 200
 # How often the walk says how far it got, at most.
 PROGRESS_EVERY_S = 10.0
 
-_PERSON_VALUES = (people.c.person_id, people.c.citizen_enc, people.c.phone_enc)
-_REWRITE_PERSON = (
-    update(people)
-    .where(people.c.person_id == bindparam("b_person_id"))
-    .values(citizen_enc=bindparam("b_citizen_enc"), phone_enc=bindparam("b_phone_enc"))
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A table whose ``columns`` hold values under a personal-data key, walked by ``key``; a
+    re-encryption writes ``written``, and reads ``extra`` besides (what a value is bound to)."""
+
+    table: Table
+    key: str
+    columns: tuple[str, ...]
+    written: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+
+    @cached_property
+    def select(self) -> Select[Any]:
+        t = self.table
+        return select(*(t.c[name] for name in (self.key, *self.columns, *self.extra)))
+
+    @cached_property
+    def rewrite(self) -> Update:
+        t = self.table
+        return (
+            update(t)
+            .where(t.c[self.key] == bindparam("b_key"))
+            .values({name: bindparam(f"b_{name}") for name in self.written})
+        )
+
+
+_PEOPLE = _Sealed(
+    people, "person_id", ("citizen_enc", "phone_enc"), written=("citizen_enc", "phone_enc")
 )
+# A row's new ``written`` values under the current key; ``None`` when there is nothing to do.
+Rewrap = Callable[[Any], dict[str, Any] | None]
 
 
 def _cipher(runtime: Any) -> PersonalDataCipher:
@@ -145,151 +171,98 @@ class Progress:
     unopenable: Counter[str] = field(default_factory=Counter)
 
 
-def _rewrapped(cipher: PersonalDataCipher, row: Any, progress: Progress) -> dict[str, Any] | None:
-    """The new values of a person's row under the current key, or ``None`` when nothing is to
-    be done (or can be: a key not held is counted)."""
-    values = {"citizen_enc": row.citizen_enc, "phone_enc": row.phone_enc}
-    changed = False
-    for column, blob in values.items():
-        if blob is None or cipher.is_current(blob):
-            continue
+def _under_old_keys(
+    cipher: PersonalDataCipher, blobs: Sequence[bytes | None], progress: Progress
+) -> bool | None:
+    """Whether any of ``blobs`` is under another key than the current one; ``None`` when one is
+    under a key not held (counted: it cannot be re-encrypted)."""
+    stale = [blob for blob in blobs if blob is not None and not cipher.is_current(blob)]
+    for blob in stale:
         key_id = key_id_of(blob) or "?"
         if key_id not in cipher.key_ids:
             progress.unopenable[key_id] += 1
             return None
-        values[column] = cipher.reencrypt(blob, context=row.person_id)
-        changed = True
-    return values if changed else None
+    return bool(stale)
 
 
-async def reencrypt_people_page(
-    runtime: Any, cipher: PersonalDataCipher, after: str | None, progress: Progress
-) -> str | None:
-    """Re-encrypt under the current key the people after ``after`` (by id, ``PAGE`` of them)
-    whose values are under another key; the last id of the page, ``None`` at the end.
+def _person_rewrap(cipher: PersonalDataCipher, progress: Progress) -> Rewrap:
+    def rewrap(row: Any) -> dict[str, Any] | None:
+        if not _under_old_keys(cipher, (row.citizen_enc, row.phone_enc), progress):
+            return None
+        return {
+            "citizen_enc": cipher.reencrypt(row.citizen_enc, context=row.person_id),
+            "phone_enc": (
+                cipher.reencrypt(row.phone_enc, context=row.person_id) if row.phone_enc else None
+            ),
+        }
+
+    return rewrap
+
+
+def _outbox_rewrap(cipher: PersonalDataCipher, progress: Progress) -> Rewrap:
+    def rewrap(row: Any) -> dict[str, Any] | None:
+        if not _under_old_keys(cipher, (row.value,), progress):
+            return None
+        return {
+            "value": cipher.reseal(row.value, row.topic),
+            "headers": {**row.headers, SEALED_HEADER: cipher.seal_label},
+        }
+
+    return rewrap
+
+
+async def _rewrite_page(
+    runtime: Any, sealed: _Sealed, after: Any, rewrap: Rewrap, where: Any = None
+) -> tuple[int, int, Any]:
+    """Re-encrypt under the current key the rows of ``sealed`` after ``after`` (by its key,
+    ``PAGE`` of them) that ``rewrap`` finds under another: rows seen, rows rewritten, and the
+    last key of the page (``None`` at the end).
 
     The page is read, and its new values computed, without the write lock; the rows are read
-    again, locked, in the transaction that writes them, and a row a handler changed meanwhile
-    is computed again there, so no change is lost and the lock is held for the statements
-    only."""
-    query = select(*_PERSON_VALUES)
+    again, locked, in the transactions that write them (``WRITE_CHUNK`` rows each), and a row
+    changed meanwhile is computed again there, so no change is lost and the lock is held for
+    the statements only."""
+    key = sealed.table.c[sealed.key]
+    query = sealed.select
     if after is not None:
-        query = query.where(people.c.person_id > after)
+        query = query.where(key > after)
+    if where is not None:
+        query = query.where(where)
     async with runtime.read_sessions() as session:
-        rows = (await session.execute(query.order_by(people.c.person_id).limit(PAGE))).all()
+        rows = (await session.execute(query.order_by(key).limit(PAGE))).all()
     if not rows:
-        return None
-    progress.people_seen += len(rows)
+        return 0, 0, None
     planned = {
-        row.person_id: (row.citizen_enc, row.phone_enc, values)
+        getattr(row, sealed.key): (row, values)
         for row in rows
-        if (values := _rewrapped(cipher, row, progress)) is not None
+        if (values := rewrap(row)) is not None
     }
     ids = list(planned)
+    rewritten = 0
     for start in range(0, len(ids), WRITE_CHUNK):
         async with runtime.uow() as uow:
             locked = (
                 await uow.session.execute(
-                    select(*_PERSON_VALUES)
-                    .where(people.c.person_id.in_(ids[start : start + WRITE_CHUNK]))
-                    .order_by(people.c.person_id)
+                    sealed.select.where(key.in_(ids[start : start + WRITE_CHUNK]))
+                    .order_by(key)
                     .with_for_update()
                 )
             ).all()
             changes = []
             for row in locked:
-                citizen_enc, phone_enc, values = planned[row.person_id]
-                if (row.citizen_enc, row.phone_enc) != (citizen_enc, phone_enc):
-                    values = _rewrapped(cipher, row, Progress())  # changed since it was read
+                read, values = planned[getattr(row, sealed.key)]
+                if tuple(row) != tuple(read):
+                    values = rewrap(row)  # changed since it was read
                 if values is not None:
                     changes.append(
-                        {
-                            "b_person_id": row.person_id,
-                            "b_citizen_enc": values["citizen_enc"],
-                            "b_phone_enc": values["phone_enc"],
-                        }
+                        {"b_key": getattr(row, sealed.key)}
+                        | {f"b_{name}": value for name, value in values.items()}
                     )
             if changes:
-                await uow.session.execute(_REWRITE_PERSON, changes)
+                await uow.session.execute(sealed.rewrite, changes)
                 await uow.commit()
-                progress.people_reencrypted += len(changes)
-    last: str = rows[-1].person_id
-    return last
-
-
-def _label_key(label: str | None) -> str | None:
-    prefix = SEAL_LABEL + ":"
-    if label is None or not label.startswith(prefix):
-        return None
-    return label[len(prefix) :]
-
-
-async def reseal_outbox_page(
-    runtime: Any,
-    cipher: PersonalDataCipher,
-    topics: Sequence[str],
-    after: int,
-    progress: Progress,
-) -> int | None:
-    """Seal again under the current key the outbox rows of ``topics`` after ``after`` (by
-    seq, ``PAGE`` of them) sealed under another; the last seq of the page, ``None`` at the
-    end. Published rows are kept for a while (``bianzhi replay``), so they are done too."""
-    outbox = runtime.definition.tables.outbox
-    async with runtime.read_sessions() as session:
-        rows = (
-            await session.execute(
-                select(outbox.c.seq, outbox.c.headers)
-                .where(outbox.c.seq > after, outbox.c.topic.in_(topics))
-                .order_by(outbox.c.seq)
-                .limit(PAGE)
-            )
-        ).all()
-    if not rows:
-        return None
-    progress.outbox_seen += len(rows)
-    due = [
-        row.seq
-        for row in rows
-        if (key_id := _label_key((row.headers or {}).get(SEALED_HEADER))) is not None
-        and key_id != cipher.key_id
-    ]
-    for start in range(0, len(due), WRITE_CHUNK):
-        async with runtime.uow() as uow:
-            locked = (
-                await uow.session.execute(
-                    select(outbox.c.seq, outbox.c.topic, outbox.c.value, outbox.c.headers)
-                    .where(outbox.c.seq.in_(due[start : start + WRITE_CHUNK]))
-                    .order_by(outbox.c.seq)
-                    .with_for_update()
-                )
-            ).all()
-            changes = []
-            for row in locked:
-                key_id = _label_key(row.headers.get(SEALED_HEADER))
-                if key_id is None or key_id == cipher.key_id:
-                    continue
-                if key_id not in cipher.key_ids:
-                    progress.unopenable[key_id] += 1
-                    continue
-                value, label = cipher.seal(cipher.unseal(row.value, row.topic), row.topic)
-                changes.append(
-                    {
-                        "b_seq": row.seq,
-                        "b_value": value,
-                        "b_headers": {**row.headers, SEALED_HEADER: label},
-                    }
-                )
-            if changes:
-                await uow.session.execute(
-                    update(outbox)
-                    .where(outbox.c.seq == bindparam("b_seq"))
-                    .values(value=bindparam("b_value"), headers=bindparam("b_headers")),
-                    changes,
-                )
-                await uow.commit()
-                progress.outbox_resealed += len(changes)
-    last: int = rows[-1].seq
-    return last
+                rewritten += len(changes)
+    return len(rows), rewritten, getattr(rows[-1], sealed.key)
 
 
 async def reencrypt_all(runtime: Any) -> Progress:
@@ -309,16 +282,33 @@ async def reencrypt_all(runtime: Any) -> Progress:
             elapsed_s=round(time.monotonic() - started, 1),
         )
 
-    person: str | None = None
-    while (person := await reencrypt_people_page(runtime, cipher, person, progress)) is not None:
+    people_rewrap = _person_rewrap(cipher, progress)
+    person: Any = None
+    while True:
+        seen, done, person = await _rewrite_page(runtime, _PEOPLE, person, people_rewrap)
+        progress.people_seen += seen
+        progress.people_reencrypted += done
+        if person is None:
+            break
         if time.monotonic() - said >= PROGRESS_EVERY_S:
             report("people")
             said = time.monotonic()
         await asyncio.sleep(0)
     topics = sorted(runtime.definition.sealed_topics)
-    seq: int | None = 0
-    while topics and seq is not None:
-        seq = await reseal_outbox_page(runtime, cipher, topics, seq, progress)
+    outbox = runtime.definition.tables.outbox
+    sealed_rows = _Sealed(
+        outbox, "seq", ("value",), written=("value", "headers"), extra=("topic", "headers")
+    )
+    outbox_rewrap = _outbox_rewrap(cipher, progress)
+    seq: Any = 0
+    while topics:
+        seen, done, seq = await _rewrite_page(
+            runtime, sealed_rows, seq, outbox_rewrap, where=outbox.c.topic.in_(topics)
+        )
+        progress.outbox_seen += seen
+        progress.outbox_resealed += done
+        if seq is None:
+            break
         if time.monotonic() - said >= PROGRESS_EVERY_S:
             report("outbox")
             said = time.monotonic()
