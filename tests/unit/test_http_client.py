@@ -10,13 +10,14 @@ notify's at-scale test: a quarter of the delivery time.
 from __future__ import annotations
 
 import importlib.abc
-import socket
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import httpx
+
+from services.runtime.embedded_broker import free_port
 
 
 class Lookups(importlib.abc.MetaPathFinder):
@@ -32,12 +33,6 @@ class Lookups(importlib.abc.MetaPathFinder):
         return None  # the finders after this one do the finding
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def refused(client: httpx.AsyncClient, url: str) -> None:
     try:
         await client.post(url, content=b"{}")
@@ -47,7 +42,7 @@ async def refused(client: httpx.AsyncClient, url: str) -> None:
 
 
 async def test_a_warm_client_request_imports_nothing() -> None:
-    url = f"http://127.0.0.1:{closed_port()}/hook"
+    url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     async with httpx.AsyncClient(timeout=5) as client:
         await refused(client, url)  # warm: whatever a first request imports, it has
         lookups = Lookups()
