@@ -1,9 +1,10 @@
 """The Kafka broker factory, the subscriber defaults, and publishing for relays and dead letters.
 
-Every subscriber gets an explicit ``group_id`` and ``AckPolicy.ACK`` (set per subscriber: a
-broker-level policy does not reach router subscribers in FastStream 0.7). Processing never lets an
-exception escape but for cancellation, so an offset is committed only after its transaction
-committed; a cancelled handler is not acknowledged and its message is delivered again.
+Every subscriber gets an explicit ``group_id`` and ``AckPolicy.MANUAL`` (set per subscriber: a
+broker-level policy does not reach router subscribers in FastStream 0.7): its offsets are
+committed by an ``OffsetCommitter`` once ``process`` has returned for them. Processing never lets
+an exception escape but for cancellation, so an offset is committed only after its transaction
+committed; a cancelled handler's records are not noted and are delivered again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from faststream.security import (
 
 from services.runtime.gaps import OffsetGapGuard
 from services.runtime.messaging import RawMessage
+from services.runtime.offsets import OffsetCommitter
 from services.runtime.partitioner import KeyPartitioner
 from services.runtime.relay import OutboxRecord, PublishBatch
 from services.runtime.settings import Settings
@@ -38,7 +40,7 @@ from services.runtime.settings import Settings
 IDLE_POLL_MS = 1_000
 
 
-def _poll_without_idle_sleep(subscriber: Any) -> None:
+def _poll_without_idle_sleep(subscriber: Any, committer: OffsetCommitter) -> None:
     """Make a FastStream batch subscriber poll again at once after a poll that found nothing,
     and hand on no record past a hole in its partition (``OffsetGapGuard``).
 
@@ -50,12 +52,35 @@ def _poll_without_idle_sleep(subscriber: Any) -> None:
     guard = OffsetGapGuard()
 
     async def get_msg(consumer: Any) -> tuple[Any, ...]:
+        committer.attach(consumer)
         batches = await consumer.getmany(
             timeout_ms=subscriber.batch_timeout_ms, max_records=subscriber.max_records
         )
         return tuple(guard.take(consumer, batches))
 
     subscriber.get_msg = get_msg
+
+
+def _flush_before_leaving(subscriber: Any, committer: OffsetCommitter) -> None:
+    """Commit what the subscriber handled when it stops: after its in-flight fetch is handled
+    (FastStream's graceful stop waits for it) and before its consumer leaves the group."""
+    stop_subscriber = subscriber.stop
+
+    async def stop() -> None:
+        consumer = subscriber.consumer
+        if consumer is not None:
+            stop_consumer = consumer.stop
+
+            async def flush_then_stop() -> None:
+                try:
+                    await committer.flush()
+                finally:
+                    await stop_consumer()
+
+            consumer.stop = flush_then_stop
+        await stop_subscriber()
+
+    subscriber.stop = stop
 
 
 def security_from(settings: Settings) -> BaseSecurity | None:
@@ -192,11 +217,14 @@ def subscribe(
     """Register one consumer of ``topics`` in ``group_id`` that hands each batch to ``process``.
 
     A batch is whatever one fetch returned (at most ``max_records``); its offsets are committed
-    together once ``process`` has returned, that is once every record in it has been handled.
+    once ``process`` has returned, that is once every record in it has been handled, with those
+    of the other batches handled within ``kafka_commit_interval_ms`` (``OffsetCommitter``).
     """
+    committer = OffsetCommitter(interval_ms=settings.kafka_commit_interval_ms, name=group_id)
 
     async def on_batch(records: Any) -> None:
         await process([RawMessage.from_record(r) for r in records])
+        await committer.done(records)
 
     names = [topics] if isinstance(topics, str) else list(topics)
     # How long one poll waits for records: it returns as soon as the consumer holds any, so a
@@ -210,7 +238,8 @@ def subscribe(
         batch=True,
         max_records=max_records,
         batch_timeout_ms=batch_timeout_ms,
-        ack_policy=AckPolicy.ACK,
+        ack_policy=AckPolicy.MANUAL,
+        listener=committer,
         auto_offset_reset="earliest",
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
@@ -219,7 +248,8 @@ def subscribe(
         decoder=_records,
         description=description,
     )
-    _poll_without_idle_sleep(subscriber)
+    _poll_without_idle_sleep(subscriber, committer)
+    _flush_before_leaving(subscriber, committer)
     return subscriber(on_batch)
 
 

@@ -52,6 +52,12 @@ FETCH_HOLES = Counter(
     "the missing records never became readable (passed).",
     ["outcome"],
 )
+OFFSET_COMMITS = Counter(
+    "bianzhi_offset_commits_total",
+    "Offset commit requests of the services' consumers: committed, refused (the partitions had "
+    "gone to another member, which reads those records again) or failed (kept for the next one).",
+    ["outcome"],
+)
 OUTBOX_BACKLOG = Gauge(
     "bianzhi_outbox_backlog", "Outbox rows not yet published (as last seen).", ["service"]
 )

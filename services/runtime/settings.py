@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # any of them is refused), and their offsets committed together.
     kafka_command_batch_size: int = Field(default=100, ge=1, le=1000)
     kafka_event_batch_size: int = Field(default=100, ge=1, le=1000)
+    # Handled records' offsets are committed together, at most this long after their handling
+    # (0: after every fetch, before the next is handled); a record delivered again meanwhile
+    # finds its id in the inbox (services/runtime/offsets.py).
+    kafka_commit_interval_ms: int = Field(default=500, ge=0, le=60_000)
     kafka_graceful_timeout_s: float = Field(default=15.0, gt=0)
 
     # Outbox relay

@@ -536,11 +536,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
-    orgs_db: AsyncEngine, db_url: str, topics: str, tmp_path: Path, client: CommandClient
-) -> None:
+async def start_orgs_process(
+    db_url: str, topics: str, tmp_path: Path, prefix: str, **env_overrides: str
+) -> asyncio.subprocess.Process:
+    """The orgs service as uvicorn runs it, in its own process, once it says it is ready; its
+    output goes to ``tmp_path/uvicorn.log``."""
     port = _free_port()
-    prefix = f"proc-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "BIANZHI_KAFKA_BOOTSTRAP": topics,
@@ -550,8 +551,9 @@ async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
         "BIANZHI_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
         "BIANZHI_KAFKA_GROUP_PREFIX": prefix,
         "BIANZHI_LOG_LEVEL": "WARNING",
+        **env_overrides,
     }
-    log = (tmp_path / "uvicorn.log").open("wb")
+    log = (tmp_path / "uvicorn.log").open("ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -567,6 +569,7 @@ async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
     )
+    log.close()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
 
@@ -581,6 +584,20 @@ async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
                     return False
 
             await wait_for(ready, timeout=30, interval=0.1)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return proc
+
+
+async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
+    orgs_db: AsyncEngine, db_url: str, topics: str, tmp_path: Path, client: CommandClient
+) -> None:
+    prefix = f"proc-{uuid.uuid4().hex[:8]}"
+    proc = await start_orgs_process(db_url, topics, tmp_path, prefix)
+    try:
         # The group has joined once the first command is answered.
         first = client.envelope(register())
         sent = [(first, await send_at(client, first))]
@@ -598,7 +615,6 @@ async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        log.close()
     output = (tmp_path / "uvicorn.log").read_text()
     # uvicorn (>= 0.29) re-raises the SIGTERM it handled once the shutdown is complete, so a
     # clean exit reports the signal (143 in a shell) rather than 0.
@@ -631,3 +647,94 @@ async def test_sigterm_to_a_real_process_drains_and_exits_cleanly(
 
 async def _wait_results(client: CommandClient, command_id: str) -> list[Envelope]:
     return await client.wait_results(command_id, 1, timeout=5)
+
+
+# 6. offsets committed later than the handling, together -----------------------------------------
+
+
+async def test_offsets_are_committed_together_and_before_the_consumer_leaves(
+    orgs_db: AsyncEngine, topics: str, tmp_path: Path, client: CommandClient
+) -> None:
+    # An interval longer than the test: nothing is committed while the service runs, and the
+    # graceful stop commits all that was handled.
+    settings = service_settings(tmp_path, topics, kafka_commit_interval_ms=60_000)
+    group = command_group(settings)
+    key = b"one-partition"
+    envs = [client.envelope(register()) for _ in range(5)]
+    committed_before = metric("bianzhi_offset_commits_total", outcome="committed")
+    async with serving(settings):
+        metas = []
+        for env in envs:  # one at a time: a fetch each
+            metas.append(await send_at(client, env, key=key))
+            assert (await client.result(env.id)).type == COMPLETED
+        tp = TopicPartition(ORGS_COMMANDS, metas[0].partition)
+        assert {m.partition for m in metas} == {tp.partition}
+        assert await committed(topics, group, tp) is None
+        assert metric("bianzhi_offset_commits_total", outcome="committed") == committed_before
+    assert await committed(topics, group, tp) == metas[-1].offset + 1
+    assert metric("bianzhi_offset_commits_total", outcome="committed") == committed_before + 1
+    assert await count(orgs_db, orgs) == 5
+
+    # With a short interval, the offsets follow the handling while the service runs.
+    settings = service_settings(
+        tmp_path,
+        topics,
+        kafka_commit_interval_ms=100,
+        kafka_group_prefix=settings.kafka_group_prefix,
+    )
+    more = client.envelope(register())
+    async with serving(settings):
+        meta = await send_at(client, more, key=key)
+        assert (await client.result(more.id)).type == COMPLETED
+
+        async def caught_up() -> bool:
+            return await committed(topics, group, tp) == meta.offset + 1
+
+        await wait_for(caught_up)
+    # The records committed on the way out were not delivered again.
+    for env in envs:
+        assert len(client.results_of(env.id)) == 1
+
+
+async def test_a_killed_service_handles_again_what_it_had_not_committed_with_one_effect(
+    orgs_db: AsyncEngine, db_url: str, topics: str, tmp_path: Path, client: CommandClient
+) -> None:
+    prefix = f"kill-{uuid.uuid4().hex[:8]}"
+    group = f"{prefix}-orgs"
+    key = b"one-partition"
+    envs = [client.envelope(register()) for _ in range(8)]
+    proc = await start_orgs_process(
+        db_url, topics, tmp_path, prefix, BIANZHI_KAFKA_COMMIT_INTERVAL_MS="60000"
+    )
+    try:
+        metas = [await send_at(client, env, key=key) for env in envs]
+        for env in envs:
+            assert (await client.result(env.id)).type == COMPLETED
+        proc.kill()  # handled and published, their offsets not yet committed
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    tp = TopicPartition(ORGS_COMMANDS, metas[0].partition)
+    assert await committed(topics, group, tp) is None
+    events_before = envelopes_of(await read_topic(topics, ORGS_EVENTS))
+    assert len(events_before) == len(envs)
+
+    # The same group and database again: every record comes back and changes nothing.
+    async with serving(service_settings(tmp_path, topics, kafka_group_prefix=prefix)):
+        for env in envs:
+            again = await client.wait_results(env.id, 2, timeout=30)
+            assert again[0] == again[1]  # the stored result, sent again
+
+        async def caught_up() -> bool:
+            return await committed(topics, group, tp) == metas[-1].offset + 1
+
+        await wait_for(caught_up)
+    assert await count(orgs_db, orgs) == len(envs)
+    cr = messaging.command_results
+    assert await count(orgs_db, cr) == len(envs)
+    # No new event: the relay may publish again one it had not marked published when the
+    # process died (the same envelope, which consumers ignore by its id), never another one.
+    events_after = envelopes_of(await read_topic(topics, ORGS_EVENTS))
+    assert {e.id: e for e in events_after} == {e.id: e for e in events_before}

@@ -1,8 +1,10 @@
 """Every subscriber commits only after its work committed (ARCHITECTURE §4, "Acks").
 
-FastStream 0.7 keeps ``ack_policy`` and ``group_id`` as attributes of the subscriber and the
-aiokafka consumer arguments in ``_connection_args``; a broker-level policy would not reach router
-subscribers, so the runtime sets them on each one. Nothing here connects to a broker.
+FastStream 0.7 keeps ``ack_policy``, ``group_id`` and the rebalance listener as attributes of the
+subscriber and the aiokafka consumer arguments in ``_connection_args``; a broker-level policy
+would not reach router subscribers, so the runtime sets them on each one. Nothing here connects
+to a broker. What the committer commits, and when, is tested in ``test_offset_committer`` and
+through the real broker in ``tests/integration/test_reliability.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from contracts.topics import (
 )
 from services.orgs.bootstrap import build, definition
 from services.runtime.app import EventSubscription, build_runtime
+from services.runtime.offsets import OffsetCommitter
 from tests.conftest import service_settings
 
 
@@ -38,7 +41,11 @@ def subscribers_of(runtime: Any) -> list[Any]:
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Any:
-    return build(service_settings(tmp_path, "localhost:1", kafka_group_prefix="bz"))
+    return build(
+        service_settings(
+            tmp_path, "localhost:1", kafka_group_prefix="bz", kafka_commit_interval_ms=250
+        )
+    )
 
 
 @pytest.fixture
@@ -47,7 +54,10 @@ def runtime_with_projection(tmp_path: Path) -> Any:
         definition(), event_subscriptions=(EventSubscription(ORGS_EVENTS, ()),)
     )
     return build_runtime(
-        service, service_settings(tmp_path, "localhost:1", kafka_group_prefix="bz")
+        service,
+        service_settings(
+            tmp_path, "localhost:1", kafka_group_prefix="bz", kafka_commit_interval_ms=250
+        ),
     )
 
 
@@ -56,10 +66,15 @@ def test_every_subscriber_acks_after_the_handler_in_an_explicit_group(
     which: str, request: pytest.FixtureRequest
 ) -> None:
     for sub in subscribers_of(request.getfixturevalue(which)):
-        assert sub.ack_policy is AckPolicy.ACK, sub.topic_names
+        # Not FastStream's ack after each fetch: the runtime's committer, which the handling
+        # of a fetch tells what it finished, and which hears of partitions being taken away.
+        assert sub.ack_policy is AckPolicy.MANUAL, sub.topic_names
+        assert isinstance(sub._listener, OffsetCommitter), sub.topic_names
+        assert sub._listener.interval_s == 0.25, sub.topic_names
         assert isinstance(sub.group_id, str) and sub.group_id, sub.topic_names
         args = sub._connection_args
-        # Offsets are committed by the ack, never in the background by the client.
+        # Never committed in the background by the client, which would commit what it handed
+        # out, handled or not.
         assert args["enable_auto_commit"] is False, sub.topic_names
         # A new group starts at the beginning: nothing sent before it joined is skipped.
         assert args["auto_offset_reset"] == "earliest", sub.topic_names
