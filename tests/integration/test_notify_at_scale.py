@@ -41,11 +41,13 @@ from services.notify.bootstrap import build
 from services.notify.domain.model import verify
 from services.notify.settings import NotifySettings
 from services.runtime.app import ServiceRuntime
+from services.runtime.embedded_broker import free_port
 from tests.conftest import service_settings, wait_for
-from tests.integration.test_notify_webhooks import DOC, SECRET, Receiver, Routes, free_port
+from tests.integration.test_notify_webhooks import DOC, SECRET, Receiver, Routes
 from tests.support.databases import database
 from tests.support.kafka import CommandClient, read_topic
 from tests.support.lifecycle import running
+from tests.support.net import free_ports, refused_port
 
 pytestmark = pytest.mark.broker
 
@@ -205,9 +207,9 @@ async def test_a_thousand_events_reach_nine_receivers_exactly_once_despite_a_dea
     client: CommandClient,
 ) -> None:
     live = [f"/r{i}" for i in range(SUBSCRIPTIONS - 1)]
-    port, dead_port = free_port(), free_port()  # nothing ever listens on dead_port
     async with (
-        receivers_process(port) as base,
+        contextlib.AsyncExitStack() as held,
+        receivers_process(free_port()) as base,
         notify_running(
             topics,
             db_backend,
@@ -222,6 +224,9 @@ async def test_a_thousand_events_reach_nine_receivers_exactly_once_despite_a_dea
     ):
         for path in live:
             await subscribe(client, f"{base}{path}", f"receiver {path}")
+        # Held until the end, so nothing listens on it (two calls of free_port once gave the
+        # receivers' own port twice, and the receivers accepted the dead one's deliveries).
+        dead_port = held.enter_context(refused_port())
         dead = await subscribe(client, f"http://127.0.0.1:{dead_port}/gone", "dead receiver")
 
         envelopes = [
@@ -292,7 +297,7 @@ async def test_the_deliveries_command_lists_a_failure_and_resends_it(
     monkeypatch: pytest.MonkeyPatch,
     client: CommandClient,
 ) -> None:
-    receiver_port, api_port = free_port(), free_port()
+    receiver_port, api_port = free_ports(2)
     receiver = Receiver(SECRET)
     async with (
         notify_running(topics, db_backend, tmp_path, monkeypatch, max_attempts=1) as runtime,

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import time
 import uuid
 from collections import Counter
@@ -35,6 +34,7 @@ from contracts.topics import NOTIFY_EVENTS, ORGS_EVENTS
 from services.notify.bootstrap import build
 from services.notify.settings import NotifySettings
 from services.runtime.app import ServiceRuntime
+from services.runtime.embedded_broker import free_port
 from tests.conftest import service_settings, wait_for
 from tests.support.databases import database
 from tests.support.kafka import CommandClient, read_topic
@@ -98,12 +98,6 @@ class Routes:
                 if message["type"] == "lifespan.shutdown":
                     return
         await self.receivers[scope["path"]](scope, receive, send)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
