@@ -68,8 +68,13 @@ class OffsetCommitter(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         if self.interval_s <= 0:
             await self.commit()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._on_timer)
+        else:
+            self._schedule(self.interval_s)
+
+    def _schedule(self, delay_s: float) -> None:
+        """A commit in ``delay_s``, unless one is due already."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -117,15 +122,10 @@ class OffsetCommitter(ConsumerRebalanceListener):  # type: ignore[misc]
                 for tp, offset in offsets.items():
                     if self._pending.get(tp, -1) < offset:
                         self._pending[tp] = offset
-                self._schedule_retry()
+                if self.interval_s > 0:  # else they go with the next fetch's commit
+                    self._schedule(max(self.interval_s, 0.5))
             else:
                 metrics.OFFSET_COMMITS.labels("committed").inc()
-
-    def _schedule_retry(self) -> None:
-        if self._timer is None and self.interval_s > 0:
-            self._timer = asyncio.get_running_loop().call_later(
-                max(self.interval_s, 0.5), self._on_timer
-            )
 
     async def flush(self) -> None:
         """Commit everything handled, now (before the consumer stops)."""

@@ -207,80 +207,79 @@ async def test_a_thousand_events_reach_nine_receivers_exactly_once_despite_a_dea
     client: CommandClient,
 ) -> None:
     live = [f"/r{i}" for i in range(SUBSCRIPTIONS - 1)]
-    async with (
-        contextlib.AsyncExitStack() as held,
-        receivers_process(free_port()) as base,
-        notify_running(
-            topics,
-            db_backend,
-            tmp_path,
-            monkeypatch,
-            max_attempts=2,
-            backoff_initial_s=0.05,
-            backoff_max_s=0.1,
-            concurrency=64,
-            per_subscription_concurrency=16,
-        ) as runtime,
-    ):
-        for path in live:
-            await subscribe(client, f"{base}{path}", f"receiver {path}")
-        # Held until the end, so nothing listens on it (two calls of free_port once gave the
-        # receivers' own port twice, and the receivers accepted the dead one's deliveries).
-        dead_port = held.enter_context(refused_port())
-        dead = await subscribe(client, f"http://127.0.0.1:{dead_port}/gone", "dead receiver")
+    # Held to the end, so nothing listens on it (two calls of free_port once gave the
+    # receivers' own port twice, and the receivers accepted the dead one's deliveries).
+    with refused_port() as dead_port:
+        async with (
+            receivers_process(free_port()) as base,
+            notify_running(
+                topics,
+                db_backend,
+                tmp_path,
+                monkeypatch,
+                max_attempts=2,
+                backoff_initial_s=0.05,
+                backoff_max_s=0.1,
+                concurrency=64,
+                per_subscription_concurrency=16,
+            ) as runtime,
+        ):
+            for path in live:
+                await subscribe(client, f"{base}{path}", f"receiver {path}")
+            dead = await subscribe(client, f"http://127.0.0.1:{dead_port}/gone", "dead receiver")
 
-        envelopes = [
-            org_event().envelope(source="/bianzhi/orgs", actorregion="130000")
-            for _ in range(EVENTS)
-        ]
-        started = time.perf_counter()
-        for env in envelopes:
-            await client.producer.send(
-                ORGS_EVENTS,
-                env.to_bytes(),
-                key=(env.subject or env.id).encode(),
-                headers=[("content-type", CONTENT_TYPE.encode())],
-            )
-        await client.producer.flush()
+            envelopes = [
+                org_event().envelope(source="/bianzhi/orgs", actorregion="130000")
+                for _ in range(EVENTS)
+            ]
+            started = time.perf_counter()
+            for env in envelopes:
+                await client.producer.send(
+                    ORGS_EVENTS,
+                    env.to_bytes(),
+                    key=(env.subject or env.id).encode(),
+                    headers=[("content-type", CONTENT_TYPE.encode())],
+                )
+            await client.producer.flush()
 
-        async def settled() -> bool:
-            counts = await counts_by_status(runtime)
-            return sum(counts.values()) == EVENTS * SUBSCRIPTIONS and not counts.get("pending")
+            async def settled() -> bool:
+                counts = await counts_by_status(runtime)
+                return sum(counts.values()) == EVENTS * SUBSCRIPTIONS and not counts.get("pending")
 
-        await wait_for(settled, timeout=300, interval=0.5)
-        elapsed = time.perf_counter() - started
-        print(
-            f"\n{db_backend}: {EVENTS} events × {SUBSCRIPTIONS} subscriptions settled in "
-            f"{elapsed:.1f}s ({EVENTS * (SUBSCRIPTIONS - 1) / elapsed:.0f} deliveries/s)"
-        )
-
-        ids = {env.id for env in envelopes}
-        async with httpx.AsyncClient() as api:
-            stats = (await api.get(f"{base}/stats")).json()
-        assert stats["unverified"] == 0
-        assert sorted(stats["accepted"]) == sorted(live)
-        for path, accepted in stats["accepted"].items():
-            assert set(accepted) == ids, path
-            assert set(accepted.values()) == {1}, path  # exactly once by event id
-        assert await counts_by_status(runtime) == {
-            "delivered": EVENTS * (SUBSCRIPTIONS - 1),
-            "failed": EVENTS,
-        }
-
-        async def announced() -> bool:
-            records = await read_topic(client.bootstrap, NOTIFY_EVENTS, timeout=20)
-            types = Counter(json.loads(r.value)["type"] for r in records)
-            return (
-                types["bianzhi.notify.NotificationFailed.v1"] == EVENTS
-                and types["bianzhi.notify.NotificationDelivered.v1"] == EVENTS * 9
+            await wait_for(settled, timeout=300, interval=0.5)
+            elapsed = time.perf_counter() - started
+            print(
+                f"\n{db_backend}: {EVENTS} events × {SUBSCRIPTIONS} subscriptions settled in "
+                f"{elapsed:.1f}s ({EVENTS * (SUBSCRIPTIONS - 1) / elapsed:.0f} deliveries/s)"
             )
 
-        await wait_for(announced, timeout=60, interval=1)
-        dead_letters = await read_topic(client.bootstrap, dlq(ORGS_EVENTS), timeout=20)
-        headers = [dict(r.headers) for r in dead_letters]
-        assert {h["x-dlq-subscription-id"].decode() for h in headers} == {str(dead)}
-        assert {h["x-dlq-event-id"].decode() for h in headers} == ids
-        assert {json.loads(r.value)["id"] for r in dead_letters} == ids
+            ids = {env.id for env in envelopes}
+            async with httpx.AsyncClient() as api:
+                stats = (await api.get(f"{base}/stats")).json()
+            assert stats["unverified"] == 0
+            assert sorted(stats["accepted"]) == sorted(live)
+            for path, accepted in stats["accepted"].items():
+                assert set(accepted) == ids, path
+                assert set(accepted.values()) == {1}, path  # exactly once by event id
+            assert await counts_by_status(runtime) == {
+                "delivered": EVENTS * (SUBSCRIPTIONS - 1),
+                "failed": EVENTS,
+            }
+
+            async def announced() -> bool:
+                records = await read_topic(client.bootstrap, NOTIFY_EVENTS, timeout=20)
+                types = Counter(json.loads(r.value)["type"] for r in records)
+                return (
+                    types["bianzhi.notify.NotificationFailed.v1"] == EVENTS
+                    and types["bianzhi.notify.NotificationDelivered.v1"] == EVENTS * 9
+                )
+
+            await wait_for(announced, timeout=60, interval=1)
+            dead_letters = await read_topic(client.bootstrap, dlq(ORGS_EVENTS), timeout=20)
+            headers = [dict(r.headers) for r in dead_letters]
+            assert {h["x-dlq-subscription-id"].decode() for h in headers} == {str(dead)}
+            assert {h["x-dlq-event-id"].decode() for h in headers} == ids
+            assert {json.loads(r.value)["id"] for r in dead_letters} == ids
 
 
 def cli(*args: str) -> tuple[int, str]:

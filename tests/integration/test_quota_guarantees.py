@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import uuid
 from collections import Counter
@@ -31,6 +30,7 @@ from services.quota.adapters.orm import establishment, notices, slots
 from services.quota.bootstrap import build
 from services.quota.service_layer.rebuild import compare, live_counts, rebuild
 from services.runtime.app import ServiceRuntime
+from services.runtime.embedded_broker import free_port
 from tests.conftest import service_settings, wait_for
 from tests.support.builders import register_org
 from tests.support.databases import database
@@ -47,19 +47,13 @@ PLACES = 50
 REQUESTS = 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class QuotaProcess:
     """One quota service process (uvicorn, as in production) with its log file."""
 
     def __init__(self, name: str, env: dict[str, str], tmp_path: Path) -> None:
         self.name = name
         self.env = env
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = tmp_path / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
 

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -41,6 +40,7 @@ from services.orgs.service_layer.handlers import register_org
 from services.orgs.service_layer.unit_of_work import OrgsUnitOfWork
 from services.runtime.app import ServiceDefinition, ServiceRuntime, build_runtime
 from services.runtime.db import create_engine
+from services.runtime.embedded_broker import free_port
 from services.runtime.events import EventConsumer
 from services.runtime.messaging import (
     CommandHandler,
@@ -530,18 +530,12 @@ async def test_shutdown_drains_the_in_flight_handler(
     assert await committed(client.bootstrap, group, tp) == meta.offset + 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def start_orgs_process(
     db_url: str, topics: str, tmp_path: Path, prefix: str, **env_overrides: str
 ) -> asyncio.subprocess.Process:
     """The orgs service as uvicorn runs it, in its own process, once it says it is ready; its
     output goes to ``tmp_path/uvicorn.log``."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "BIANZHI_KAFKA_BOOTSTRAP": topics,
