@@ -127,6 +127,7 @@ def _tune_sqlite(engine: AsyncEngine, *, read_only: bool, inline: bool) -> None:
         elif inline:
             # Its commits never checkpoint on the loop: see ``_Checkpointer``.
             cursor.execute("PRAGMA wal_autocheckpoint=0")
+            cursor.execute(f"PRAGMA journal_size_limit={_LOG_SIZE_LIMIT}")
         cursor.close()
 
     begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
@@ -269,25 +270,45 @@ class _Checkpointer:
     wait out. Every ``_CHECKPOINT_EVERY`` commits a connection of its own, on a worker thread,
     runs a ``PASSIVE`` checkpoint (it neither waits for nor blocks readers and the writer; the
     next write transaction after a complete one starts the log again from its beginning), as
-    SQLite's own automatic checkpoint would have after about 1,000 pages.
+    SQLite's own automatic checkpoint would have after about 1,000 pages; and sooner after
+    ``_CHECKPOINT_ROWS`` changed rows, as a few transactions of a burst (100 commands each, a
+    few hundred pages each) write as much as many small ones.
+
+    Under a steady load a passive checkpoint is never complete: the writer commits while it
+    runs, so some frames are always left, and the log is never started again. It grew by the
+    whole of what was written (a 20,000-enrolment burst left the roster's log at 1 GB, and it
+    grew by 20 MB/s after it), every commit wrote into new blocks of the file, and the disk
+    filled while the service ran. So once the log holds ``_RESTART_FRAMES`` frames, the passive
+    checkpoint (which does the bulk of the copying without blocking anyone) is followed by a
+    ``RESTART`` one: it holds the write lock while it copies what the writer added meanwhile,
+    and waits, at most ``_RESTART_BUSY_TIMEOUT_MS``, until no reader uses the log; the next
+    write transaction then starts the log from its beginning. A writer that finds the lock
+    taken waits off the loop, as for any other connection's lock. A restart that times out
+    (a reader held on) is tried again at the next checkpoint. ``journal_size_limit`` truncates
+    the file to ``_LOG_SIZE_LIMIT`` when the log starts again, so a log grown long while
+    readers held on gives its space back.
     """
 
     def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
         self._connect = connect
         self._commits = 0
+        self._changes = 0
         self._running = False
         self.checkpoints = 0
+        self.restarts = 0
 
     @property
     def running(self) -> bool:
         """Whether a checkpoint is under way."""
         return self._running
 
-    def committed(self) -> None:
+    def committed(self, changes: int) -> None:
+        """After a commit; ``changes``: the rows the connection has changed since it opened."""
         self._commits += 1
-        if self._commits < _CHECKPOINT_EVERY or self._running:
+        written = changes - self._changes
+        if self._running or (self._commits < _CHECKPOINT_EVERY and written < _CHECKPOINT_ROWS):
             return
-        self._commits = 0
+        self._commits, self._changes = 0, changes
         try:
             done = asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
         except RuntimeError:  # the loop is closing: the last connection's close checkpoints
@@ -300,6 +321,10 @@ class _Checkpointer:
         try:
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}").close()
             busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if frames >= _RESTART_FRAMES:
+                conn.execute(f"PRAGMA busy_timeout={_RESTART_BUSY_TIMEOUT_MS}").close()
+                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                self.restarts += not busy
             return int(busy), int(frames), int(done)
         finally:
             conn.close()
@@ -321,6 +346,13 @@ class _Checkpointer:
 # Commits between two checkpoints of an inline connection's log (a command's transaction
 # writes some 5-15 pages; SQLite's automatic checkpoint comes at 1,000).
 _CHECKPOINT_EVERY = 100
+_CHECKPOINT_ROWS = 5_000
+# A log this long (about 16 MB of 4 KiB pages) is restarted rather than left to grow, waiting
+# at most this long for the write lock and for readers to leave it; past this size a log that
+# starts again is truncated.
+_RESTART_FRAMES = 4_000
+_RESTART_BUSY_TIMEOUT_MS = 100
+_LOG_SIZE_LIMIT = 64 * 1024 * 1024
 _WAL_BEHIND_WARNING_FRAMES = 50_000
 
 
@@ -355,7 +387,7 @@ class _OneTripConnection(aiosqlite.Connection):
                 raise ValueError("Connection closed")  # as a trip would
             self._connection.commit()
             if self.checkpointer is not None:
-                self.checkpointer.committed()
+                self.checkpointer.committed(self._connection.total_changes)
             return
         await super().commit()
 
