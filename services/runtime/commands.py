@@ -113,19 +113,28 @@ class CommandConsumer(Consumer):
     async def process_batch(self, raws: Sequence[RawMessage]) -> None:
         """Handle one fetch: in one transaction when every command in it succeeds or was
         refused before its handler ran; otherwise one by one."""
+        await self.handle_items(await self.read_fetch(raws))
+
+    async def read_fetch(self, raws: Sequence[RawMessage]) -> list[_Prepared]:
+        """A fetch's commands, read and checked; those that cannot be read at all are
+        dead-lettered here, once. The rest are handled by ``handle_items``, or by
+        ``handle_in`` in a transaction the caller opens."""
         for raw in raws:
             if (age := raw.age_s()) is not None:
                 metrics.MESSAGE_AGE.labels(self.service).observe(age)
         metrics.BATCH_SIZE.labels(self.service).observe(len(raws))
         prepared = [self._prepare(raw) for raw in raws]
-        batchable = [p for p in prepared if p.dlq_error is None]
-        if len(batchable) < 2:
-            for p in prepared:
-                await self._run_one(p)
-            return
         for p in prepared:
             if p.dlq_error is not None:
                 await self._run_one(p)
+        return [p for p in prepared if p.dlq_error is None]
+
+    async def handle_items(self, batchable: list[_Prepared]) -> None:
+        """Handle what ``read_fetch`` returned, in a transaction of their own."""
+        if len(batchable) < 2:
+            for p in batchable:
+                await self._run_one(p)
+            return
         started = time.perf_counter()
         try:
             outcomes = await self.with_retry(
@@ -140,8 +149,14 @@ class CommandConsumer(Consumer):
             for p in batchable:
                 await self._run_one(p)
             return
-        elapsed = time.perf_counter() - started
+        self.handled(batchable, outcomes, time.perf_counter() - started)
+
+    def handled(self, batchable: list[_Prepared], outcomes: list[str], elapsed: float) -> None:
+        """Count what a committed transaction did with ``batchable``."""
         for p, outcome in zip(batchable, outcomes, strict=True):
+            if outcome == "rejected":
+                assert p.rejection is not None
+                metrics.COMMANDS_REJECTED.labels(self.service, p.rejection.code.value).inc()
             metrics.MESSAGES_HANDLED.labels(self.service, p.type, outcome).inc()
             metrics.HANDLER_LATENCY.labels(self.service, p.type).observe(elapsed)
         log.info("command batch handled", commands=len(batchable))
@@ -251,65 +266,70 @@ class CommandConsumer(Consumer):
         return _Prepared(raw=raw, env=env, route=route, command=command)
 
     async def _handle_batch(self, items: list[_Prepared]) -> list[str]:
-        outcomes: list[str] = []
         async with self.uow_factory() as uow:
-            envs: dict[str, Envelope] = {}
-            for p in items:
-                assert p.env is not None
-                envs.setdefault(p.env.id, p.env)
-            fresh = await uow.claim_many(self.consumer, list(envs.values()))
-            stored = await uow.stored_results([i for i in envs if i not in fresh])
-            prepares = _prepared_runs(items, fresh)
-            results: dict[str, Envelope] = {}
-            handled: set[str] = set()
-            to_store: list[tuple[Envelope, Envelope, str | None]] = []
-            for index, p in enumerate(items):
-                env = p.env
-                assert env is not None
-                if env.id in handled or env.id not in fresh:
-                    again = results.get(env.id)
-                    if again is None and env.id in stored:
-                        again = Envelope.from_bytes(stored[env.id])
-                    if again is not None:
-                        uow.stage_result(env, again)
-                    outcomes.append("duplicate")
-                    continue
-                if p.rejection is not None:
-                    result_env = self._rejected_envelope(env, p.rejection)
-                    code: str | None = p.rejection.code.value
-                    metrics.COMMANDS_REJECTED.labels(self.service, code).inc()
-                    log.warning(
-                        "command rejected",
-                        message_id=env.id,
-                        type=env.type,
-                        code=code,
-                        reason=p.rejection.message,
-                    )
-                else:
-                    assert p.route is not None and p.command is not None
-                    if (run := prepares.get(index)) is not None:
-                        assert p.route.prepare is not None
-                        await p.route.prepare(uow, run)
-                    ctx = HandlerContext(envelope=env, source=self.source)
-                    try:
-                        await p.route.handler(p.command, uow, ctx)
-                    except Rejection:
-                        raise _SinglesNeeded from None
-                    for event_env, topic in ctx.emitted:
-                        uow.stage(event_env, topic, event_env.subject)
-                    handled.add(env.id)
-                    if ctx.deferred:
-                        outcomes.append("accepted")
-                        continue
-                    result_env = self._completed_envelope(env, p.command, ctx)
-                    code = None
-                handled.add(env.id)
-                results[env.id] = result_env
-                to_store.append((env, result_env, code))
-                uow.stage_result(env, result_env)
-                outcomes.append("rejected" if code else "completed")
-            await uow.store_results(to_store)
+            outcomes = await self.handle_in(uow, items)
             await uow.commit()
+        return outcomes
+
+    async def handle_in(self, uow: UnitOfWork, items: list[_Prepared]) -> list[str]:
+        """Handle ``items`` in ``uow``'s transaction, which the caller commits; raises
+        ``_SinglesNeeded`` when they cannot be handled together (a handler refused one)."""
+        outcomes: list[str] = []
+        envs: dict[str, Envelope] = {}
+        for p in items:
+            assert p.env is not None
+            envs.setdefault(p.env.id, p.env)
+        fresh = await uow.claim_many(self.consumer, list(envs.values()))
+        stored = await uow.stored_results([i for i in envs if i not in fresh])
+        prepares = _prepared_runs(items, fresh)
+        results: dict[str, Envelope] = {}
+        handled: set[str] = set()
+        to_store: list[tuple[Envelope, Envelope, str | None]] = []
+        for index, p in enumerate(items):
+            env = p.env
+            assert env is not None
+            if env.id in handled or env.id not in fresh:
+                again = results.get(env.id)
+                if again is None and env.id in stored:
+                    again = Envelope.from_bytes(stored[env.id])
+                if again is not None:
+                    uow.stage_result(env, again)
+                outcomes.append("duplicate")
+                continue
+            if p.rejection is not None:
+                result_env = self._rejected_envelope(env, p.rejection)
+                code: str | None = p.rejection.code.value
+                log.warning(
+                    "command rejected",
+                    message_id=env.id,
+                    type=env.type,
+                    code=code,
+                    reason=p.rejection.message,
+                )
+            else:
+                assert p.route is not None and p.command is not None
+                if (run := prepares.get(index)) is not None:
+                    assert p.route.prepare is not None
+                    await p.route.prepare(uow, run)
+                ctx = HandlerContext(envelope=env, source=self.source)
+                try:
+                    await p.route.handler(p.command, uow, ctx)
+                except Rejection:
+                    raise _SinglesNeeded from None
+                for event_env, topic in ctx.emitted:
+                    uow.stage(event_env, topic, event_env.subject)
+                handled.add(env.id)
+                if ctx.deferred:
+                    outcomes.append("accepted")
+                    continue
+                result_env = self._completed_envelope(env, p.command, ctx)
+                code = None
+            handled.add(env.id)
+            results[env.id] = result_env
+            to_store.append((env, result_env, code))
+            uow.stage_result(env, result_env)
+            outcomes.append("rejected" if code else "completed")
+        await uow.store_results(to_store)
         return outcomes
 
     def _completed_envelope(self, env: Envelope, command: Command, ctx: HandlerContext) -> Envelope:

@@ -17,8 +17,12 @@ from contracts.base import Event
 from contracts.envelope import Envelope
 from services.runtime import metrics
 from services.runtime.messaging import BatchPreparer, Consumer, EventRoute, RawMessage
+from services.runtime.uow import UnitOfWork
 
 log = structlog.get_logger("bianzhi.events")
+
+# An event to apply: its record, envelope, route and data.
+_Wanted = tuple[RawMessage, Envelope, EventRoute, Event]
 
 
 class EventConsumer(Consumer):
@@ -40,12 +44,22 @@ class EventConsumer(Consumer):
         cannot be read are dead-lettered, those of no interest acknowledged. When the batch
         cannot be applied as one (a handler fails for good), each event is applied alone, so a
         single bad event is retried and dead-lettered by itself."""
-        started = time.perf_counter()
-        wanted: list[tuple[RawMessage, Envelope, EventRoute, Event]] = []
+        await self.handle_items(await self.read_fetch(raws))
+
+    async def read_fetch(self, raws: Sequence[RawMessage]) -> list[_Wanted]:
+        """A fetch's events to apply; those that cannot be read are dead-lettered here, once,
+        and those of no interest counted. The rest are applied by ``handle_items``, or by
+        ``handle_in`` in a transaction the caller opens."""
+        wanted: list[_Wanted] = []
         for raw in raws:
             item = await self._read(raw)
             if item is not None:
                 wanted.append(item)
+        return wanted
+
+    async def handle_items(self, wanted: list[_Wanted]) -> None:
+        """Apply what ``read_fetch`` returned, in a transaction of their own."""
+        started = time.perf_counter()
         if len(wanted) < 2:
             for raw, env, route, event in wanted:
                 await self._apply_one(raw, env, route, event)
@@ -57,12 +71,15 @@ class EventConsumer(Consumer):
             for raw, env, route, event in wanted:
                 await self._apply_one(raw, env, route, event)
             return
-        elapsed = time.perf_counter() - started
+        self.handled(wanted, outcomes, time.perf_counter() - started)
+
+    def handled(self, wanted: list[_Wanted], outcomes: list[str], elapsed: float) -> None:
+        """Count what a committed transaction did with ``wanted``."""
         for (_, env, _, _), outcome in zip(wanted, outcomes, strict=True):
             metrics.MESSAGES_HANDLED.labels(self.service, env.type, outcome).inc()
             metrics.HANDLER_LATENCY.labels(self.service, env.type).observe(elapsed)
 
-    async def _read(self, raw: RawMessage) -> tuple[RawMessage, Envelope, EventRoute, Event] | None:
+    async def _read(self, raw: RawMessage) -> _Wanted | None:
         """The envelope, route and event of a record to apply; ``None`` (after dead-lettering
         or ignoring it) for one that is unreadable or of no interest here."""
         try:
@@ -90,37 +107,40 @@ class EventConsumer(Consumer):
             return None
         return raw, env, route, event
 
-    async def _apply_batch(
-        self, items: list[tuple[RawMessage, Envelope, EventRoute, Event]]
-    ) -> list[str]:
-        outcomes: list[str] = []
+    async def _apply_batch(self, items: list[_Wanted]) -> list[str]:
         async with self.uow_factory() as uow:
-            fresh = await uow.claim_many(self.consumer, [env for _, env, _, _ in items])
-            if self.prepare is not None:
-                # The fetch's new events, once each, for statements that serve them all; the
-                # handlers then run one by one as ever and find their rows prepared.
-                seen: set[str] = set()
-                new: list[tuple[Envelope, Event]] = []
-                for _, env, _, event in items:
-                    if env.id in fresh and env.id not in seen:
-                        seen.add(env.id)
-                        new.append((env, event))
-                await self.prepare(uow, new)
-            done: set[str] = set()
-            for _, env, route, event in items:
-                if env.id not in fresh or env.id in done:
-                    outcomes.append("duplicate")
-                    continue
-                done.add(env.id)
-                structlog.contextvars.bind_contextvars(
-                    correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
-                )
-                try:
-                    await route.handler(event, uow, env)
-                finally:
-                    structlog.contextvars.unbind_contextvars("correlation_id", "message_id", "type")
-                outcomes.append("applied")
+            outcomes = await self.handle_in(uow, items)
             await uow.commit()
+        return outcomes
+
+    async def handle_in(self, uow: UnitOfWork, items: list[_Wanted]) -> list[str]:
+        """Apply ``items`` in ``uow``'s transaction, which the caller commits."""
+        outcomes: list[str] = []
+        fresh = await uow.claim_many(self.consumer, [env for _, env, _, _ in items])
+        if self.prepare is not None:
+            # The fetch's new events, once each, for statements that serve them all; the
+            # handlers then run one by one as ever and find their rows prepared.
+            seen: set[str] = set()
+            new: list[tuple[Envelope, Event]] = []
+            for _, env, _, event in items:
+                if env.id in fresh and env.id not in seen:
+                    seen.add(env.id)
+                    new.append((env, event))
+            await self.prepare(uow, new)
+        done: set[str] = set()
+        for _, env, route, event in items:
+            if env.id not in fresh or env.id in done:
+                outcomes.append("duplicate")
+                continue
+            done.add(env.id)
+            structlog.contextvars.bind_contextvars(
+                correlation_id=env.effective_correlation_id, message_id=env.id, type=env.type
+            )
+            try:
+                await route.handler(event, uow, env)
+            finally:
+                structlog.contextvars.unbind_contextvars("correlation_id", "message_id", "type")
+            outcomes.append("applied")
         return outcomes
 
     async def _apply_one(

@@ -58,6 +58,12 @@ OFFSET_COMMITS = Counter(
     "gone to another member, which reads those records again) or failed (kept for the next one).",
     ["outcome"],
 )
+FETCH_TRANSACTIONS = Counter(
+    "bianzhi_fetch_transactions_total",
+    "Fetches bringing records of several topics: handled in one transaction (together), or in "
+    "one per topic after that failed (apart: a command refused mid-batch, a failing handler).",
+    ["service", "outcome"],
+)
 OUTBOX_BACKLOG = Gauge(
     "bianzhi_outbox_backlog", "Outbox rows not yet published (as last seen).", ["service"]
 )

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # any of them is refused), and their offsets committed together.
     kafka_command_batch_size: int = Field(default=100, ge=1, le=1000)
     kafka_event_batch_size: int = Field(default=100, ge=1, le=1000)
+    # A fetch that brings records of several topics (a service's commands and the answers to
+    # its saga steps) is handled in one transaction, falling back to one per topic when that
+    # fails; off: one per topic always (services/runtime/app.py, ``_consume``).
+    fetch_one_transaction: bool = True
     # Handled records' offsets are committed together, at most this long after their handling
     # (0: after every fetch, before the next is handled); a record delivered again meanwhile
     # finds its id in the inbox (services/runtime/offsets.py).

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.exceptions import InvalidTag
+from prometheus_client import REGISTRY
 from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 
@@ -450,6 +451,109 @@ async def test_a_fetch_of_commands_and_of_answers_is_applied_together_and_only_o
         audited = (await session.execute(select(audit.c.message_id))).scalars().all()
     assert ended == ["completed", "completed"]
     assert sorted(audited) == sorted(c.id for c in cmds)  # each command audited once
+
+
+async def _answered_steps(
+    platform: Platform, org_id: uuid.UUID, notice_no: str, n: int
+) -> tuple[list[Envelope], list[RawMessage]]:
+    """``n`` enrolments sent, their steps carried to quota and answered there: the commands,
+    and quota's answers not yet carried back."""
+    cmds = [await platform.send(enrol(citizen(), org_id, notice_no), pump=False) for _ in range(n)]
+    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
+        await platform.quota.command_consumer.process(
+            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+        )
+    answers = [
+        raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
+        for row in await platform._uncarried(platform.quota, ROSTER_ANSWERS)
+    ]
+    assert len(answers) == n
+    return cmds, answers
+
+
+def fetch_transactions(outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "bianzhi_fetch_transactions_total", {"service": "roster", "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_a_fetch_of_commands_and_answers_is_handled_in_one_transaction(
+    platform: Platform,
+) -> None:
+    """The roster's commands and quota's answers come in the same fetches: one transaction,
+    one commit, for both."""
+    org_id = await platform.org()
+    notice_no = await platform.notice(org_id, 5)
+    first, answers = await _answered_steps(platform, org_id, notice_no, 2)
+    later = enrol(citizen(), org_id, notice_no).envelope(source="/tests", **CLERK)
+    fetch = [raw(ROSTER_COMMANDS, later), *answers]
+    together = fetch_transactions("together")
+    with commits(platform.roster.engine) as committed:
+        await platform.roster._consume(fetch)
+    assert len(committed) == 1
+    assert fetch_transactions("together") == together + 1
+    for cmd in first:  # the answers ended their sagas
+        res = await platform.result(platform.roster, cmd.id)
+        assert res.type == COMPLETED, res.data
+        assert (await platform.person(res.data["subject"])).status == "active"
+    async with platform.roster.sessions() as session:
+        status = dict((await session.execute(select(sagas.c.command_id, sagas.c.status))).all())
+    assert status == {first[0].id: "completed", first[1].id: "completed", later.id: "waiting"}
+    # Delivered again, the same fetch changes nothing.
+    before = await platform._rows(platform.roster)
+    await platform.roster._consume(fetch)
+    assert await platform._rows(platform.roster) == before
+    assert await platform.pump() == 2  # later's step and answer
+    assert (await platform.result(platform.roster, later.id)).type == COMPLETED
+    assert await platform.counts(org_id) == (5, 3, 2)
+    assert len(await platform.events("PersonEnrolled")) == 3
+
+
+async def test_a_fetch_that_cannot_be_one_transaction_is_handled_topic_by_topic(
+    platform: Platform,
+) -> None:
+    """A command refused mid-batch fails the fetch's transaction: nothing of it stays, and
+    each topic's records are handled as without it; a record that cannot be read is
+    dead-lettered once."""
+    dead = DeadLetters()
+    platform.roster.command_consumer.dead_letter = dead
+    org_id = await platform.org()
+    notice_no = await platform.notice(org_id, 5)
+    first, answers = await _answered_steps(platform, org_id, notice_no, 2)
+    holder = citizen()
+    await platform.send(enrol(holder, org_id, notice_no))
+    again = enrol(holder, org_id, notice_no).envelope(source="/tests", **CLERK)
+    fresh = enrol(citizen(), org_id, notice_no).envelope(source="/tests", **CLERK)
+    unreadable = RawMessage(
+        topic=ROSTER_COMMANDS,
+        partition=0,
+        offset=next(_offsets),
+        key=None,
+        value=b"{not json",
+        headers=(),
+    )
+    apart = fetch_transactions("apart")
+    await platform.roster._consume(
+        [raw(ROSTER_COMMANDS, again), unreadable, raw(ROSTER_COMMANDS, fresh), *answers]
+    )
+    assert fetch_transactions("apart") == apart + 1
+    assert [topic for topic, *_ in dead.sent] == [f"{ROSTER_COMMANDS}.dlq"]
+    refused = await platform.result(platform.roster, again.id)
+    assert (refused.type, refused.data["code"]) == (REJECTED, "already_enrolled")
+    for cmd in first:
+        assert len(await platform.results(platform.roster, cmd.id)) == 1
+        assert (await platform.result(platform.roster, cmd.id)).type == COMPLETED
+    assert await platform.pump() == 2  # fresh's step and answer
+    assert (await platform.result(platform.roster, fresh.id)).type == COMPLETED
+    assert await platform.counts(org_id) == (5, 4, 1)
+    async with platform.roster.sessions() as session:
+        audit = platform.roster.definition.tables.audit
+        audited = (await session.execute(select(audit.c.message_id))).scalars().all()
+    assert sorted(
+        a for a in audited if a in {again.id, fresh.id, *(c.id for c in first)}
+    ) == sorted([again.id, fresh.id, *(c.id for c in first)])  # each command audited once
+    assert len(await platform.events("PersonEnrolled")) == 4
 
 
 async def test_a_fetch_of_enrolments_adds_its_new_people_in_one_statement(

@@ -164,7 +164,10 @@ async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_orde
     from services.roster.bootstrap import build as build_roster
     from services.runtime.messaging import RawMessage
 
-    runtime = build_roster(service_settings(tmp_path, "localhost:1"))
+    settings = service_settings(tmp_path, "localhost:1").model_copy(
+        update={"fetch_one_transaction": False}
+    )
+    runtime = build_roster(settings)
     handled: list[tuple[str, list[int]]] = []
 
     def recorder(name: str) -> Any:
@@ -190,3 +193,51 @@ async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_orde
     # One batch per topic (one transaction each), every record once, in its order.
     assert handled == [("commands", [1, 2]), ("answers", [10, 11, 12])]
     assert hot.topic_names == [ROSTER_COMMANDS, ROSTER_ANSWERS]
+
+
+async def test_a_fetch_of_commands_and_answers_is_one_transaction_topic_by_topic_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.roster.bootstrap import build as build_roster
+    from services.runtime.messaging import RawMessage
+
+    runtime = build_roster(service_settings(tmp_path, "localhost:1"))
+    handled: list[tuple[str, list[int], int]] = []
+    uows: list[Any] = []
+
+    def recorder(name: str, consumer: Any) -> None:
+        async def read_fetch(raws: list[RawMessage]) -> list[RawMessage]:
+            return list(raws)
+
+        async def handle_in(uow: Any, items: list[RawMessage]) -> list[str]:
+            uows.append(uow)
+            handled.append((name, [r.offset for r in items], len(uows)))
+            return ["applied"] * len(items)
+
+        monkeypatch.setattr(consumer, "read_fetch", read_fetch)
+        monkeypatch.setattr(consumer, "handle_in", handle_in)
+        monkeypatch.setattr(consumer, "handled", lambda *_: None)
+
+    recorder("commands", runtime.command_consumer)
+    recorder("answers", runtime.projections[ROSTER_ANSWERS])
+    fetch = [
+        RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
+        for topic, offset in [
+            (ROSTER_ANSWERS, 10),
+            (ROSTER_COMMANDS, 1),
+            (ROSTER_ANSWERS, 11),
+            (ROSTER_COMMANDS, 2),
+        ]
+    ]
+    try:
+        await runtime._consume(fetch)
+    finally:
+        await runtime.engine.dispose()
+        await runtime.read_engine.dispose()
+    # One batch per topic, in the order the topics came, every record once, in its order; both
+    # in the same unit of work.
+    assert [(name, offsets) for name, offsets, _ in handled] == [
+        ("answers", [10, 11]),
+        ("commands", [1, 2]),
+    ]
+    assert uows[0] is uows[1]
