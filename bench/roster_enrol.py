@@ -777,6 +777,16 @@ def print_service_figures(
         f"applied + {ignored:.0f} ignored results, mean transaction of an answer's fetch "
         f"{per_answer / max(applied, 1) * 1000:.2f} ms"
     )
+    fetches = {
+        outcome: delta(
+            r0, r1, "bianzhi_fetch_transactions_total", service="roster", outcome=outcome
+        )
+        for outcome in ("together", "apart")
+    }
+    say(
+        f"  {label} roster fetches of both commands and answers: {fetches['together']:.0f} "
+        f"handled in one transaction, {fetches['apart']:.0f} topic by topic after it failed"
+    )
     for name, b, a in (("roster", r0, r1), ("quota", q0, q1)):
         say(
             f"  {label} {name} relay published "
