@@ -260,8 +260,8 @@ class ServiceRuntime:
     async def _consume_together(self, by_topic: dict[str, list[RawMessage]]) -> None:
         """Handle a fetch's topics in one transaction: the roster's commands and the answers
         to its saga steps come in the same fetches, and one transaction for both costs one
-        BEGIN, one commit, one outbox insert and one relay pass (one produce request) instead
-        of two of each. Records that cannot be read are dead-lettered first, once. Should the
+        BEGIN, one commit, one outbox insert and one audit append instead of two of each.
+        Records that cannot be read are dead-lettered first, once. Should the
         transaction fail (a handler refused a command mid-batch, anything else), nothing of it
         was committed and each topic's records are handled as they are without it: in a
         transaction per topic, one by one where that fails."""

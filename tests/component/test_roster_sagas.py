@@ -79,6 +79,12 @@ def raw(topic: str, env: Envelope) -> RawMessage:
     )
 
 
+def unreadable_record(topic: str, value: bytes) -> RawMessage:
+    return RawMessage(
+        topic=topic, partition=0, offset=next(_offsets), key=None, value=value, headers=()
+    )
+
+
 def consumer(rt: ServiceRuntime, topic: str) -> EventConsumer:
     (sub,) = [s for s in rt.definition.event_subscriptions if s.topic == topic]
     return EventConsumer(
@@ -175,6 +181,18 @@ class Platform:
             if not step:
                 return moved
             moved += step
+
+    async def answered(self) -> list[RawMessage]:
+        """The roster's steps carried to quota and handled there: quota's answers to them, not
+        yet carried back."""
+        for row in await self._uncarried(self.roster, QUOTA_COMMANDS):
+            await self.quota.command_consumer.process(
+                raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
+            )
+        return [
+            raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
+            for row in await self._uncarried(self.quota, ROSTER_ANSWERS)
+        ]
 
     async def _uncarried(self, rt: ServiceRuntime, topic: str) -> list[Any]:
         table = rt.definition.tables.outbox
@@ -459,14 +477,7 @@ async def _answered_steps(
     """``n`` enrolments sent, their steps carried to quota and answered there: the commands,
     and quota's answers not yet carried back."""
     cmds = [await platform.send(enrol(citizen(), org_id, notice_no), pump=False) for _ in range(n)]
-    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
-        await platform.quota.command_consumer.process(
-            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
-        )
-    answers = [
-        raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
-        for row in await platform._uncarried(platform.quota, ROSTER_ANSWERS)
-    ]
+    answers = await platform.answered()
     assert len(answers) == n
     return cmds, answers
 
@@ -525,14 +536,7 @@ async def test_a_fetch_that_cannot_be_one_transaction_is_handled_topic_by_topic(
     await platform.send(enrol(holder, org_id, notice_no))
     again = enrol(holder, org_id, notice_no).envelope(source="/tests", **CLERK)
     fresh = enrol(citizen(), org_id, notice_no).envelope(source="/tests", **CLERK)
-    unreadable = RawMessage(
-        topic=ROSTER_COMMANDS,
-        partition=0,
-        offset=next(_offsets),
-        key=None,
-        value=b"{not json",
-        headers=(),
-    )
+    unreadable = unreadable_record(ROSTER_COMMANDS, b"{not json")
     apart = fetch_transactions("apart")
     await platform.roster._consume(
         [raw(ROSTER_COMMANDS, again), unreadable, raw(ROSTER_COMMANDS, fresh), *answers]
@@ -622,14 +626,7 @@ async def test_a_fetch_of_answers_ends_its_sagas_in_a_few_statements_as_one_by_o
         await platform.send(enrol(citizen(), org_id, notice_no, effective_date=d), pump=False)
         for d in on
     ]
-    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
-        await platform.quota.command_consumer.process(
-            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
-        )
-    answers = [
-        raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value))
-        for row in await platform._uncarried(platform.quota, ROSTER_ANSWERS)
-    ]
+    answers = await platform.answered()
     assert len(answers) == 7  # the late occupation, its release, five answers
     statements: list[str] = []
 
@@ -1051,11 +1048,7 @@ async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: 
         citizen_id=number, reason=ReleaseReason.RESIGNED, effective_date=date(2026, 7, 1)
     )
     cmd = await platform.send(release, pump=False)
-    for row in await platform._uncarried(platform.roster, QUOTA_COMMANDS):
-        await platform.quota.command_consumer.process(
-            raw(QUOTA_COMMANDS, Envelope.from_bytes(row.value))
-        )
-    answer = await platform._uncarried(platform.quota, ROSTER_ANSWERS)  # not yet delivered
+    answer = await platform.answered()  # not delivered
     later = datetime.now(UTC) + timedelta(hours=1)
     assert await saga_layer.sweep_once(platform.roster.uow, at=later) == 1
     await platform.pump()
@@ -1063,8 +1056,8 @@ async def test_an_overdue_release_that_took_effect_completes_as_usual(platform: 
     assert res.type == COMPLETED, res.data
     assert len(await platform.events("PersonReleased")) == 1
     # The step's own answer, late, changes nothing.
-    for row in answer:
-        await platform.roster_answers.process(raw(ROSTER_ANSWERS, Envelope.from_bytes(row.value)))
+    for record in answer:
+        await platform.roster_answers.process(record)
     assert len(await platform.results(platform.roster, cmd.id)) == 1
     assert len(await platform.events("PersonReleased")) == 1
     assert await platform.counts(source) == (5, 0, 0)
@@ -1109,14 +1102,7 @@ async def test_a_dead_lettered_roster_command_is_sealed_with_the_personal_data_k
 
 async def test_other_services_dead_letters_stay_readable(platform: Platform) -> None:
     # Quota's commands carry no personal data: its DLQ keeps the original bytes for operators.
-    record = RawMessage(
-        topic=QUOTA_COMMANDS,
-        partition=0,
-        offset=next(_offsets),
-        key=None,
-        value=b"\xff not an envelope",
-        headers=(),
-    )
+    record = unreadable_record(QUOTA_COMMANDS, b"\xff not an envelope")
     await platform.quota.command_consumer.process(record)
     dead = platform.quota.command_consumer.dead_letter
     assert isinstance(dead, DeadLetters)

@@ -158,6 +158,16 @@ def test_saga_answers_are_fetched_with_the_commands_and_projections_wait_longer(
     assert found == expected
 
 
+def records(*where: tuple[str, int]) -> list[Any]:
+    """A fetch: an empty record at each (topic, offset)."""
+    from services.runtime.messaging import RawMessage
+
+    return [
+        RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
+        for topic, offset in where
+    ]
+
+
 async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,16 +189,13 @@ async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_orde
     monkeypatch.setattr(runtime.command_consumer, "process_batch", recorder("commands"))
     monkeypatch.setattr(runtime.projections[ROSTER_ANSWERS], "process_batch", recorder("answers"))
     (hot,) = [s for s in subscribers_of(runtime) if ROSTER_COMMANDS in s.topic_names]
-    fetch = [
-        RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
-        for topic, offset in [
-            (ROSTER_COMMANDS, 1),
-            (ROSTER_ANSWERS, 10),
-            (ROSTER_COMMANDS, 2),
-            (ROSTER_ANSWERS, 11),
-            (ROSTER_ANSWERS, 12),
-        ]
-    ]
+    fetch = records(
+        (ROSTER_COMMANDS, 1),
+        (ROSTER_ANSWERS, 10),
+        (ROSTER_COMMANDS, 2),
+        (ROSTER_ANSWERS, 11),
+        (ROSTER_ANSWERS, 12),
+    )
     await runtime._consume(fetch)
     # One batch per topic (one transaction each), every record once, in its order.
     assert handled == [("commands", [1, 2]), ("answers", [10, 11, 12])]
@@ -220,15 +227,9 @@ async def test_a_fetch_of_commands_and_answers_is_one_transaction_topic_by_topic
 
     recorder("commands", runtime.command_consumer)
     recorder("answers", runtime.projections[ROSTER_ANSWERS])
-    fetch = [
-        RawMessage(topic=topic, partition=0, offset=offset, key=None, value=b"")
-        for topic, offset in [
-            (ROSTER_ANSWERS, 10),
-            (ROSTER_COMMANDS, 1),
-            (ROSTER_ANSWERS, 11),
-            (ROSTER_COMMANDS, 2),
-        ]
-    ]
+    fetch = records(
+        (ROSTER_ANSWERS, 10), (ROSTER_COMMANDS, 1), (ROSTER_ANSWERS, 11), (ROSTER_COMMANDS, 2)
+    )
     try:
         await runtime._consume(fetch)
     finally:
