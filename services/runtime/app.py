@@ -242,38 +242,34 @@ class ServiceRuntime:
         )
 
     async def _consume(self, raws: Sequence[RawMessage]) -> None:
-        # One fetch may hold records of several topics: each topic's records are handled as
-        # one batch, in their order (Kafka orders nothing across topics): commands by the
-        # command consumer, events by their projection.
+        """Handle one fetch. It may hold records of several topics: each topic's records are
+        one batch, in their order (Kafka orders nothing across topics), of the command consumer
+        or of the topic's projection. Records that cannot be read are dead-lettered first, once.
+
+        The batches of several topics (the roster's commands and the answers to its saga steps
+        come in the same fetches) are handled in one transaction: one BEGIN, one commit, one
+        outbox insert and one audit append instead of one of each per topic. Should it fail (a
+        handler refused a command mid-batch, anything else), nothing of it was committed, and
+        each batch is handled as it would be alone: in a transaction of its own, one by one
+        where that fails. ``fetch_one_transaction`` off: each batch alone, always."""
         by_topic: dict[str, list[RawMessage]] = {}
         for raw in raws:
             by_topic.setdefault(raw.topic, []).append(raw)
-        if len(by_topic) > 1 and self.settings.fetch_one_transaction:
-            await self._consume_together(by_topic)
-            return
-        for topic, batch in by_topic.items():
-            if topic in self.projections:
-                await self.projections[topic].process_batch(batch)
-            else:
-                await self.command_consumer.process_batch(batch)
-
-    async def _consume_together(self, by_topic: dict[str, list[RawMessage]]) -> None:
-        """Handle a fetch's topics in one transaction: the roster's commands and the answers
-        to its saga steps come in the same fetches, and one transaction for both costs one
-        BEGIN, one commit, one outbox insert and one audit append instead of two of each.
-        Records that cannot be read are dead-lettered first, once. Should the
-        transaction fail (a handler refused a command mid-batch, anything else), nothing of it
-        was committed and each topic's records are handled as they are without it: in a
-        transaction per topic, one by one where that fails."""
         parts: list[tuple[CommandConsumer | EventConsumer, list[Any]]] = []
         for topic, batch in by_topic.items():
             consumer = self.projections.get(topic, self.command_consumer)
             if items := await consumer.read_fetch(batch):
                 parts.append((consumer, items))
-        if len(parts) < 2:
-            for consumer, items in parts:
-                await consumer.handle_items(items)
+        together = len(parts) > 1 and self.settings.fetch_one_transaction
+        if together and await self._handled_together(parts):
             return
+        for consumer, items in parts:
+            await consumer.handle_items(items)
+
+    async def _handled_together(
+        self, parts: list[tuple[CommandConsumer | EventConsumer, list[Any]]]
+    ) -> bool:
+        """Handle ``parts`` in one transaction; whether it committed."""
         started = time.perf_counter()
         try:
             async with self.uow() as uow:
@@ -282,13 +278,12 @@ class ServiceRuntime:
         except Exception as exc:
             metrics.FETCH_TRANSACTIONS.labels(self.name, "apart").inc()
             log.debug("fetch handled topic by topic", error=repr(exc))
-            for consumer, items in parts:
-                await consumer.handle_items(items)
-            return
+            return False
         metrics.FETCH_TRANSACTIONS.labels(self.name, "together").inc()
         elapsed = time.perf_counter() - started
         for (consumer, items), done in zip(parts, outcomes, strict=True):
             consumer.handled(items, done, elapsed)
+        return True
 
     def uow(self) -> UnitOfWork:
         return self.definition.uow_class(

@@ -138,7 +138,7 @@ class CommandConsumer(Consumer):
         started = time.perf_counter()
         try:
             outcomes = await self.with_retry(
-                lambda: self._handle_batch(batchable), passthrough=(_SinglesNeeded,)
+                lambda: self.in_transaction(batchable), passthrough=(_SinglesNeeded,)
             )
         except _SinglesNeeded:
             for p in batchable:
@@ -264,12 +264,6 @@ class CommandConsumer(Consumer):
         except ValidationError as exc:
             return _Prepared(raw=raw, env=env, rejection=rejection_from_validation(exc))
         return _Prepared(raw=raw, env=env, route=route, command=command)
-
-    async def _handle_batch(self, items: list[_Prepared]) -> list[str]:
-        async with self.uow_factory() as uow:
-            outcomes = await self.handle_in(uow, items)
-            await uow.commit()
-        return outcomes
 
     async def handle_in(self, uow: UnitOfWork, items: list[_Prepared]) -> list[str]:
         """Handle ``items`` in ``uow``'s transaction, which the caller commits; raises

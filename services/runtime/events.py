@@ -65,7 +65,7 @@ class EventConsumer(Consumer):
                 await self._apply_one(raw, env, route, event)
             return
         try:
-            outcomes = await self.with_retry(lambda: self._apply_batch(wanted))
+            outcomes = await self.with_retry(lambda: self.in_transaction(wanted))
         except Exception:
             log.exception("event batch could not be applied as one; applying one by one")
             for raw, env, route, event in wanted:
@@ -106,12 +106,6 @@ class EventConsumer(Consumer):
             metrics.MESSAGES_HANDLED.labels(self.service, env.type, "ignored").inc()
             return None
         return raw, env, route, event
-
-    async def _apply_batch(self, items: list[_Wanted]) -> list[str]:
-        async with self.uow_factory() as uow:
-            outcomes = await self.handle_in(uow, items)
-            await uow.commit()
-        return outcomes
 
     async def handle_in(self, uow: UnitOfWork, items: list[_Wanted]) -> list[str]:
         """Apply ``items`` in ``uow``'s transaction, which the caller commits."""

@@ -290,6 +290,18 @@ class Consumer:
         self.retry_max_s = retry_max_s
         self.unexpected_attempts = unexpected_attempts
 
+    async def handle_in(self, uow: UnitOfWork, items: Any) -> list[str]:
+        """Handle a fetch's ``items`` in ``uow``'s transaction, which the caller commits; an
+        outcome per item."""
+        raise NotImplementedError
+
+    async def in_transaction(self, items: Any) -> list[str]:
+        """``handle_in`` in a transaction of its own, committed."""
+        async with self.uow_factory() as uow:
+            outcomes = await self.handle_in(uow, items)
+            await uow.commit()
+        return outcomes
+
     async def with_retry(
         self,
         op: Callable[[], Awaitable[T]],

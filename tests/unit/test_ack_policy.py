@@ -180,14 +180,18 @@ async def test_a_fetch_of_commands_and_answers_is_handled_topic_by_topic_in_orde
     runtime = build_roster(settings)
     handled: list[tuple[str, list[int]]] = []
 
-    def recorder(name: str) -> Any:
-        async def process_batch(raws: list[RawMessage]) -> None:
+    def recorder(name: str, consumer: Any) -> None:
+        async def read_fetch(raws: list[RawMessage]) -> list[RawMessage]:
+            return list(raws)
+
+        async def handle_items(raws: list[RawMessage]) -> None:
             handled.append((name, [r.offset for r in raws]))
 
-        return process_batch
+        monkeypatch.setattr(consumer, "read_fetch", read_fetch)
+        monkeypatch.setattr(consumer, "handle_items", handle_items)
 
-    monkeypatch.setattr(runtime.command_consumer, "process_batch", recorder("commands"))
-    monkeypatch.setattr(runtime.projections[ROSTER_ANSWERS], "process_batch", recorder("answers"))
+    recorder("commands", runtime.command_consumer)
+    recorder("answers", runtime.projections[ROSTER_ANSWERS])
     (hot,) = [s for s in subscribers_of(runtime) if ROSTER_COMMANDS in s.topic_names]
     fetch = records(
         (ROSTER_COMMANDS, 1),
